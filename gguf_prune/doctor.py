@@ -1,0 +1,95 @@
+"""`gguf-prune doctor`: what was found, where, and what is missing."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import toolchain
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, ok, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+
+def diagnose() -> Report:
+    r = Report()
+    try:
+        tc = toolchain.find()
+        info = tc.info()
+        r.add("llama.cpp", True,
+              f"llama-cpp-python {info.get('llama_cpp_python')} tree, commit {info.get('commit', '?')[:12]}, "
+              f"built {info.get('built_at', '?')} in {tc.build_dir}")
+        for name in toolchain.TOOL_TARGETS:
+            path = tc.bin_dir / name
+            r.add(name, path.exists(), str(path) if path.exists() else f"missing: {path}; run scripts/setup.sh")
+        conv = tc.convert_script
+        r.add("convert_hf_to_gguf.py", conv.exists(), str(conv))
+    except toolchain.ToolchainError as e:
+        r.add("llama.cpp", False, str(e))
+        tc = None
+
+    try:
+        import gguf
+
+        r.add("gguf-py", True, f"{md.version('gguf')} at {Path(gguf.__file__).parent}")
+    except ImportError as e:
+        r.add("gguf-py", False, f"not importable ({e}); run scripts/setup.sh")
+
+    try:
+        import llama_cpp
+
+        lib = Path(llama_cpp.llama_cpp._base_path)
+        detail = f"llama-cpp-python {llama_cpp.__version__}, library {lib / 'libllama.so'}"
+        ok = True
+        if tc is not None:
+            built = tc.bin_dir / "libllama.so"
+            if built.exists() and (lib / "libllama.so").exists() and \
+                    built.stat().st_size != (lib / "libllama.so").stat().st_size:
+                ok = False
+                detail += f" differs from the pinned build {built}; run scripts/setup.sh"
+        r.add("bindings", ok, detail)
+    except Exception as e:  # an unloadable shared library raises OSError/RuntimeError
+        r.add("bindings", False, f"llama_cpp does not import ({e}); run scripts/setup.sh")
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            dev = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+        else:
+            dev = "cpu"
+        r.add("torch", True, f"{torch.__version__}, device {dev}")
+    except ImportError as e:
+        r.add("torch", False, f"not importable ({e}); run scripts/setup.sh")
+
+    try:
+        r.add("transformers", True, md.version("transformers"))
+    except md.PackageNotFoundError:
+        r.add("transformers", False, "not installed; run scripts/setup.sh")
+
+    from .demo import demo_dir
+
+    hf = demo_dir() / "hf"
+    r.add("demo model", (hf / "config.json").exists(),
+          str(hf) if (hf / "config.json").exists() else f"not prepared at {hf}; run scripts/setup.sh")
+    return r

@@ -1,0 +1,167 @@
+"""The Hugging Face side: read a checkpoint directory, check it, fingerprint it,
+and apply a plan's cuts to a loaded PyTorch model.
+
+``apply_plan`` is the reference the rest of the project is checked against:
+a pruned GGUF must compute what this model computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .plan import LLAMA_FAMILY, ModelShape, Plan
+
+log = logging.getLogger(__name__)
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be used: what is wrong and what to do."""
+
+
+def read_config(hf_dir: Path) -> dict[str, Any]:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise ModelDirError(f"{hf_dir} is not a directory; pass a Hugging Face checkpoint directory "
+                            "(config.json, *.safetensors, tokenizer files)")
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.exists():
+        raise ModelDirError(f"{hf_dir} has no config.json; pass a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{cfg_path} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if model_type not in LLAMA_FAMILY:
+        raise ModelDirError(
+            f"{hf_dir}: architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) is not "
+            f"supported; supported: {', '.join(LLAMA_FAMILY)} (Llama 2/3, SmolLM/SmolLM2, TinyLlama and other "
+            "LlamaForCausalLM checkpoints)"
+        )
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ModelDirError(f"{hf_dir}: attention_bias / mlp_bias checkpoints are not supported yet")
+    return config
+
+
+def weight_files(hf_dir: Path) -> list[Path]:
+    hf_dir = Path(hf_dir)
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        extra = " (found PyTorch .bin weights: re-save them as safetensors)" if list(hf_dir.glob("*.bin")) else ""
+        raise ModelDirError(f"{hf_dir} has no *.safetensors weights{extra}")
+    return files
+
+
+def check_model_dir(hf_dir: Path) -> ModelShape:
+    """Validate a checkpoint directory up front; return its shape."""
+    config = read_config(hf_dir)
+    weight_files(hf_dir)
+    return ModelShape.from_hf_config(config)
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def fingerprint(hf_dir: Path, sample_bytes: int = 1 << 20) -> str:
+    """A content fingerprint of a checkpoint: config dimensions, every tensor's name/dtype/shape,
+    and a sample of each weight file's bytes (start, middle, end), so it is cheap for 70B models.
+    """
+    config = read_config(hf_dir)
+    h = hashlib.sha256()
+    h.update(json.dumps(ModelShape.from_hf_config(config).to_dict(), sort_keys=True).encode())
+    for path in weight_files(hf_dir):
+        header = json.loads(_safetensors_header(path))
+        header.pop("__metadata__", None)
+        h.update(json.dumps({k: [v["dtype"], v["shape"]] for k, v in header.items()}, sort_keys=True).encode())
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            for off in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                f.seek(off)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------- apply a plan
+
+
+def apply_plan(model, plan: Plan):
+    """Apply ``plan``'s cuts to a loaded LlamaForCausalLM, in place, and return it.
+
+    Removed layers are deleted from the stack (the config's layer count follows);
+    a removed attention or MLP sub-block is replaced by a module that adds nothing
+    to the residual stream; removed query heads have their o_proj input columns
+    zeroed (exactly removing the head); removed neurons have their down_proj input
+    columns zeroed (exactly removing the neuron). Zeroing, not slicing, keeps the
+    module shapes so the same code runs on every plan.
+    """
+    shape = plan.shape
+    layers = model.model.layers
+    if len(layers) != shape.n_layer:
+        raise ModelDirError(f"model has {len(layers)} layers but the plan is for {shape.n_layer}")
+    keep = []
+    with torch.no_grad():
+        for lp in plan.layers:
+            layer = layers[lp.index]
+            if lp.removed:
+                continue
+            if lp.heads is not None:
+                if len(lp.heads) == 0:
+                    layer.self_attn = _ZeroAttention()
+                else:
+                    hd = shape.head_dim
+                    w = layer.self_attn.o_proj.weight  # (n_embd, n_head*hd): columns are head outputs
+                    for h in sorted(set(range(shape.n_head)) - set(lp.heads)):
+                        w[:, h * hd:(h + 1) * hd] = 0
+            if lp.neurons is not None:
+                if len(lp.neurons) == 0:
+                    layer.mlp = _ZeroMLP()
+                else:
+                    w = layer.mlp.down_proj.weight  # (n_embd, n_ff): columns are neurons
+                    drop = sorted(set(range(shape.n_ff)) - set(lp.neurons))
+                    w[:, drop] = 0
+            keep.append(layer)
+    model.model.layers = torch.nn.ModuleList(keep)
+    for i, layer in enumerate(keep):  # cache slots follow the new order
+        if hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = i
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[lp.index] for lp in plan.layers if not lp.removed]
+    return model
+
+
+class _ZeroAttention(torch.nn.Module):
+    """Attention removed: contributes nothing to the residual stream."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class _ZeroMLP(torch.nn.Module):
+    """MLP removed: contributes nothing to the residual stream."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def load_model(hf_dir: Path, dtype: str = "float32", device: str | None = None):
+    """Load a llama-family checkpoint for scoring (eval mode, no KV cache)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(hf_dir)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch_dtype)
+    model.config.use_cache = False
+    if device:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,101 @@
+"""The one door to llama.cpp: its tools (as subprocesses) and its Python bindings.
+
+Every failure becomes a :class:`LlamaCppError` that carries the command and
+the end of its output, so a user sees what llama.cpp said, not a traceback
+from the middle of the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import toolchain
+
+log = logging.getLogger(__name__)
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a file or a tool failed."""
+
+
+def tool_path(name: str) -> Path:
+    return toolchain.find().tool(name)
+
+
+def run_tool(name: str, args: Sequence[str | os.PathLike], *, timeout: float | None = None,
+             check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one llama.cpp tool; raise LlamaCppError with the command and the tail of its output."""
+    cmd = [str(tool_path(name)), *map(str, args)]
+    log.debug("$ %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+        raise LlamaCppError(
+            f"{name} failed with exit code {proc.returncode}\n  command: {' '.join(cmd)}\n  "
+            + "\n  ".join(tail)
+        )
+    return proc
+
+
+def command_line(name: str, args: Sequence[str | os.PathLike]) -> str:
+    """The command as a user would type it (for reports that state what ran)."""
+    return " ".join([str(tool_path(name)), *map(str, args)])
+
+
+def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """Convert a Hugging Face checkpoint with the pinned convert_hf_to_gguf.py.
+
+    Writes to a temporary name next to ``out`` and renames it when complete.
+    """
+    tc = toolchain.find()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    cmd = [sys.executable, str(tc.convert_script), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    log.info("converting %s to GGUF (%s)", hf_dir, outtype)
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+        raise LlamaCppError(
+            f"convert_hf_to_gguf.py failed on {hf_dir}\n  command: {' '.join(cmd)}\n  " + "\n  ".join(tail)
+        )
+    os.replace(tmp, out)
+    return out
+
+
+def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: int | None = None,
+         seed: int = 0, **kwargs):
+    """Load a GGUF with the pinned bindings; a file llama.cpp refuses raises LlamaCppError."""
+    import llama_cpp
+
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaCppError(f"no such model file: {path}")
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all,
+                               n_threads=n_threads, seed=seed, verbose=False, **kwargs)
+    except ValueError as e:  # the bindings raise ValueError("Failed to load model from file")
+        raise LlamaCppError(
+            f"llama.cpp could not load {path}: {e}. Run `llama-cli -m {path}` (vendor/bin) to see "
+            "the loader's own message."
+        ) from None
+
+
+def logits(path: Path, tokens: Sequence[int], *, n_threads: int | None = None) -> np.ndarray:
+    """Logits (n_tokens, n_vocab) float32 of llama.cpp for ``tokens`` as one sequence."""
+    n = len(tokens)
+    llm = load(path, n_ctx=max(n, 8), logits_all=True, n_threads=n_threads, n_batch=max(n, 8))
+    try:
+        llm.eval(list(tokens))
+        return np.array(llm.scores[:n], dtype=np.float32)
+    finally:
+        llm.close()

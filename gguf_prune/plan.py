@@ -1,0 +1,357 @@
+"""plan.json: what to cut, per layer. The contract between measuring and cutting.
+
+A plan is a frozen, versioned, validated object serialised as sorted,
+human-editable JSON. For every layer of the source model it says what is kept:
+
+``{"index": 7, "removed": true}``
+    the whole layer goes.
+``{"index": 8, "heads": [0, 1, 2, 4, 5, 6], "neurons": null}``
+    attention keeps query heads 0,1,2 (KV group 0) and 4,5,6 (KV group 1) of
+    8 heads in 2 KV groups; the MLP is untouched (``null`` = all kept).
+``{"index": 9, "heads": [], "neurons": [3, 17, ...]}``
+    attention removed (``[]``), MLP keeps the listed intermediate neurons;
+    ``"neurons": []`` removes the MLP.
+
+Indices always refer to the *source* model. Each entry may carry ``why``:
+the scores behind the choice. :func:`validate` collects every problem and
+raises one :class:`PlanError` that names each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+PLAN_SCHEMA = "gguf-prune/plan"
+PLAN_VERSION = 1
+
+LLAMA_FAMILY = ("llama",)  # HF model_type / GGUF general.architecture values we cut
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str = "plan"):
+        self.problems = list(problems)
+        super().__init__(f"{source} is invalid ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  - "
+                         + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of an (unpruned) llama-family model that a plan refers to."""
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+
+    @property
+    def group_size(self) -> int:  # query heads per KV head
+        return self.n_head // self.n_head_kv
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> "ModelShape":
+        n_head = int(config["num_attention_heads"])
+        n_embd = int(config["hidden_size"])
+        return cls(
+            architecture=str(config.get("model_type", "llama")),
+            n_layer=int(config["num_hidden_layers"]),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=int(config.get("num_key_value_heads") or n_head),
+            head_dim=int(config.get("head_dim") or n_embd // n_head),
+            n_ff=int(config["intermediate_size"]),
+            n_vocab=int(config["vocab_size"]),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: Path) -> "ModelShape":
+        return cls.from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    # parameter counts (weights only; norms included), per layer of the unpruned model
+    def attn_params(self, n_head: int | None = None, n_head_kv: int | None = None) -> int:
+        nh = self.n_head if n_head is None else n_head
+        nkv = self.n_head_kv if n_head_kv is None else n_head_kv
+        if nh == 0:
+            return 0
+        return self.n_embd * self.head_dim * (2 * nh + 2 * nkv) + self.n_embd  # q,o + k,v + attn_norm
+
+    def mlp_params(self, n_ff: int | None = None) -> int:
+        ff = self.n_ff if n_ff is None else n_ff
+        if ff == 0:
+            return 0
+        return 3 * self.n_embd * ff + self.n_embd  # gate, up, down + ffn_norm
+
+    def layer_params(self) -> int:
+        return self.attn_params() + self.mlp_params()
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    removed: bool = False
+    heads: tuple[int, ...] | None = None  # kept query heads; None = all, () = attention removed
+    neurons: tuple[int, ...] | None = None  # kept FFN neurons; None = all, () = MLP removed
+    why: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_removed(self) -> bool:
+        return not self.removed and self.heads is not None and len(self.heads) == 0
+
+    @property
+    def mlp_removed(self) -> bool:
+        return not self.removed and self.neurons is not None and len(self.neurons) == 0
+
+    @property
+    def untouched(self) -> bool:
+        return not self.removed and self.heads is None and self.neurons is None
+
+    def kept_heads(self, shape: ModelShape) -> tuple[int, ...]:
+        if self.removed:
+            return ()
+        return tuple(range(shape.n_head)) if self.heads is None else tuple(self.heads)
+
+    def kept_kv_groups(self, shape: ModelShape) -> tuple[int, ...]:
+        return tuple(sorted({h // shape.group_size for h in self.kept_heads(shape)}))
+
+    def kept_neurons(self, shape: ModelShape) -> tuple[int, ...]:
+        if self.removed:
+            return ()
+        return tuple(range(shape.n_ff)) if self.neurons is None else tuple(self.neurons)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"index": self.index}
+        if self.removed:
+            d["removed"] = True
+        else:
+            d["heads"] = None if self.heads is None else list(self.heads)
+            d["neurons"] = None if self.neurons is None else list(self.neurons)
+        if self.why:
+            d["why"] = dict(self.why)
+        return d
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    layers: tuple[LayerPlan, ...]
+    fingerprint: str = ""  # content fingerprint of the source checkpoint ("" = not known)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    predicted: Mapping[str, Any] = field(default_factory=dict)
+
+    # --- derived per-layer dimensions of the pruned model (kept layers only, in order)
+    def kept_layers(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers if not lp.removed]
+
+    def dims(self) -> list[dict[str, int]]:
+        """n_head, n_head_kv, n_ff of every kept layer, as llama.cpp will see them."""
+        out = []
+        for lp in self.kept_layers():
+            heads = lp.kept_heads(self.shape)
+            out.append({
+                "source_index": lp.index,
+                "n_head": len(heads),
+                "n_head_kv": len(lp.kept_kv_groups(self.shape)),
+                "n_ff": len(lp.kept_neurons(self.shape)),
+            })
+        return out
+
+    def is_uniform(self) -> bool:
+        """True when every kept layer keeps the full, identical shape (the file can stay `llama`)."""
+        s = self.shape
+        return all(d["n_head"] == s.n_head and d["n_head_kv"] == s.n_head_kv and d["n_ff"] == s.n_ff
+                   for d in self.dims())
+
+    def block_params(self) -> tuple[int, int]:
+        """Transformer-block parameters (before, after)."""
+        before = self.shape.n_layer * self.shape.layer_params()
+        after = sum(self.shape.attn_params(d["n_head"], d["n_head_kv"]) + self.shape.mlp_params(d["n_ff"])
+                    for d in self.dims())
+        return before, after
+
+    def removed_fraction(self) -> float:
+        before, after = self.block_params()
+        return 1.0 - after / before
+
+    # --- serialisation
+    def to_dict(self) -> dict:
+        return {
+            "schema": PLAN_SCHEMA,
+            "version": PLAN_VERSION,
+            "model": {"fingerprint": self.fingerprint, "shape": self.shape.to_dict()},
+            "settings": dict(self.settings),
+            "predicted": dict(self.predicted),
+            "layers": [lp.to_dict() for lp in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+    def digest(self) -> str:
+        """A hash of what the plan cuts (not of its notes), recorded in outputs."""
+        cut = [lp.to_dict() | {"why": None} for lp in self.layers]
+        blob = json.dumps({"shape": self.shape.to_dict(), "layers": cut}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> Path:
+        write_text_atomic(Path(path), self.to_json())
+        return Path(path)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> "Plan":
+        problems: list[str] = []
+        if d.get("schema") != PLAN_SCHEMA:
+            raise PlanError([f"'schema' is {d.get('schema')!r}, expected {PLAN_SCHEMA!r}: not a gguf-prune plan"],
+                            source)
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError([f"'version' is {d.get('version')!r}; this gguf-prune reads version {PLAN_VERSION}"],
+                            source)
+        try:
+            shape = ModelShape(**d["model"]["shape"])
+        except (KeyError, TypeError) as e:
+            raise PlanError([f"'model.shape' is missing or malformed ({e})"], source) from None
+        layers = []
+        for k, entry in enumerate(d.get("layers", [])):
+            try:
+                idx = int(entry["index"])
+                removed = bool(entry.get("removed", False))
+                heads = entry.get("heads")
+                neurons = entry.get("neurons")
+                layers.append(LayerPlan(
+                    index=idx, removed=removed,
+                    heads=None if heads is None or removed else tuple(int(h) for h in heads),
+                    neurons=None if neurons is None or removed else tuple(int(n) for n in neurons),
+                    why=dict(entry.get("why") or {}),
+                ))
+            except (KeyError, TypeError, ValueError) as e:
+                problems.append(f"layers[{k}] is malformed ({e!r}): expected "
+                                '{"index": N, "removed": true} or {"index": N, "heads": [...]|null, "neurons": [...]|null}')
+        if problems:
+            raise PlanError(problems, source)
+        return cls(shape=shape, layers=tuple(layers), fingerprint=str(d["model"].get("fingerprint", "")),
+                   settings=dict(d.get("settings") or {}), predicted=dict(d.get("predicted") or {}))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError([f"no such file: {path}"], str(path)) from None
+        except json.JSONDecodeError as e:
+            raise PlanError([f"not valid JSON: {e}"], str(path)) from None
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def identity(cls, shape: ModelShape, fingerprint: str = "", **kw) -> "Plan":
+        return cls(shape=shape, layers=tuple(LayerPlan(i) for i in range(shape.n_layer)),
+                   fingerprint=fingerprint, **kw)
+
+    def with_layer(self, lp: LayerPlan) -> "Plan":
+        return replace(self, layers=tuple(lp if x.index == lp.index else x for x in self.layers))
+
+
+def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | None = None,
+             source: str = "plan") -> Plan:
+    """Check ``plan`` (against the model it will be applied to); raise one PlanError naming every problem."""
+    p: list[str] = []
+    s = plan.shape
+    if shape is not None and shape != s:
+        diffs = [f"{k} {getattr(s, k)} in the plan vs {getattr(shape, k)} in the model"
+                 for k in s.__dataclass_fields__ if getattr(s, k) != getattr(shape, k)]
+        p.append("the plan was made for another model: " + ", ".join(diffs))
+    if fingerprint and plan.fingerprint and fingerprint != plan.fingerprint:
+        p.append(f"the plan was made for another model: fingerprint {plan.fingerprint} in the plan, "
+                 f"{fingerprint} for this checkpoint")
+    if s.architecture not in LLAMA_FAMILY:
+        p.append(f"architecture {s.architecture!r} is not supported (supported: {', '.join(LLAMA_FAMILY)})")
+    if s.n_head_kv <= 0 or s.n_head % s.n_head_kv:
+        p.append(f"model shape: n_head {s.n_head} is not a multiple of n_head_kv {s.n_head_kv}")
+        raise PlanError(p, source)
+
+    indices = [lp.index for lp in plan.layers]
+    if sorted(indices) != list(range(s.n_layer)):
+        missing = sorted(set(range(s.n_layer)) - set(indices))
+        extra = sorted(i for i in set(indices) if not 0 <= i < s.n_layer)
+        dup = sorted({i for i in indices if indices.count(i) > 1})
+        p.append(f"layers must list each of the {s.n_layer} source layers once"
+                 + (f"; missing {missing}" if missing else "") + (f"; out of range {extra}" if extra else "")
+                 + (f"; duplicated {dup}" if dup else ""))
+
+    protect_first = int(plan.settings.get("protect_first", 0))
+    protect_last = int(plan.settings.get("protect_last", 0))
+    protected = set(range(min(protect_first, s.n_layer))) | set(range(max(0, s.n_layer - protect_last), s.n_layer))
+
+    for lp in plan.layers:
+        where = f"layer {lp.index}"
+        if lp.index in protected and not lp.untouched:
+            p.append(f"{where} is protected (protect_first={protect_first}, protect_last={protect_last}) but the plan cuts it")
+        if lp.heads is not None:
+            bad = sorted(h for h in lp.heads if not 0 <= h < s.n_head)
+            if bad:
+                p.append(f"{where}: head indices {bad} out of range 0..{s.n_head - 1}")
+            if len(set(lp.heads)) != len(lp.heads):
+                p.append(f"{where}: duplicated head indices")
+            if list(lp.heads) != sorted(lp.heads):
+                p.append(f"{where}: head indices must be sorted ascending")
+            if not bad and lp.heads:
+                counts: dict[int, int] = {}
+                for h in lp.heads:
+                    counts[h // s.group_size] = counts.get(h // s.group_size, 0) + 1
+                if len(set(counts.values())) > 1:
+                    per = ", ".join(f"group {g}: {c}" for g, c in sorted(counts.items()))
+                    p.append(f"{where}: GQA groups left uneven ({per} query heads); llama.cpp maps query head h "
+                             f"to KV head h*n_head_kv/n_head, so every kept KV group must keep the same number "
+                             f"of query heads (or remove whole groups)")
+        if lp.neurons is not None:
+            bad = sorted(n for n in lp.neurons if not 0 <= n < s.n_ff)
+            if bad:
+                p.append(f"{where}: neuron indices {bad[:5]}{'…' if len(bad) > 5 else ''} out of range 0..{s.n_ff - 1}")
+            if len(set(lp.neurons)) != len(lp.neurons):
+                p.append(f"{where}: duplicated neuron indices")
+            if list(lp.neurons) != sorted(lp.neurons):
+                p.append(f"{where}: neuron indices must be sorted ascending")
+    if plan.layers and all(lp.removed for lp in plan.layers):
+        p.append("the plan removes every layer")
+    if p:
+        raise PlanError(p, source)
+    return plan
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ranges(indices: Iterable[int]) -> str:
+    """Compact text for index lists in tables: 0-3,7,9-11."""
+    xs = sorted(indices)
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)

@@ -1,0 +1,368 @@
+"""Find or build the one pinned llama.cpp that every stage uses.
+
+The llama.cpp tree comes from the llama-cpp-python source distribution on
+PyPI (pinned below). From that one tree we build, once, the shared libraries
+that the Python bindings load, and the tools the pipeline runs
+(llama-quantize, llama-perplexity, llama-bench, llama-imatrix, llama-server
+with its web UI embedded, llama-cli). The same tree's convert_hf_to_gguf.py
+and gguf-py are what the pipeline converts with.
+
+Builds live in a cache directory outside git, keyed by version and build
+flags; a second run finds the stamp and returns in seconds.
+
+This module imports only the standard library so that set-up can run it
+before anything else is installed (``python -m gguf_prune.toolchain setup``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+
+# Tools the pipeline runs, plus the libraries the bindings load.
+TOOL_TARGETS = (
+    "llama-quantize",
+    "llama-perplexity",
+    "llama-bench",
+    "llama-imatrix",
+    "llama-server",
+    "llama-cli",
+)
+LIB_TARGETS = ("llama", "mtmd")
+
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_APP=OFF",
+    # The web UI is built from source with npm (tools/ui); the prebuilt-UI
+    # download is not reachable from the machines this runs on.
+    "-DLLAMA_BUILD_UI=ON",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_IS_DEV=OFF",
+)
+
+
+class ToolchainError(RuntimeError):
+    """The pinned llama.cpp is missing, incomplete or cannot be built."""
+
+
+def cache_root() -> Path:
+    """Where builds and converted models are cached (``$GGUF_PRUNE_CACHE``)."""
+    env = os.environ.get("GGUF_PRUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "gguf-prune"
+
+
+def _extra_cmake_flags() -> tuple[str, ...]:
+    """CUDA when the build machine has nvcc and a GPU (GGUF_PRUNE_CUDA=0 turns it off)."""
+    if os.environ.get("GGUF_PRUNE_CUDA", "auto") == "0":
+        return ()
+    if shutil.which("nvcc") and shutil.which("nvidia-smi"):
+        if subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+            return ("-DGGML_CUDA=ON",)
+    return ()
+
+
+def build_key(flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256("\n".join(flags + TOOL_TARGETS + LIB_TARGETS).encode()).hexdigest()
+    return h[:10]
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """Paths of one built llama.cpp (all derived from ``root``)."""
+
+    root: Path  # cache dir for this version
+    key: str  # build-flags key
+
+    @property
+    def sdist(self) -> Path:
+        return self.root / SDIST_NAME
+
+    @property
+    def source(self) -> Path:  # the unpacked llama-cpp-python sdist
+        return self.root / "src"
+
+    @property
+    def llama_cpp_dir(self) -> Path:
+        return self.source / "vendor" / "llama.cpp"
+
+    @property
+    def build_dir(self) -> Path:
+        return self.root / "build"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.build_dir / "bin"
+
+    @property
+    def stamp(self) -> Path:
+        return self.build_dir / "gguf-prune-build.json"
+
+    @property
+    def convert_script(self) -> Path:
+        return self.llama_cpp_dir / "convert_hf_to_gguf.py"
+
+    @property
+    def gguf_py(self) -> Path:
+        return self.llama_cpp_dir / "gguf-py"
+
+    def tool(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.exists():
+            raise ToolchainError(
+                f"{name} not found at {path}: the llama.cpp build is incomplete; "
+                "run scripts/setup.sh (or `python -m gguf_prune.toolchain setup`)"
+            )
+        return path
+
+    def libraries(self) -> list[Path]:
+        """The shared libraries the bindings need (symlinks included, as the build made them)."""
+        names = ("libllama.so", "libggml", "libmtmd.so")
+        return sorted(p for p in self.bin_dir.glob("lib*.so*") if p.name.startswith(names))
+
+    def info(self) -> dict:
+        if self.stamp.exists():
+            return json.loads(self.stamp.read_text())
+        return {}
+
+
+def default_toolchain() -> Toolchain:
+    flags = CMAKE_FLAGS + _extra_cmake_flags()
+    return Toolchain(root=cache_root() / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}", key=build_key(flags))
+
+
+def find() -> Toolchain:
+    """The built toolchain, or a ToolchainError saying how to build it.
+
+    A build made with other flags (say, before a GPU appeared) is still used;
+    ``setup`` rebuilds it in place.
+    """
+    tc = default_toolchain()
+    if tc.stamp.exists():
+        return Toolchain(root=tc.root, key=tc.info().get("key", tc.key))
+    raise ToolchainError(
+        f"the pinned llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}) is not built "
+        f"under {tc.root}; run scripts/setup.sh from the gguf-prune checkout"
+    )
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _run(cmd: list[str], log_file: Path, cwd: Path | None = None, env: dict | None = None) -> None:
+    log.info("$ %s", " ".join(map(str, cmd)))
+    with open(log_file, "ab") as f:
+        f.write(("\n$ " + " ".join(map(str, cmd)) + "\n").encode())
+        f.flush()
+        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-40:]
+        raise ToolchainError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"full log: {log_file}\n" + "\n".join(tail)
+        )
+
+
+def check_build_tools() -> None:
+    """Raise one error naming every build tool that is missing and how to get it."""
+    missing = []
+    if not shutil.which("cmake"):
+        missing.append("cmake >= 3.21 (Debian: apt-get install cmake; or pip install cmake)")
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        missing.append("a C/C++ compiler (Debian: apt-get install build-essential)")
+    if not (shutil.which("make") or shutil.which("ninja")):
+        missing.append("make or ninja (Debian: apt-get install make)")
+    if not shutil.which("npm") or not shutil.which("node"):
+        missing.append(
+            "Node.js and npm, which build llama-server's web UI (Debian: apt-get install nodejs npm)"
+        )
+    if missing:
+        raise ToolchainError("cannot build llama.cpp; missing:\n  - " + "\n  - ".join(missing))
+
+
+def fetch_sdist(tc: Toolchain, python: str = sys.executable) -> None:
+    """Download the pinned llama-cpp-python sdist (once) and unpack it."""
+    tc.root.mkdir(parents=True, exist_ok=True)
+    if not tc.sdist.exists():
+        with tempfile.TemporaryDirectory(dir=tc.root) as tmp:
+            cmd = [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+            log.info("downloading the llama-cpp-python %s source distribution", LLAMA_CPP_PYTHON_VERSION)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ToolchainError(
+                    f"could not download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} from PyPI:\n"
+                    + proc.stderr[-2000:]
+                )
+            os.replace(Path(tmp) / SDIST_NAME, tc.sdist)
+    if not (tc.llama_cpp_dir / "CMakeLists.txt").exists():
+        with tempfile.TemporaryDirectory(dir=tc.root) as tmp:
+            with tarfile.open(tc.sdist) as tar:
+                tar.extractall(tmp, filter="tar")
+            top = next(Path(tmp).iterdir())
+            if tc.source.exists():
+                shutil.rmtree(tc.source)
+            os.replace(top, tc.source)
+
+
+def _commit(tc: Toolchain) -> str:
+    proc = subprocess.run(["git", "-C", str(tc.llama_cpp_dir), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def build(tc: Toolchain | None = None, jobs: int | None = None) -> Toolchain:
+    """Build the pinned llama.cpp once; return at once when the stamp is there."""
+    tc = tc or default_toolchain()
+    if (tc.stamp.exists() and tc.info().get("key") == tc.key
+            and all((tc.bin_dir / t).exists() for t in TOOL_TARGETS)):
+        log.info("llama.cpp %s already built in %s", tc.info().get("commit", "")[:10], tc.build_dir)
+        return tc
+    check_build_tools()
+    fetch_sdist(tc)
+    flags = CMAKE_FLAGS + _extra_cmake_flags()
+    jobs = jobs or os.cpu_count() or 2
+    tc.build_dir.mkdir(parents=True, exist_ok=True)
+    log_file = tc.build_dir / "build.log"
+    t0 = time.time()
+    log.info("building llama.cpp from %s (a few minutes per target on 2 cores; log: %s)",
+             tc.llama_cpp_dir, log_file)
+    _run(["cmake", "-S", str(tc.llama_cpp_dir), "-B", str(tc.build_dir), *flags], log_file)
+    targets = [*LIB_TARGETS, *TOOL_TARGETS]
+    _run(["cmake", "--build", str(tc.build_dir), "-j", str(jobs), "--target", *targets], log_file)
+    missing = [t for t in TOOL_TARGETS if not (tc.bin_dir / t).exists()]
+    if missing:
+        raise ToolchainError(f"llama.cpp build finished without {missing}; see {log_file}")
+    stamp = {
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "commit": _commit(tc),
+        "key": tc.key,
+        "flags": list(flags),
+        "targets": targets,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.time() - t0, 1),
+        "machine": platform.machine(),
+    }
+    tmp = tc.stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
+    os.replace(tmp, tc.stamp)
+    log.info("llama.cpp built in %.0f s", stamp["build_seconds"])
+    return tc
+
+
+# ------------------------------------------------------------------ python side
+
+
+def install_python_packages(tc: Toolchain, python: str = sys.executable) -> None:
+    """Install the tree's gguf-py and the llama-cpp-python bindings into ``python``'s env.
+
+    The bindings are installed from the same sdist with LLAMA_BUILD=OFF (no second
+    compile) and the libraries of our build are copied into ``llama_cpp/lib``, so
+    ``import llama_cpp`` loads the pinned llama.cpp in every process without
+    environment variables.
+    """
+    def installed(dist: str, version: str | None) -> bool:
+        code = ("import importlib.metadata as m, sys; v = m.version(sys.argv[1]); "
+                "sys.exit(0 if (sys.argv[2] == '' or v == sys.argv[2]) else 1)")
+        return subprocess.run([python, "-c", code, dist, version or ""], capture_output=True).returncode == 0
+
+    log_file = tc.build_dir / "pip.log"
+    gguf_version = _read_gguf_version(tc)
+    if not installed("gguf", gguf_version):
+        _run([python, "-m", "pip", "install", "--no-deps", str(tc.gguf_py)], log_file)
+    if not installed("llama_cpp_python", LLAMA_CPP_PYTHON_VERSION):
+        env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
+        _run([python, "-m", "pip", "install", "--no-deps", str(tc.sdist)], log_file, env=env)
+    proc = subprocess.run(
+        [python, "-c", "import importlib.util, pathlib; "
+         "print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent)"],
+        capture_output=True, text=True, check=True)
+    lib_dir = Path(proc.stdout.strip()) / "lib"
+    lib_dir.mkdir(exist_ok=True)
+    for lib in tc.libraries():
+        dst = lib_dir / lib.name
+        if lib.is_symlink():
+            if not (dst.is_symlink() and os.readlink(dst) == os.readlink(lib)):
+                dst.unlink(missing_ok=True)
+                dst.symlink_to(os.readlink(lib))
+        elif dst.is_symlink() or not dst.exists() or dst.stat().st_size != lib.stat().st_size or \
+                dst.stat().st_mtime < lib.stat().st_mtime:
+            dst.unlink(missing_ok=True)
+            shutil.copy2(lib, dst)
+
+
+def _read_gguf_version(tc: Toolchain) -> str | None:
+    text = (tc.gguf_py / "pyproject.toml").read_text()
+    for line in text.splitlines():
+        if line.startswith("version"):
+            return line.split("=", 1)[1].strip().strip('"')
+    return None
+
+
+def link_vendor(tc: Toolchain, repo: Path) -> None:
+    """Point the checkout's ignored ``vendor/llama.cpp`` and ``vendor/bin`` at the cache."""
+    vendor = repo / "vendor"
+    vendor.mkdir(exist_ok=True)
+    for name, target in (("llama.cpp", tc.llama_cpp_dir), ("bin", tc.bin_dir)):
+        link = vendor / name
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and Path(os.readlink(link)) == target:
+                continue
+            if link.is_symlink():
+                link.unlink()
+            else:
+                continue  # a real directory put there by the user: leave it alone
+        link.symlink_to(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gguf_prune.toolchain")
+    parser.add_argument("command", choices=["setup", "path"])
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter whose environment gets gguf-py and the bindings")
+    parser.add_argument("--repo", type=Path, default=None, help="checkout to link vendor/ into")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[toolchain] %(message)s")
+    try:
+        if args.command == "path":
+            print(find().build_dir)
+            return 0
+        tc = build()
+        install_python_packages(tc, args.python)
+        if args.repo:
+            link_vendor(tc, args.repo)
+    except ToolchainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny seeded llama checkpoints built at test time, and the demo model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gguf_prune.testing import TinySpec, make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory) -> Path:
+    """6 layers, hidden 256, 8 query heads in 2 KV groups, FFN 768, tied embeddings."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-tied"), TinySpec(tie_word_embeddings=True, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_untied(tmp_path_factory) -> Path:
+    """4 layers, untied output matrix, 4 query heads per KV head."""
+    spec = TinySpec(tie_word_embeddings=False, num_hidden_layers=4, seed=2)
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-untied"), spec)
+
+
+@pytest.fixture(scope="session", params=["tied", "untied"])
+def tiny_model(request, tiny_tied, tiny_untied) -> Path:
+    return tiny_tied if request.param == "tied" else tiny_untied
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo checkpoint (SmolLM2-135M-Instruct) that scripts/setup.sh prepares."""
+    from gguf_prune.demo import ensure_demo_checkpoint
+
+    return ensure_demo_checkpoint()
