@@ -1,0 +1,491 @@
+"""Scores → plan: the cutting strategies, and `plan --explain`.
+
+Strategies combine, applied in this order on top of the scores' base plan
+(if the scores were measured on an already-cut model):
+
+1. ``drop_layers`` whole layers, ranked by ``metric`` (kl, bi or greedy order);
+2. ``drop_attn`` / ``drop_mlp`` sub-blocks, ranked by their own KL (or BI);
+3. ``prune_heads``: a fraction of all query heads, ranked globally, made GQA-consistent
+   per layer (equal heads removed from every KV group, or whole KV groups);
+4. ``prune_neurons``: MLP neurons under a threshold or a fraction per layer, the kept
+   width rounded to ``align`` so k-quants apply to ffn_down;
+5. a budget (``target_params`` fraction of block parameters, or ``target_size`` bytes):
+   cheapest units first — in greedy order when the scores came from a greedy run
+   (each step re-measured there), else by one-shot KL per parameter.
+
+Layers in the protected ranges are never cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .plan import LayerPlan, ModelShape, Plan, PlanError, ranges, validate
+
+log = logging.getLogger(__name__)
+
+# Approximate bits per weight of block tensors, for the predicted size of a budget.
+BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.7,
+                   "Q5_K_S": 5.5, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q3_K_M": 3.9,
+                   "Q2_K": 3.35}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    drop_layers: int = 0
+    metric: str = "kl"  # kl | bi | greedy
+    drop_attn: int = 0
+    drop_mlp: int = 0
+    prune_heads: float = 0.0  # fraction of query heads
+    head_metric: str = "kl"  # kl | norm | taylor
+    min_heads: int = 1
+    prune_neurons: bool = False
+    neuron_metric: str = "freq"  # freq | mean_abs | wxa
+    neuron_threshold: float | None = None
+    neuron_fraction: float | None = None
+    align: int = 256
+    protect_first: int = 2
+    protect_last: int = 2
+    target_params: float | None = None  # fraction of transformer-block parameters to remove
+    target_size: int | None = None  # bytes of the quantized file
+    units: tuple[str, ...] = ("layer", "attn", "mlp")  # unit kinds the budget may take
+    quant: str = "Q4_K_M"  # for target_size and the predicted size
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["units"] = list(self.units)
+        return d
+
+
+class ScoresNeeded(PlanError):
+    pass
+
+
+@dataclass
+class _Work:
+    """A mutable plan under construction."""
+
+    shape: ModelShape
+    removed: set[int] = field(default_factory=set)
+    attn_removed: set[int] = field(default_factory=set)
+    mlp_removed: set[int] = field(default_factory=set)
+    heads: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    neurons: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    why: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def note(self, layer: int, **kw) -> None:
+        self.why.setdefault(layer, {}).update(kw)
+
+    def remove_attn(self, i: int) -> None:
+        self.attn_removed.add(i)
+        self.heads.pop(i, None)
+        if i in self.mlp_removed:
+            self.remove_layer(i)
+
+    def remove_mlp(self, i: int) -> None:
+        self.mlp_removed.add(i)
+        self.neurons.pop(i, None)
+        if i in self.attn_removed:
+            self.remove_layer(i)
+
+    def remove_layer(self, i: int) -> None:
+        self.removed.add(i)
+        self.attn_removed.discard(i)
+        self.mlp_removed.discard(i)
+        self.heads.pop(i, None)
+        self.neurons.pop(i, None)
+
+    def alive(self, i: int) -> bool:
+        return i not in self.removed
+
+    def to_plan(self, fingerprint: str, settings: Mapping[str, Any]) -> Plan:
+        layers = []
+        for i in range(self.shape.n_layer):
+            why = self.why.get(i, {})
+            if i in self.removed:
+                layers.append(LayerPlan(i, removed=True, why=why))
+                continue
+            heads = () if i in self.attn_removed else self.heads.get(i)
+            neurons = () if i in self.mlp_removed else self.neurons.get(i)
+            layers.append(LayerPlan(i, heads=heads, neurons=neurons, why=why))
+        plan = Plan(shape=self.shape, layers=tuple(layers), fingerprint=fingerprint, settings=dict(settings))
+        return replace(plan, predicted=predict(plan, settings.get("quant", "Q4_K_M")))
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> "_Work":
+        w = cls(plan.shape)
+        for lp in plan.layers:
+            if lp.removed:
+                w.removed.add(lp.index)
+                continue
+            if lp.attention_removed:
+                w.attn_removed.add(lp.index)
+            elif lp.heads is not None:
+                w.heads[lp.index] = tuple(lp.heads)
+            if lp.mlp_removed:
+                w.mlp_removed.add(lp.index)
+            elif lp.neurons is not None:
+                w.neurons[lp.index] = tuple(lp.neurons)
+            if lp.why:
+                w.why[lp.index] = dict(lp.why)
+        return w
+
+
+def predict(plan: Plan, quant: str = "Q4_K_M") -> dict[str, Any]:
+    """Parameter counts before/after and an estimate of the quantized size."""
+    s = plan.shape
+    before, after = plan.block_params()
+    embed = s.n_vocab * s.n_embd
+    bpw = BITS_PER_WEIGHT.get(quant.upper(), 16.0)
+    # token_embd and output are usually kept at a higher type (q6_K/q8_0 in Q4_K_M); count them at ~6.6 bpw
+    other_bits = 6.5625 if bpw < 16 else bpw
+    return {
+        "block_params_before": before,
+        "block_params_after": after,
+        "block_params_removed_fraction": round(1 - after / before, 6),
+        "embedding_params": embed,
+        "quant": quant,
+        "size_bytes_estimate_before": int((before * bpw + embed * other_bits) / 8),
+        "size_bytes_estimate_after": int((after * bpw + embed * other_bits) / 8),
+    }
+
+
+def _neuron_stats(scores: Mapping[str, Any], scores_path: Path | None) -> dict[str, np.ndarray]:
+    neurons = scores.get("neurons")
+    if not neurons:
+        raise ScoresNeeded(["--prune-neurons needs neuron statistics: re-run `gguf-prune score` with neuron scores"])
+    from safetensors.numpy import load_file
+
+    side = Path(neurons["file"])
+    if not side.is_absolute() and scores_path is not None:
+        side = Path(scores_path).parent / side
+    if not side.exists():
+        raise ScoresNeeded([f"neuron statistics file {side} is missing (it is written next to scores.json)"])
+    return load_file(str(side))
+
+
+def _protected(shape: ModelShape, o: PlanOptions) -> set[int]:
+    n = shape.n_layer
+    return set(range(min(o.protect_first, n))) | set(range(max(0, n - o.protect_last), n))
+
+
+def _layer_score(entry: Mapping[str, Any], key: str) -> float | None:
+    v = entry.get(key)
+    return None if v is None else float(v)
+
+
+def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
+               scores_path: Path | None = None) -> Plan:
+    """Turn a scores.json dict into a validated Plan following ``options``."""
+    o = options
+    shape = ModelShape(**scores["model"]["shape"])
+    fingerprint = scores["model"].get("fingerprint", "")
+    base = scores.get("base_plan")
+    w = _Work.from_plan(Plan.from_dict(base["plan"])) if base else _Work(shape)
+    protected = _protected(shape, o)
+    layers = {int(e["index"]): e for e in scores.get("layers", [])}
+    problems: list[str] = []
+
+    def candidates() -> list[int]:
+        return [i for i in range(shape.n_layer) if w.alive(i) and i not in protected]
+
+    # 1. whole layers
+    if o.drop_layers:
+        if o.metric == "greedy":
+            steps = [s for s in (scores.get("greedy") or {}).get("steps", []) if s["kind"] == "layer"]
+            if len(steps) < o.drop_layers:
+                problems.append(f"--metric greedy needs {o.drop_layers} greedy layer steps in the scores, found "
+                                f"{len(steps)}: re-run `gguf-prune score --greedy {o.drop_layers}`")
+            for rank, s in enumerate(steps[:o.drop_layers]):
+                w.remove_layer(int(s["layer"]))
+                w.note(int(s["layer"]), removed_by="greedy", greedy_step=rank + 1, cumulative_kl=s.get("kl"))
+        else:
+            key = {"kl": "kl", "bi": "bi"}.get(o.metric)
+            if key is None:
+                problems.append(f"--metric {o.metric!r} is not one of kl, bi, greedy")
+            else:
+                ranked = sorted((_layer_score(layers.get(i, {}), key), i) for i in candidates()
+                                if _layer_score(layers.get(i, {}), key) is not None)
+                if len(ranked) < o.drop_layers:
+                    problems.append(f"--drop-layers {o.drop_layers}: only {len(ranked)} unprotected layers have "
+                                    f"a {key} score")
+                for rank, (v, i) in enumerate(ranked[:o.drop_layers]):
+                    w.remove_layer(i)
+                    w.note(i, removed_by=f"layer {key}", **{key: v}, rank=rank + 1)
+
+    # 2. sub-blocks
+    for count, kind in ((o.drop_attn, "attn"), (o.drop_mlp, "mlp")):
+        if not count:
+            continue
+        key = f"{kind}_bi" if o.metric == "bi" else f"{kind}_kl"
+        done = w.attn_removed if kind == "attn" else w.mlp_removed
+        ranked = sorted((_layer_score(layers.get(i, {}), key), i) for i in candidates()
+                        if i not in done and _layer_score(layers.get(i, {}), key) is not None)
+        if len(ranked) < count:
+            problems.append(f"--drop-{kind} {count}: only {len(ranked)} unprotected layers have a {key} score")
+        for rank, (v, i) in enumerate(ranked[:count]):
+            (w.remove_attn if kind == "attn" else w.remove_mlp)(i)
+            w.note(i, **{f"{kind}_removed_by": key, key: v, f"{kind}_rank": rank + 1})
+
+    # 3. heads
+    if o.prune_heads:
+        problems += _prune_heads(w, scores, o, protected)
+
+    # 4. neurons
+    if o.prune_neurons:
+        problems += _prune_neurons(w, _neuron_stats(scores, scores_path), o, protected)
+
+    # 5. budget
+    if o.target_params is not None or o.target_size is not None:
+        problems += _fill_budget(w, scores, o, protected, fingerprint)
+
+    if problems:
+        raise PlanError(problems, "plan request")
+    settings = o.to_dict() | {"scores_calibration": scores.get("calibration", {}).get("fingerprint")}
+    plan = w.to_plan(fingerprint, settings)
+    return validate(plan)
+
+
+def _prune_heads(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected: set[int]) -> list[str]:
+    s = w.shape
+    heads = scores.get("heads")
+    if not heads:
+        return ["--prune-heads needs head scores: re-run `gguf-prune score --heads`"]
+    table = heads.get(o.head_metric)
+    if not table:
+        return [f"--head-metric {o.head_metric!r}: the scores have no such head score (have: "
+                f"{', '.join(k for k in ('kl', 'norm', 'taylor') if heads.get(k))})"]
+    kv_table = heads.get("kv_kl") or {}
+    layers = [int(i) for i in table if int(i) not in protected and w.alive(int(i)) and int(i) not in w.attn_removed]
+    pool = [(float(v), i, h) for i in layers for h, v in enumerate(table[str(i)])]
+    total_heads = sum(len(w.heads.get(i, range(s.n_head))) for i in range(s.n_layer) if w.alive(i)
+                      and i not in w.attn_removed)
+    n_remove = int(round(o.prune_heads * total_heads))
+    if n_remove > len(pool):
+        return [f"--prune-heads {o.prune_heads}: {n_remove} heads to remove but only {len(pool)} are scored in "
+                "unprotected layers (see --head-layers of `score`)"]
+    want: dict[int, int] = {}
+    for _, i, _h in sorted(pool)[:n_remove]:
+        want[i] = want.get(i, 0) + 1
+    gs, nkv = s.group_size, s.n_head_kv
+    for i, r in sorted(want.items()):
+        scores_i = np.asarray(table[str(i)], dtype=float)
+        kv_i = np.asarray(kv_table.get(str(i), [scores_i[g * gs:(g + 1) * gs].sum() for g in range(nkv)]), float)
+        best = None
+        # options: drop g whole KV groups, then k heads from each remaining group; total close to r
+        for g in range(nkv + 1):
+            for k in range(gs):
+                removed = g * gs + k * (nkv - g)
+                kept = s.n_head - removed
+                if removed == 0 or kept < o.min_heads or (kept == 0 and g < nkv):
+                    continue
+                groups = list(np.argsort(kv_i, kind="stable")[:g])
+                cost = float(kv_i[groups].sum()) if g else 0.0
+                drop_heads = []
+                for grp in range(nkv):
+                    if grp in groups:
+                        continue
+                    hs = list(range(grp * gs, (grp + 1) * gs))
+                    hs.sort(key=lambda h: scores_i[h])
+                    drop_heads += hs[:k]
+                cost += float(scores_i[drop_heads].sum())
+                key = (abs(removed - r), cost)
+                if best is None or key < best[0]:
+                    keep = [h for h in range(s.n_head) if h // gs not in groups and h not in drop_heads]
+                    best = (key, keep, groups, removed)
+        if best is None:
+            continue
+        _, keep, groups, removed = best
+        if not keep:
+            w.remove_attn(i)
+        else:
+            w.heads[i] = tuple(keep)
+        w.note(i, heads_removed=removed, kv_groups_removed=[int(g) for g in groups], head_metric=o.head_metric)
+    return []
+
+
+def _align(n: int, align: int, n_ff: int) -> int:
+    if align <= 1:
+        return n
+    a = int(round(n / align)) * align
+    return min(max(a, align), n_ff)
+
+
+def _prune_neurons(w: _Work, stats: Mapping[str, np.ndarray], o: PlanOptions, protected: set[int]) -> list[str]:
+    s = w.shape
+    if (o.neuron_threshold is None) == (o.neuron_fraction is None):
+        return ["--prune-neurons needs exactly one of --neuron-threshold or --neuron-fraction"]
+    problems = []
+    for i in range(s.n_layer):
+        if i in protected or not w.alive(i) or i in w.mlp_removed:
+            continue
+        key = f"{o.neuron_metric}.{i}"
+        if key not in stats:
+            problems.append(f"neuron statistic {key!r} is missing from the scores' neuron file")
+            continue
+        v = np.asarray(stats[key], dtype=float)
+        order = np.argsort(v, kind="stable")  # ascending: least active first
+        if o.neuron_threshold is not None:
+            n_drop = int((v < o.neuron_threshold).sum())
+        else:
+            n_drop = int(round(o.neuron_fraction * s.n_ff))
+        n_keep = _align(s.n_ff - n_drop, o.align, s.n_ff)
+        if n_keep >= s.n_ff:
+            continue
+        keep = tuple(sorted(int(j) for j in order[s.n_ff - n_keep:]))
+        w.neurons[i] = keep
+        w.note(i, neurons_kept=n_keep, neuron_metric=o.neuron_metric,
+               neuron_cutoff=float(v[order[s.n_ff - n_keep - 1]]))
+    return problems
+
+
+def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected: set[int],
+                 fingerprint: str) -> list[str]:
+    s = w.shape
+    attn_p, mlp_p = s.attn_params(), s.mlp_params()
+    layer_p = attn_p + mlp_p
+
+    def current() -> Plan:
+        return w.to_plan(fingerprint, {"quant": o.quant})
+
+    def met() -> bool:
+        p = current()
+        if o.target_params is not None and p.removed_fraction() < o.target_params - 1e-9:
+            return False
+        if o.target_size is not None and p.predicted["size_bytes_estimate_after"] > o.target_size:
+            return False
+        return True
+
+    if met():
+        return []
+    greedy = scores.get("greedy")
+    if greedy and greedy.get("steps"):
+        for n, step in enumerate(greedy["steps"]):
+            if met():
+                return []
+            i, kind = int(step["layer"]), step["kind"]
+            if i in protected or not w.alive(i):
+                continue
+            if kind == "layer":
+                w.remove_layer(i)
+            elif kind == "attn":
+                w.remove_attn(i)
+            elif kind == "mlp":
+                w.remove_mlp(i)
+            w.note(i, **{f"{kind}_removed_by": "budget/greedy", f"{kind}_greedy_step": n + 1,
+                         "cumulative_kl": step.get("kl")})
+        if met():
+            return []
+        return [f"the greedy run in the scores ({len(greedy['steps'])} steps) does not reach the budget; "
+                "re-run `gguf-prune score --greedy K` with a larger K"]
+    # one-shot: cheapest unit per parameter first
+    layers = {int(e["index"]): e for e in scores.get("layers", [])}
+    units = []
+    for i in range(s.n_layer):
+        if i in protected or not w.alive(i):
+            continue
+        e = layers.get(i, {})
+        if "layer" in o.units and e.get("kl") is not None:
+            units.append((float(e["kl"]) / layer_p, "layer", i, float(e["kl"])))
+        if "attn" in o.units and e.get("attn_kl") is not None and i not in w.attn_removed:
+            units.append((float(e["attn_kl"]) / attn_p, "attn", i, float(e["attn_kl"])))
+        if "mlp" in o.units and e.get("mlp_kl") is not None and i not in w.mlp_removed:
+            units.append((float(e["mlp_kl"]) / mlp_p, "mlp", i, float(e["mlp_kl"])))
+    if not units:
+        return ["the budget needs layer or sub-block KL scores (or a greedy run) in the scores"]
+    for per_param, kind, i, kl in sorted(units):
+        if met():
+            return []
+        if not w.alive(i):
+            continue
+        {"layer": w.remove_layer, "attn": w.remove_attn, "mlp": w.remove_mlp}[kind](i)
+        w.note(i, **{f"{kind}_removed_by": "budget/kl-per-param", f"{kind}_kl": kl})
+    return [] if met() else ["the budget cannot be met without cutting protected layers"]
+
+
+# ------------------------------------------------------------------- explain
+
+
+def explain(plan: Plan) -> str:
+    """A table of what goes and why, with parameter counts before and after."""
+    s = plan.shape
+    rows = [("layer", "status", "heads", "kv", "n_ff", "params", "→ after", "why")]
+    tot_b = tot_a = 0
+    for lp in plan.layers:
+        before = s.layer_params()
+        heads = lp.kept_heads(s)
+        kv = lp.kept_kv_groups(s)
+        ff = len(lp.kept_neurons(s))
+        if lp.removed:
+            status, after = "removed", 0
+        else:
+            after = s.attn_params(len(heads), len(kv)) + s.mlp_params(ff)
+            parts = []
+            if lp.attention_removed:
+                parts.append("attn removed")
+            elif lp.heads is not None:
+                parts.append(f"heads {ranges(heads)}")
+            if lp.mlp_removed:
+                parts.append("mlp removed")
+            elif lp.neurons is not None:
+                parts.append(f"ffn {ff}/{s.n_ff}")
+            status = ", ".join(parts) or "kept"
+        tot_b += before
+        tot_a += after
+        why = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(lp.why.items()))
+        rows.append((str(lp.index), status, f"{len(heads)}/{s.n_head}", f"{len(kv)}/{s.n_head_kv}",
+                     f"{ff}/{s.n_ff}", _human(before), _human(after), why))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    lines = ["  ".join(r[c].ljust(widths[c]) for c in range(len(widths))) + "  " + r[-1] for r in rows]
+    lines.insert(1, "-" * (sum(widths) + 2 * len(widths) + 3))
+    pred = plan.predicted or predict(plan)
+    lines.append("")
+    lines.append(f"block parameters: {_human(tot_b)} → {_human(tot_a)} "
+                 f"({100 * (1 - tot_a / tot_b):.1f}% removed); {len(plan.kept_layers())}/{s.n_layer} layers kept; "
+                 f"writes {'llama' if plan.is_uniform() else 'deci'} architecture")
+    if "size_bytes_estimate_after" in pred:
+        lines.append(f"predicted {pred.get('quant', '')} size: {pred['size_bytes_estimate_before'] / 1e6:.1f} MB → "
+                     f"{pred['size_bytes_estimate_after'] / 1e6:.1f} MB (estimate)")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _human(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def make_plan(scores_path: Path, out: Path, options: PlanOptions) -> Plan:
+    """Read scores.json, build the plan, write plan.json (atomically) and return it."""
+    scores_path = Path(scores_path)
+    try:
+        scores = json.loads(scores_path.read_text())
+    except FileNotFoundError:
+        raise PlanError([f"no such scores file: {scores_path}"], "plan request") from None
+    except json.JSONDecodeError as e:
+        raise PlanError([f"{scores_path} is not valid JSON: {e}"], "plan request") from None
+    if scores.get("schema") != "gguf-prune/scores":
+        raise PlanError([f"{scores_path} is not a gguf-prune scores file (schema {scores.get('schema')!r})"],
+                        "plan request")
+    plan = build_plan(scores, options, scores_path)
+    plan.save(out)
+    log.info("wrote %s: %.1f%% of block parameters removed", out, 100 * plan.removed_fraction())
+    return plan
+
+
