@@ -92,5 +92,137 @@ def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     click.echo(f"\nwrote {output}")
 
 
+@main.command("eval")
+@click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Held-out text (default: bundled Python stdlib docstrings, never the calibration text).")
+@click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSONL task prompts with checks (contains, not_contains, regex, min_len, max_len).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
+              show_default=True, help="Report directory.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Context size for perplexity/KL.")
+@click.option("--chunks", type=int, default=None, help="Limit the number of chunks (default: all).")
+@click.option("--threads", type=int, default=None, help="Threads for llama.cpp (default: its own choice).")
+@click.option("--no-bench", is_flag=True, help="Skip llama-bench.")
+@click.option("--bench-reps", type=int, default=3, show_default=True)
+@click.option("--label", "labels", multiple=True, help="Names for BASE and MODELS in order.")
+def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench, bench_reps, labels) -> None:
+    """Evaluate pruned GGUFs against BASE in llama.cpp: PPL, KL, top-1, speed, size, prompts."""
+    from .evaluate import EvalError, EvalOptions, evaluate
+    from .llamacpp import LlamaCppError
+    from .report import format_table, table_rows
+
+    opts = EvalOptions(ctx=ctx, chunks=chunks, threads=threads, bench=not no_bench, bench_reps=bench_reps,
+                       prompts=prompts, labels=list(labels))
+    try:
+        result = evaluate(base, list(models), output, text=text, options=opts)
+    except (EvalError, LlamaCppError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_table(table_rows(result)))
+    click.echo(f"\nreport: {output / 'report.md'}, {output / 'report.json'}")
+    if any("error" in e for e in result["models"]):
+        sys.exit(1)
+
+
+@main.command("rewrite")
+@click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="plan.json to apply.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Pruned GGUF to write (never the input).")
+def rewrite_cmd(base, plan_path, output) -> None:
+    """Cut BASE (an F16/BF16/F32 GGUF of a llama-family model) as plan.json says."""
+    from .plan import Plan, PlanError
+    from .rewrite import RewriteError, rewrite
+
+    try:
+        r = rewrite(base, Plan.load(plan_path), output)
+    except (PlanError, RewriteError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {r.path}: {r.architecture}, {r.n_layer} layers, {r.n_tensors} tensors, "
+               f"{r.bytes_in / 1e6:.1f} MB -> {r.bytes_out / 1e6:.1f} MB in {r.seconds:.1f} s")
+
+
+@main.command("prune")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="plan.json to apply (without it: the uncut BASE, made the same way, to compare against).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="GGUF to write; its plan is written next to it as <output>.plan.json.")
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              help="llama-quantize type (Q4_K_M, Q5_K_M, Q8_0, F16, ...) or 'none'.")
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True,
+              help="Type of the converted checkpoint that is cut before quantizing.")
+@click.option("--imatrix-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration text: compute an importance matrix (llama-imatrix) for quantization.")
+def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text) -> None:
+    """Convert HF_DIR, cut it as plan.json says, quantize, and check llama.cpp loads it."""
+    from .hfmodel import ModelDirError
+    from .llamacpp import LlamaCppError
+    from .plan import PlanError
+    from .prune import PruneError, prune
+    from .quantize import QuantizeError
+    from .rewrite import RewriteError
+
+    try:
+        r = prune(hf_dir, plan_path, output, quant=quant, outtype=outtype, imatrix_text=imatrix_text)
+    except (ModelDirError, PlanError, PruneError, QuantizeError, RewriteError, LlamaCppError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {r.path}: {r.architecture}, {len(r.dims)} layers, {r.quant}, {r.bytes_out / 1e6:.1f} MB "
+               f"(base {r.bytes_base / 1e6:.1f} MB, cut {r.bytes_pruned / 1e6:.1f} MB)")
+    if r.fallbacks:
+        click.echo(f"{r.n_fallback} tensor(s) fell back to another type: "
+                   + ", ".join(f"{f['tensor']} {f['wanted']}->{f['used']}" for f in r.fallbacks))
+    click.echo(f"plan: {r.plan_path}")
+
+
+@main.command("score")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text file, or .jsonl of {\"messages\": [...]} chats (default: bundled English text).")
+@click.option("--calibration-kind", type=click.Choice(["auto", "text", "chat"]), default="auto", show_default=True,
+              help="auto: .jsonl is chat, anything else text.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("scores.json"),
+              show_default=True, help="scores.json to write (plus <name>.neurons.safetensors and PNG plots).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the sequences.")
+@click.option("--sublayers/--no-sublayers", default=True, show_default=True,
+              help="Also score the attention and MLP sub-blocks of every layer.")
+@click.option("--ppl", is_flag=True, help="Also measure perplexity with each layer removed.")
+@click.option("--heads", is_flag=True, help="Score query heads and KV groups (KL, output norm, Taylor).")
+@click.option("--head-layers", default=None, help="Layers for --heads, e.g. 3,5-8 (default: all).")
+@click.option("--neurons/--no-neurons", default=True, show_default=True,
+              help="Neuron statistics (activation frequency, mean |a|, weight x activation).")
+@click.option("--tau", type=float, default=0.01, show_default=True,
+              help="A neuron counts as active on a token when |act(gate)*up| > tau.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Score on top of this plan.json's cuts (KL stays relative to the unpruned model).")
+@click.option("--greedy", type=int, default=0, show_default=True, help="Greedy removal steps to run.")
+@click.option("--greedy-units", default="layer", show_default=True, help="layer, or a comma list of layer,attn,mlp.")
+@click.option("--greedy-by", type=click.Choice(["kl", "kl-per-param"]), default="kl", show_default=True)
+@click.option("--protect-first", type=int, default=2, show_default=True, help="First layers greedy never removes.")
+@click.option("--protect-last", type=int, default=2, show_default=True, help="Last layers greedy never removes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True)
+@click.option("--device-map", default=None, help="accelerate device_map (e.g. auto) for models larger than one device.")
+@click.option("--batch-tokens", type=int, default=None, help="Max tokens per forward (default: from a memory budget).")
+@click.option("--no-plots", is_flag=True, help="Do not draw PNG plots.")
+def score_cmd(hf_dir, output, plan_path, greedy_units, no_plots, **kw) -> None:
+    """Measure what every layer, sub-block, head and neuron of HF_DIR does; write scores.json."""
+    from .calibration import CalibrationError
+    from .hfmodel import ModelDirError
+    from .plan import PlanError
+    from .score import ScoreError, ScoreOptions, score_model, summary
+
+    units = tuple(u.strip() for u in greedy_units.split(",") if u.strip())
+    try:
+        out = score_model(hf_dir, output, ScoreOptions(plan=plan_path, greedy_units=units, plots=not no_plots, **kw))
+    except (ModelDirError, CalibrationError, PlanError, ScoreError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(summary(out))
+
+
 if __name__ == "__main__":
     main()

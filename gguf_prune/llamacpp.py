@@ -80,9 +80,12 @@ def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: i
     path = Path(path)
     if not path.is_file():
         raise LlamaCppError(f"no such model file: {path}")
+    from llama_cpp._utils import suppress_stdout_stderr
+
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all,
-                               n_threads=n_threads, seed=seed, verbose=False, **kwargs)
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's own loader chatter
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all,
+                                   n_threads=n_threads, seed=seed, verbose=False, **kwargs)
     except ValueError as e:  # the bindings raise ValueError("Failed to load model from file")
         raise LlamaCppError(
             f"llama.cpp could not load {path}: {e}. Run `llama-cli -m {path}` (vendor/bin) to see "

@@ -1,0 +1,386 @@
+"""Evaluation in llama.cpp: what pruning cost in quality, speed and size.
+
+Everything is measured on the GGUF files users run, by the pinned llama.cpp:
+
+- quality: ``llama-perplexity`` on held-out text; the base model's logits are saved
+  once with ``--kl-divergence-base`` and each model is compared on the same tokens
+  with ``--kl-divergence`` (mean / median / 99th-percentile KL, top-1 agreement,
+  PPL ratio);
+- speed: ``llama-bench`` (pp512 / tg128, ≥ 3 repetitions), as ratios to the base
+  measured in the same run;
+- size: bytes on disk, parameters per layer and in total, tensor types;
+- task prompts: greedy chat completions through each model's own chat template,
+  with simple checks per prompt.
+
+Every command that ran is recorded in the report so a user can re-run it by hand.
+A failure in one model's evaluation is recorded for that model; the others finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import llamacpp
+from .llamacpp import LlamaCppError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_TEXT = DATA_DIR / "heldout_stdlib_docs.txt"
+
+
+class EvalError(ValueError):
+    """Bad evaluation input: what is wrong and what to do."""
+
+
+@dataclass
+class EvalOptions:
+    ctx: int = 512
+    chunks: int | None = None  # None: all chunks the text allows
+    threads: int | None = None
+    bench: bool = True
+    bench_prompt: int = 512
+    bench_gen: int = 128
+    bench_reps: int = 3
+    prompts: Path | None = None
+    max_tokens: int = 128
+    labels: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ GGUF facts
+
+
+def gguf_facts(path: Path) -> dict[str, Any]:
+    """Size, parameters per layer, tensor types and the recorded plan of a GGUF (no tensor data read)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    per_layer: dict[int, int] = {}
+    types: Counter[str] = Counter()
+    total = 0
+    for t in r.tensors:
+        n = int(t.n_elements)
+        total += n
+        types[t.tensor_type.name] += 1
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
+
+    def field_value(key: str, default=None):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+
+    def per_layer_dim(key: str) -> list[int]:
+        v = field_value(f"{arch}.{key}")
+        n_layer = int(field_value(f"{arch}.block_count", 0))
+        if isinstance(v, list):
+            return [int(x) for x in v]
+        return [int(v)] * n_layer if v is not None else []
+
+    plan_json = field_value("gguf_prune.plan")
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "architecture": arch,
+        "n_layer": int(field_value(f"{arch}.block_count", 0)),
+        "params_total": total,
+        "params_per_layer": [per_layer[i] for i in sorted(per_layer)],
+        "n_head": per_layer_dim("attention.head_count"),
+        "n_head_kv": per_layer_dim("attention.head_count_kv"),
+        "n_ff": per_layer_dim("feed_forward_length"),
+        "tensor_types": dict(sorted(types.items())),
+        "n_vocab": len(tokens.data) if tokens is not None else None,
+        "plan": json.loads(plan_json) if isinstance(plan_json, str) else None,
+    }
+
+
+def _vocab_digest(path: Path) -> str:
+    import hashlib
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    f = r.fields.get("tokenizer.ggml.tokens")
+    if f is None:
+        return ""
+    return hashlib.sha256("\x00".join(f.contents()).encode()).hexdigest()
+
+
+# ------------------------------------------------------------ llama-perplexity
+
+_NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+_KLD_PATTERNS = {
+    "ppl": rf"Mean PPL\(Q\)\s*:\s*{_NUM}",
+    "ppl_base": rf"Mean PPL\(base\)\s*:\s*{_NUM}",
+    "ppl_ratio": rf"Mean PPL\(Q\)/PPL\(base\)\s*:\s*{_NUM}",
+    "ln_ppl_ratio": rf"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*{_NUM}",
+    "kl_mean": rf"Mean\s+KLD:\s*{_NUM}",
+    "kl_max": rf"Maximum KLD:\s*{_NUM}",
+    "kl_p99": rf"99\.0%\s+KLD:\s*{_NUM}",
+    "kl_median": rf"Median\s+KLD:\s*{_NUM}",
+    "top1_agreement_pct": rf"Same top p:\s*{_NUM}",
+}
+
+
+def parse_kld_output(text: str) -> dict[str, float]:
+    out = {}
+    for key, pat in _KLD_PATTERNS.items():
+        m = re.search(pat, text)
+        if m:
+            out[key] = float(m.group(1))
+    if "kl_mean" not in out:
+        raise LlamaCppError("llama-perplexity printed no KL statistics:\n" + "\n".join(text.splitlines()[-15:]))
+    if "top1_agreement_pct" in out:
+        out["top1_agreement"] = out.pop("top1_agreement_pct") / 100.0
+    return out
+
+
+def parse_ppl_output(text: str) -> float:
+    m = re.search(rf"Final estimate: PPL = {_NUM}", text)
+    if not m:
+        raise LlamaCppError("llama-perplexity printed no final estimate:\n" + "\n".join(text.splitlines()[-15:]))
+    return float(m.group(1))
+
+
+def _ppl_args(model: Path, o: EvalOptions) -> list[str]:
+    args = ["-m", str(model), "-c", str(o.ctx), "-b", str(min(o.ctx, 2048))]
+    if o.chunks:
+        args += ["--chunks", str(o.chunks)]
+    if o.threads:
+        args += ["-t", str(o.threads)]
+    return args
+
+
+def count_tokens(model: Path, text: str) -> int:
+    llm = llamacpp.load(model, n_ctx=8, vocab_only=True)
+    try:
+        return len(llm.tokenize(text.encode(), add_bos=True, special=False))
+    finally:
+        llm.close()
+
+
+# -------------------------------------------------------------------- bench
+
+
+def bench(models: list[Path], o: EvalOptions) -> tuple[dict[str, dict[str, float]], str, dict[str, Any]]:
+    """llama-bench on all models in one invocation; returns {path: {pp_ts, tg_ts, ...}}."""
+    args: list[str] = []
+    for m in models:
+        args += ["-m", str(m)]
+    args += ["-p", str(o.bench_prompt), "-n", str(o.bench_gen), "-r", str(o.bench_reps), "-o", "json"]
+    if o.threads:
+        args += ["-t", str(o.threads)]
+    proc = llamacpp.run_tool("llama-bench", args)
+    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    out: dict[str, dict[str, float]] = {}
+    hw: dict[str, Any] = {}
+    for row in rows:
+        d = out.setdefault(row["model_filename"], {})
+        if row.get("n_prompt") and not row.get("n_gen"):
+            d["pp_ts"], d["pp_ts_std"] = float(row["avg_ts"]), float(row.get("stddev_ts", 0))
+        elif row.get("n_gen") and not row.get("n_prompt"):
+            d["tg_ts"], d["tg_ts_std"] = float(row["avg_ts"]), float(row.get("stddev_ts", 0))
+        hw = {"cpu": row.get("cpu_info"), "gpu": row.get("gpu_info"), "threads": row.get("n_threads"),
+              "backends": row.get("backends"), "build_commit": row.get("build_commit")}
+    hw["rows"] = rows  # llama-bench's own JSON, kept in the report
+    return out, llamacpp.command_line("llama-bench", args), hw
+
+
+# ------------------------------------------------------------------- prompts
+
+
+def load_prompts(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"prompts file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(p, dict) or not isinstance(p.get("prompt"), str):
+            raise EvalError(f'{path}:{n}: each line must be an object with a "prompt" string')
+        prompts.append(p)
+    if not prompts:
+        raise EvalError(f"prompts file {path} is empty: write one JSON object per line, "
+                        '{"prompt": "...", "contains": [...], "not_contains": [...], "regex": "...", '
+                        '"min_len": N, "max_len": N}')
+    return prompts
+
+
+def has_repetition_loop(text: str, min_period_words: int = 1, repeats: int = 4) -> bool:
+    """True when the tail of ``text`` is the same word sequence repeated ``repeats`` times or more."""
+    words = text.split()
+    for period in range(min_period_words, 16):
+        if len(words) < period * repeats:
+            break
+        tail = words[-period * repeats:]
+        chunks = [tail[k * period:(k + 1) * period] for k in range(repeats)]
+        if all(c == chunks[0] for c in chunks):
+            return True
+    return False
+
+
+def check_output(prompt: dict[str, Any], text: str) -> list[str]:
+    """The checks a prompt asks for that ``text`` fails (empty = pass)."""
+    fails = []
+    low = text.lower()
+    for s in prompt.get("contains", []) or []:
+        if s.lower() not in low:
+            fails.append(f"missing {s!r}")
+    for s in prompt.get("not_contains", []) or []:
+        if s.lower() in low:
+            fails.append(f"contains forbidden {s!r}")
+    for pat in ([prompt["regex"]] if isinstance(prompt.get("regex"), str) else prompt.get("regex", []) or []):
+        if not re.search(pat, text, flags=re.IGNORECASE | re.DOTALL):
+            fails.append(f"does not match /{pat}/")
+    if prompt.get("min_len") is not None and len(text) < int(prompt["min_len"]):
+        fails.append(f"shorter than {prompt['min_len']} characters")
+    if prompt.get("max_len") is not None and len(text) > int(prompt["max_len"]):
+        fails.append(f"longer than {prompt['max_len']} characters")
+    if prompt.get("no_repeat", True) and has_repetition_loop(text):
+        fails.append("ends in a repetition loop")
+    return fails
+
+
+def run_prompts(model: Path, prompts: list[dict[str, Any]], o: EvalOptions) -> dict[str, Any]:
+    llm = llamacpp.load(model, n_ctx=max(1024, o.max_tokens * 4), n_threads=o.threads)
+    results = []
+    try:
+        for p in prompts:
+            messages = ([{"role": "system", "content": p["system"]}] if p.get("system") else []) + \
+                       [{"role": "user", "content": p["prompt"]}]
+            r = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1,
+                                           max_tokens=int(p.get("max_tokens", o.max_tokens)), seed=0)
+            text = r["choices"][0]["message"]["content"] or ""
+            fails = check_output(p, text)
+            results.append({"prompt": p["prompt"], "output": text, "pass": not fails, "failures": fails})
+    finally:
+        llm.close()
+    return {"passed": sum(r["pass"] for r in results), "total": len(results), "results": results}
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def evaluate(base: Path, models: list[Path], out_dir: Path, text: Path | None = None,
+             options: EvalOptions | None = None) -> dict[str, Any]:
+    """Evaluate ``models`` against ``base`` in llama.cpp; write report.json/.md/PNGs to ``out_dir``."""
+    from . import report
+
+    o = options or EvalOptions()
+    base = Path(base)
+    models = [Path(m) for m in models]
+    text = Path(text) if text else DEFAULT_TEXT
+    out_dir = Path(out_dir)
+    # --- checks before long work
+    if not text.exists() or text.stat().st_size == 0:
+        raise EvalError(f"evaluation text {text} is missing or empty")
+    for m in [base, *models]:
+        if not m.is_file():
+            raise EvalError(f"no such model file: {m}")
+    try:
+        llamacpp.load(base, n_ctx=8, vocab_only=True).close()
+    except LlamaCppError as e:
+        raise EvalError(f"the base model cannot be loaded by llama.cpp: {e}") from None
+    n_tokens = count_tokens(base, text.read_text(errors="replace"))
+    if n_tokens < 2 * o.ctx:
+        raise EvalError(f"evaluation text {text} has {n_tokens} tokens; llama-perplexity needs at least "
+                        f"{2 * o.ctx} for a context of {o.ctx}: give a longer text or a smaller --ctx")
+    prompts = load_prompts(o.prompts) if o.prompts else None
+    labels = o.labels or []
+    names = [labels[k] if k < len(labels) else m.stem for k, m in enumerate([base, *models])]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_vocab = _vocab_digest(base)
+
+    t0 = time.time()
+    work = Path(tempfile.mkdtemp(prefix=".eval-", dir=out_dir))
+    try:
+        entries: list[dict[str, Any]] = []
+        kld_base = work / "base.kld"
+        log.info("[eval 1/%d] %s (base): perplexity and saved logits", len(models) + 1, names[0])
+        args = _ppl_args(base, o) + ["-f", str(text), "--kl-divergence-base", str(kld_base)]
+        proc = llamacpp.run_tool("llama-perplexity", args)
+        base_entry = {"name": names[0], "role": "base", "facts": gguf_facts(base),
+                      "quality": {"ppl": parse_ppl_output(proc.stdout + proc.stderr), "kl_mean": 0.0,
+                                  "ppl_ratio": 1.0, "top1_agreement": 1.0},
+                      "commands": {"perplexity": llamacpp.command_line("llama-perplexity", args)}}
+        entries.append(base_entry)
+        chunk_info = re.search(r"calculating perplexity over (\d+) chunks", proc.stdout + proc.stderr)
+        for k, m in enumerate(models, start=2):
+            name = names[k - 1]
+            entry: dict[str, Any] = {"name": name, "role": "pruned", "commands": {}}
+            entries.append(entry)
+            log.info("[eval %d/%d] %s: KL divergence against the base", k, len(models) + 1, name)
+            try:
+                entry["facts"] = gguf_facts(m)
+                if _vocab_digest(m) != base_vocab:
+                    raise EvalError(f"{m} has a different vocabulary from the base {base}: KL and perplexity "
+                                    "cannot be compared token by token")
+                args = _ppl_args(m, o) + ["--kl-divergence-base", str(kld_base), "--kl-divergence"]
+                entry["commands"]["perplexity"] = llamacpp.command_line("llama-perplexity", args)
+                proc = llamacpp.run_tool("llama-perplexity", args)
+                entry["quality"] = parse_kld_output(proc.stdout + proc.stderr)
+            except (LlamaCppError, EvalError, OSError, ValueError) as e:
+                entry["error"] = str(e)
+                log.error("%s failed: %s", name, str(e).splitlines()[0])
+        ok = [(Path(e["facts"]["path"]), e) for e in entries if "error" not in e]
+        if o.bench and ok:
+            log.info("[eval] speed: llama-bench pp%d/tg%d × %d on %d model(s)", o.bench_prompt, o.bench_gen,
+                     o.bench_reps, len(ok))
+            try:
+                speeds, cmd, hw = bench([p for p, _ in ok], o)
+                for p, e in ok:
+                    e["speed"] = speeds.get(str(p), {})
+                    e["commands"]["bench"] = cmd
+                base_speed = base_entry.get("speed", {})
+                for _, e in ok:
+                    for key in ("pp_ts", "tg_ts"):
+                        if key in e.get("speed", {}) and base_speed.get(key):
+                            e["speed"][key.replace("_ts", "_ratio")] = e["speed"][key] / base_speed[key]
+            except LlamaCppError as err:
+                hw = {"error": str(err)}
+                log.error("llama-bench failed: %s", str(err).splitlines()[0])
+        else:
+            hw = {}
+        if prompts:
+            for p, e in ok:
+                log.info("[eval] task prompts on %s", e["name"])
+                try:
+                    e["prompts"] = run_prompts(p, prompts, o)
+                except (LlamaCppError, ValueError) as err:
+                    e["prompts"] = {"error": str(err)}
+        for e in entries:
+            if "facts" in e and "bytes" in e["facts"]:
+                e["size_ratio"] = e["facts"]["bytes"] / base_entry["facts"]["bytes"]
+                e["params_ratio"] = e["facts"]["params_total"] / base_entry["facts"]["params_total"]
+        result = {
+            "schema": "gguf-prune/report", "version": 1,
+            "text": {"path": str(text), "tokens": n_tokens, "ctx": o.ctx,
+                     "chunks": int(chunk_info.group(1)) if chunk_info else o.chunks,
+                     "note": "KL and top-1 are over the second half of each chunk, as llama-perplexity scores"},
+            "hardware": hw | {"machine": platform.machine(), "cpu_count": os.cpu_count()},
+            "bench": {"pp": o.bench_prompt, "tg": o.bench_gen, "reps": o.bench_reps} if o.bench else None,
+            "models": entries,
+            "seconds": round(time.time() - t0, 1),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.write_report(result, out_dir)
+    return result
