@@ -224,5 +224,103 @@ def score_cmd(hf_dir, output, plan_path, greedy_units, no_plots, **kw) -> None:
     click.echo(summary(out))
 
 
+@main.command("package")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The executable to write.")
+@click.option("--name", default=None, help="Name shown by the server (default: the file name).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--ctx", type=int, default=4096, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--system-prompt", default=None, help="Used when a chat has no system message of its own.")
+def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) -> None:
+    """Pack MODEL with llama-server and its web UI into one executable file."""
+    from .package import PackageError, PackageOptions, build_package, describe
+
+    opts = PackageOptions(name=name, host=host, port=port, ctx=ctx, threads=threads, system_prompt=system_prompt)
+    try:
+        out = build_package(model, output, opts)
+    except PackageError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(describe(out))
+
+
+@main.command("run")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Hugging Face checkpoint directory (default: the demo model, SmolLM2-135M-Instruct).")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where every stage writes its files (default: runs/<model>).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibration text or chat JSONL (default: bundled text).")
+@click.option("--samples", type=int, default=32, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--budget", type=float, default=0.2, show_default=True,
+              help="Fraction of transformer-block parameters to remove.")
+@click.option("--greedy-steps", type=int, default=None, help="Greedy steps (default: enough for the budget).")
+@click.option("--heads/--no-heads", default=True, show_default=True, help="Score attention heads too.")
+@click.option("--quant", default="Q4_K_M", show_default=True)
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Held-out evaluation text (default: bundled, distinct from the calibration text).")
+@click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Task prompts JSONL (default: bundled simple prompts).")
+@click.option("--eval-chunks", type=int, default=24, show_default=True, help="Perplexity chunks to evaluate.")
+@click.option("--threads", type=int, default=None)
+@click.option("--no-package", is_flag=True, help="Skip building the executable.")
+@click.option("--device", default="auto", show_default=True)
+def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps, heads, quant, text, prompts,
+            eval_chunks, threads, no_package, device) -> None:
+    """The main job: score, plan, prune to Q4_K_M, evaluate against the uncut base, package."""
+    from .pipeline import DEFAULT_PROMPTS, RunOptions, format_summary, run
+
+    opts = RunOptions(model=model, out_dir=out_dir, calibration=calibration, samples=samples, seq_len=seq_len,
+                      budget=budget, greedy_steps=greedy_steps, heads=heads, quant=quant, text=text,
+                      prompts=prompts or DEFAULT_PROMPTS, eval_chunks=eval_chunks, threads=threads,
+                      package=not no_package, device=device)
+    try:
+        summary = run(opts)
+    except Exception as e:  # every stage's error type is a ValueError/RuntimeError with a clear message
+        if isinstance(e, (ValueError, RuntimeError, OSError)):
+            raise click.ClickException(str(e)) from None
+        raise
+    click.echo("")
+    click.echo(format_summary(summary))
+
+
+@main.command("sweep")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--budgets", default="0.1,0.2,0.3", show_default=True,
+              help="Fractions of transformer-block parameters to remove.")
+@click.option("--strategies", default=",".join(("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed",
+                                               "greedy-mixed")), show_default=True)
+@click.option("--samples", type=int, default=32, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--quant", default="F16", show_default=True, help="Type every model (and the base) is written in.")
+@click.option("--eval-chunks", type=int, default=24, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--no-bench", is_flag=True)
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep"),
+              show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, quant, eval_chunks, threads,
+              no_bench, out_dir, device) -> None:
+    """Prune HF_DIR at several budgets with several strategies; evaluate all; draw quality vs size."""
+    from .pipeline import SweepOptions, sweep, sweep_markdown
+
+    try:
+        opts = SweepOptions(calibration=calibration, text=text,
+                            budgets=tuple(float(b) for b in budgets.split(",") if b.strip()),
+                            strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                            samples=samples, seq_len=seq_len, quant=quant, eval_chunks=eval_chunks,
+                            threads=threads, bench=not no_bench, out_dir=out_dir, device=device)
+        result = sweep(hf_dir, opts)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(sweep_markdown(result))
+    click.echo(f"sweep: {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}, {out_dir / 'sweep.png'}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,309 @@
+"""The stages in order: `run` (the main job) and `sweep` (the quality-vs-size curve).
+
+Each stage writes its file into the run directory and the next stage reads it,
+so a run can be inspected, edited and resumed stage by stage:
+
+    scores.json → plan.json → base.gguf / pruned.gguf → report/ → the executable
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .plan import Plan, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
+
+STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greedy-mixed")
+
+
+@dataclass
+class RunOptions:
+    model: Path | None = None  # None: the demo model
+    out_dir: Path | None = None  # None: runs/<model name>
+    calibration: Path | None = None  # None: the bundled calibration text
+    samples: int = 32
+    seq_len: int = 128
+    budget: float = 0.2  # fraction of transformer-block parameters to remove
+    greedy_steps: int | None = None  # None: enough for the budget
+    heads: bool = True
+    quant: str = "Q4_K_M"
+    text: Path | None = None  # held-out text for eval (None: bundled)
+    prompts: Path | None = DEFAULT_PROMPTS
+    eval_chunks: int | None = 24
+    threads: int | None = None
+    package: bool = True
+    device: str = "auto"
+
+
+def _stage(n: int, total: int, what: str) -> float:
+    log.info("")
+    log.info("== [%d/%d] %s", n, total, what)
+    return time.time()
+
+
+def greedy_steps_for(budget: float, n_layer: int, units: tuple[str, ...]) -> int:
+    """Greedy steps enough to reach ``budget`` (a fraction of block parameters).
+
+    Whole layers: one step per layer. Mixed units: a step may remove only an attention
+    sub-block (a quarter of a layer in typical shapes) or an MLP (three quarters); allow
+    two steps per layer-equivalent, plus two.
+    """
+    layers = math.ceil(budget * n_layer - 1e-9)
+    return max(1, layers) if tuple(units) == ("layer",) else 2 * layers + 2
+
+
+def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """The main job: score → plan → prune (base and pruned) → eval → package → summary."""
+    from . import evaluate as ev
+    from . import hfmodel
+    from .demo import MODEL_NAME, ensure_demo_checkpoint
+    from .package import PackageOptions, build_package
+    from .planner import PlanOptions, make_plan
+    from .prune import prune
+    from .score import ScoreOptions, score_model
+
+    o = options
+    t_start = time.time()
+    model = Path(o.model) if o.model else ensure_demo_checkpoint()
+    shape = hfmodel.check_model_dir(model)
+    name = MODEL_NAME if o.model is None else model.name
+    out = Path(o.out_dir) if o.out_dir else Path("runs") / name
+    out.mkdir(parents=True, exist_ok=True)
+    units = ("layer", "attn", "mlp")
+    steps = o.greedy_steps or greedy_steps_for(o.budget, shape.n_layer, units)
+    timings: dict[str, float] = {}
+    total = 6 if o.package else 5
+
+    t = _stage(1, total, f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; "
+                         f"greedy {steps} steps over {'/'.join(units)})")
+    scores = score_model(model, out / "scores.json", ScoreOptions(
+        calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads, neurons=True,
+        greedy=steps, greedy_units=units, greedy_by="kl-per-param", device=o.device))
+    timings["score"] = time.time() - t
+
+    t = _stage(2, total, f"plan: remove {100 * o.budget:.0f}% of block parameters, cheapest first (greedy order)")
+    plan = make_plan(scores, out / "plan.json", PlanOptions(target_params=o.budget, quant=o.quant))
+    timings["plan"] = time.time() - t
+
+    t = _stage(3, total, f"prune: convert, cut and quantize to {o.quant} (and the uncut base, made the same way)")
+    base = prune(model, None, out / f"base-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+    pruned = prune(model, plan, out / f"pruned-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+    timings["prune"] = time.time() - t
+
+    t = _stage(4, total, "eval in llama.cpp against the base: perplexity, KL, top-1, speed, size, prompts")
+    report = ev.evaluate(base.path, [pruned.path], out / "report", text=o.text, options=ev.EvalOptions(
+        chunks=o.eval_chunks, threads=o.threads, prompts=o.prompts, labels=["base", "pruned"]))
+    timings["eval"] = time.time() - t
+
+    exe = None
+    if o.package:
+        t = _stage(5, total, "package: one executable with llama-server, its web UI and the pruned model")
+        exe = build_package(pruned.path, out / f"{name}-pruned", PackageOptions(name=f"{name}-pruned"))
+        timings["package"] = time.time() - t
+
+    timings["total"] = time.time() - t_start
+    summary = {"model": str(model), "out_dir": str(out), "plan": str(out / "plan.json"),
+               "removed_fraction": plan.removed_fraction(), "base": base.to_dict(), "pruned": pruned.to_dict(),
+               "report": str(out / "report" / "report.md"), "executable": str(exe) if exe else None,
+               "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "quality": report["models"][1].get("quality"), "speed": report["models"][1].get("speed"),
+               "prompts": {e["name"]: (e.get("prompts") or {}).get("passed") for e in report["models"]}}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    _stage(total, total, "summary")
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    q, sp = s.get("quality") or {}, s.get("speed") or {}
+    b, p = s["base"], s["pruned"]
+    lines = [
+        f"model        {s['model']}",
+        f"plan         {s['plan']}  ({100 * s['removed_fraction']:.1f}% of block parameters removed, "
+        f"{p['architecture']} architecture)",
+        f"size         {b['bytes_out'] / 1e6:.1f} MB → {p['bytes_out'] / 1e6:.1f} MB "
+        f"(×{p['bytes_out'] / b['bytes_out']:.3f}, {b['quant']})",
+    ]
+    if q:
+        lines.append(f"quality      KL {q.get('kl_mean', float('nan')):.4f} mean / {q.get('kl_median', float('nan')):.4f} "
+                     f"median, top-1 {100 * q.get('top1_agreement', 0):.1f}%, PPL ×{q.get('ppl_ratio', float('nan')):.3f}")
+    if sp.get("tg_ratio"):
+        lines.append(f"speed        prompt ×{sp.get('pp_ratio', float('nan')):.2f}, generation ×{sp['tg_ratio']:.2f} "
+                     "(llama-bench, against the base in the same run)")
+    if any(v is not None for v in s["prompts"].values()):
+        lines.append("prompts      " + ", ".join(f"{k} {v}" for k, v in s["prompts"].items()))
+    lines.append(f"report       {s['report']}")
+    if s.get("executable"):
+        lines.append(f"executable   {s['executable']}  (run it, then open http://127.0.0.1:8080/)")
+    lines.append(f"time         " + ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ sweep
+
+
+@dataclass
+class SweepOptions:
+    calibration: Path | None = None
+    text: Path | None = None
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3)
+    strategies: tuple[str, ...] = STRATEGIES
+    samples: int = 32
+    seq_len: int = 128
+    quant: str = "F16"
+    eval_chunks: int | None = 24
+    threads: int | None = None
+    bench: bool = True
+    out_dir: Path = Path("sweep")
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_layers: Path,
+                  scores_greedy_mixed: Path, n_layer: int, out: Path) -> Plan:
+    from .planner import PlanOptions, make_plan
+
+    n = max(1, math.ceil(budget * n_layer - 1e-9))
+    if strategy == "bi-layers":
+        return make_plan(scores_one, out, PlanOptions(drop_layers=n, metric="bi"))
+    if strategy == "kl-layers":
+        return make_plan(scores_one, out, PlanOptions(drop_layers=n, metric="kl"))
+    if strategy == "greedy-layers":
+        return make_plan(scores_greedy_layers, out, PlanOptions(drop_layers=n, metric="greedy"))
+    if strategy == "oneshot-mixed":
+        return make_plan(scores_one, out, PlanOptions(target_params=budget))
+    if strategy == "greedy-mixed":
+        return make_plan(scores_greedy_mixed, out, PlanOptions(target_params=budget))
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any]:
+    """Build a pruned GGUF per (strategy, budget), evaluate all against the base in one run, draw the curve."""
+    from . import evaluate as ev
+    from . import hfmodel
+    from .prune import prune
+    from .score import ScoreOptions, score_model
+
+    o = options
+    hf_dir = Path(hf_dir)
+    shape = hfmodel.check_model_dir(hf_dir)
+    for s in o.strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    out = Path(o.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    common = dict(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, device=o.device)
+    need_layers = any(s in o.strategies for s in ("bi-layers", "kl-layers", "oneshot-mixed"))
+    need_gl = "greedy-layers" in o.strategies
+    need_gm = "greedy-mixed" in o.strategies
+    max_b = max(o.budgets)
+    s_one, s_gl, s_gm = out / "scores.json", out / "scores-greedy-layers.json", out / "scores-greedy-mixed.json"
+    log.info("== sweep: scoring %s", hf_dir)
+    if need_layers and not s_one.exists():
+        score_model(hf_dir, s_one, ScoreOptions(**common, neurons=False))
+    if need_gl and not s_gl.exists():
+        score_model(hf_dir, s_gl, ScoreOptions(**common, sublayers=False, neurons=False, plots=False,
+                                               greedy=greedy_steps_for(max_b, shape.n_layer, ("layer",))))
+    units = ("layer", "attn", "mlp")
+    if need_gm and not s_gm.exists():
+        score_model(hf_dir, s_gm, ScoreOptions(**common, sublayers=False, neurons=False, plots=False,
+                                               greedy=greedy_steps_for(max_b, shape.n_layer, units),
+                                               greedy_units=units, greedy_by="kl-per-param"))
+    log.info("== sweep: building %d pruned models", len(o.budgets) * len(o.strategies))
+    base = prune(hf_dir, None, out / f"base-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+    models, labels, meta = [], ["base"], []
+    for b in o.budgets:
+        for s in o.strategies:
+            tag = f"{s}-{int(round(100 * b))}"
+            plan = strategy_plan(s, b, s_one, s_gl, s_gm, shape.n_layer, out / "plans" / f"{tag}.json")
+            r = prune(hf_dir, plan, out / f"{tag}-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+            models.append(r.path)
+            labels.append(tag)
+            meta.append({"label": tag, "strategy": s, "budget": b, "removed_fraction": plan.removed_fraction(),
+                         "architecture": r.architecture, "path": str(r.path)})
+    log.info("== sweep: evaluating %d models against the base", len(models))
+    report = ev.evaluate(base.path, models, out / "report", text=o.text, options=ev.EvalOptions(
+        chunks=o.eval_chunks, threads=o.threads, bench=o.bench, labels=labels))
+    by_label = {e["name"]: e for e in report["models"]}
+    for m in meta:
+        e = by_label.get(m["label"], {})
+        m["quality"], m["speed"], m["error"] = e.get("quality"), e.get("speed"), e.get("error")
+        m["size_ratio"] = e.get("size_ratio")
+    best = {}
+    for b in o.budgets:
+        ok = [m for m in meta if m["budget"] == b and m["quality"]]
+        if ok:
+            best[str(b)] = min(ok, key=lambda m: m["quality"]["kl_mean"])["label"]
+    result = {"schema": "gguf-prune/sweep", "version": 1, "model": str(hf_dir), "quant": o.quant,
+              "budgets": list(o.budgets), "strategies": list(o.strategies), "runs": meta, "best": best,
+              "base": {"path": str(base.path), "quality": by_label["base"].get("quality"),
+                       "speed": by_label["base"].get("speed")},
+              "text": report["text"], "seconds": round(time.time() - t0, 1)}
+    write_text_atomic(out / "sweep.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "sweep.md", sweep_markdown(result))
+    try:
+        plot_sweep(result, out / "sweep.png")
+    except Exception as e:  # the numbers matter more than the picture
+        log.warning("sweep plot failed: %s", e)
+    return result
+
+
+def sweep_markdown(r: dict[str, Any]) -> str:
+    lines = [f"| budget | strategy | removed | size× | PPL× | KL mean | KL median | KL p99 | top-1 | tg× |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in sorted(r["runs"], key=lambda m: (m["budget"], m["strategy"])):
+        q, sp = m.get("quality") or {}, m.get("speed") or {}
+        star = " **best**" if r["best"].get(str(m["budget"])) == m["label"] else ""
+        if m.get("error"):
+            lines.append(f"| {m['budget']:.0%} | {m['strategy']} | error: {m['error'].splitlines()[0][:60]} "
+                         "| | | | | | | |")
+            continue
+        lines.append(
+            f"| {m['budget']:.0%} | {m['strategy']}{star} | {100 * m['removed_fraction']:.1f}% | "
+            f"{(m.get('size_ratio') or 0):.3f} | {q.get('ppl_ratio', float('nan')):.3f} | "
+            f"{q.get('kl_mean', float('nan')):.4f} | {q.get('kl_median', float('nan')):.4f} | "
+            f"{q.get('kl_p99', float('nan')):.3f} | {100 * q.get('top1_agreement', 0):.1f}% | "
+            f"{sp.get('tg_ratio', float('nan')):.2f} |")
+    t = r["text"]
+    lines.append("")
+    lines.append(f"{r['quant']}, held-out text `{Path(t['path']).name}` ({t['tokens']} tokens, ctx {t['ctx']}, "
+                 f"{t.get('chunks')} chunks); KL against the unpruned {r['quant']} model in llama.cpp.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in r["strategies"]:
+        pts = sorted((m["removed_fraction"], m["quality"]["kl_mean"]) for m in r["runs"]
+                     if m["strategy"] == s and m.get("quality"))
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=s)
+    for b, label in r["best"].items():
+        m = next(m for m in r["runs"] if m["label"] == label)
+        ax.scatter([100 * m["removed_fraction"]], [m["quality"]["kl_mean"]], s=160, facecolors="none",
+                   edgecolors="black", zorder=5)
+    ax.set_xlabel("transformer-block parameters removed (%)")
+    ax.set_ylabel("mean KL to the unpruned model (nats)")
+    ax.set_title("quality vs size (circled: best strategy per budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
