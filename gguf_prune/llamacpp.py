@@ -58,7 +58,7 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
     tc = toolchain.find()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # unique: concurrent conversions do not collide
     cmd = [sys.executable, str(tc.convert_script), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)]
     log.info("converting %s to GGUF (%s)", hf_dir, outtype)
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")

@@ -1,0 +1,531 @@
+"""Streaming GGUF I/O: open a GGUF with clear errors, and write one tensor at a time.
+
+Reading parses the header, metadata and tensor table directly (gguf-py's
+``GGUFReader`` builds a numpy view per token string and takes seconds on a
+tokenizer of 10^5 entries); tensor *data* is never read through a map. It is copied
+file-to-file by the kernel (``os.copy_file_range``) or read in bounded chunks of
+rows with ``os.pread``, so a rewrite's resident memory stays near one chunk no
+matter how large the model is.
+
+Writing follows gguf-py's phases — key/values and every tensor's info first,
+then the header, then tensor data in the declared order — in a small writer that
+also accepts *raw* key/value bytes, so metadata we do not change (tokenizer,
+chat template, ...) is copied byte for byte.
+
+Naming: ``ne`` is ggml order (ne0 = row length first); ``shape`` is numpy order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
+
+log = logging.getLogger(__name__)
+
+# Tensor types whose rows can be sliced element by element (and the numpy dtype of one element).
+# BF16 is kept as raw 16-bit words: slicing never needs its value.
+SLICEABLE_TYPES: dict[GGMLQuantizationType, np.dtype] = {
+    GGMLQuantizationType.F32: np.dtype("<f4"),
+    GGMLQuantizationType.F16: np.dtype("<f2"),
+    GGMLQuantizationType.BF16: np.dtype("<u2"),
+}
+
+CHUNK_BYTES = 16 << 20  # rows are read in chunks of about this size when a tensor is sliced
+
+
+class GGUFFormatError(ValueError):
+    """A file that is not a readable GGUF: what is wrong, where, and what to do."""
+
+
+class OutOfSpaceError(OSError):
+    """The output disk filled up; the partial output was removed."""
+
+
+# ------------------------------------------------------------------------- reading
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d", GGUFValueType.BOOL: "<?",
+}
+_SCALAR_SIZES = {t: struct.calcsize(f) for t, f in _SCALAR_FORMATS.items()}
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One metadata entry: its type and its encoded value bytes (type tag included), as stored."""
+
+    key: str
+    vtype: GGUFValueType
+    sub_type: GGUFValueType | None  # element type of an array
+    raw: bytes
+
+    @property
+    def is_array(self) -> bool:
+        return self.vtype == GGUFValueType.ARRAY
+
+    @property
+    def value(self) -> Any:
+        """The decoded value (str, int, float, bool, or a list for an array)."""
+        return _decode(self.raw, 4, self.vtype)[0] if not self.is_array else _decode_array(self.raw)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes lie in a GGUF, and how to read them."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    ne: tuple[int, ...]  # ggml order
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # numpy order
+        return tuple(reversed(self.ne))
+
+    @property
+    def sliceable(self) -> bool:
+        return self.ggml_type in SLICEABLE_TYPES
+
+    @property
+    def element(self) -> np.dtype:
+        return SLICEABLE_TYPES[self.ggml_type]
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """The metadata and tensor table of a GGUF (no tensor data is read)."""
+
+    path: Path
+    version: int
+    alignment: int
+    kv: dict[str, KeyValue]  # in file order
+    tensors: list[TensorRef]  # in file order
+    data_offset: int
+    size: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        kv = self.kv.get(key)
+        return default if kv is None else kv.value
+
+    def is_array(self, key: str) -> bool:
+        kv = self.kv.get(key)
+        return kv is not None and kv.is_array
+
+    @property
+    def architecture(self) -> str | None:
+        return self.get("general.architecture")
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a buffer; running past its end is a truncated file."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def take(self, n: int, what: str):
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFFormatError(f"{self.path} is truncated or damaged: {what} at byte {self.pos} needs {n} bytes "
+                                  f"but the file has {self.size}; re-create it")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def unpack(self, fmt: str, what: str):
+        start = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.buf, start)
+
+    def string(self, what: str) -> str:
+        (n,) = self.unpack("<Q", what)
+        start = self.take(n, what)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFFormatError(f"{self.path}: {what} at byte {start} is not UTF-8; the file is damaged") from None
+
+    def skip_value(self, vtype: int, what: str) -> None:
+        if vtype == GGUFValueType.STRING:
+            (n,) = self.unpack("<Q", what)
+            self.take(n, what)
+        elif vtype == GGUFValueType.ARRAY:
+            sub, count = self.unpack("<IQ", what)
+            if sub in _SCALAR_SIZES_INT:
+                self.take(_SCALAR_SIZES_INT[sub] * count, what)
+            elif sub == GGUFValueType.STRING:
+                buf, pos, size, u64 = self.buf, self.pos, self.size, _U64.unpack_from
+                for _k in range(count):  # a tight loop: tokenizer arrays hold ~10^5 strings
+                    if pos + 8 > size:
+                        break
+                    pos += 8 + u64(buf, pos)[0]
+                else:
+                    if pos <= size:
+                        self.pos = pos
+                        return
+                raise GGUFFormatError(f"{self.path} is truncated or damaged: {what} runs past the end of the file "
+                                      f"({size} bytes); re-create it")
+            else:
+                raise GGUFFormatError(f"{self.path}: {what} is an array of unsupported type {sub}")
+        elif vtype in _SCALAR_SIZES_INT:
+            self.take(_SCALAR_SIZES_INT[vtype], what)
+        else:
+            raise GGUFFormatError(f"{self.path}: {what} has unknown value type {vtype}; the file is damaged")
+
+
+_SCALAR_SIZES_INT = {int(t): n for t, n in _SCALAR_SIZES.items()}
+
+
+def _decode(raw: bytes, pos: int, vtype: GGUFValueType) -> tuple[Any, int]:
+    if vtype == GGUFValueType.STRING:
+        (n,) = struct.unpack_from("<Q", raw, pos)
+        return raw[pos + 8:pos + 8 + n].decode("utf-8"), pos + 8 + n
+    fmt = _SCALAR_FORMATS[vtype]
+    return struct.unpack_from(fmt, raw, pos)[0], pos + _SCALAR_SIZES[vtype]
+
+
+def _decode_array(raw: bytes) -> list:
+    sub, count = struct.unpack_from("<IQ", raw, 4)
+    sub = GGUFValueType(sub)
+    if sub != GGUFValueType.STRING:
+        return np.frombuffer(raw, dtype=np.dtype(_SCALAR_FORMATS[sub]), count=count, offset=16).tolist()
+    out, pos = [], 16
+    for _ in range(count):
+        v, pos = _decode(raw, pos, sub)
+        out.append(v)
+    return out
+
+
+def read_gguf(path: Path) -> GGUFFile:
+    """Parse a GGUF's header, metadata and tensor table; every failure is one GGUFFormatError.
+
+    The file is memory-mapped only while parsing; only the header pages are touched.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFFormatError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or struct.unpack("<I", head)[0] != GGUF_MAGIC:
+            raise GGUFFormatError(f"{path} is not a GGUF file (it does not start with the GGUF magic); pass a GGUF "
+                                  "made by convert_hf_to_gguf.py (gguf-prune prune converts a checkpoint for you)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _parse(mm, path, size)
+
+
+def _parse(buf, path: Path, size: int) -> GGUFFile:
+    c = _Cursor(buf, path)
+    _magic, version, n_tensors, n_kv = c.unpack("<IIQQ", "the header")
+    if version not in (2, 3):
+        raise GGUFFormatError(f"{path} is GGUF version {version}; this reads versions 2 and 3")
+    kv: dict[str, KeyValue] = {}
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}")
+        start = c.pos
+        (vtype,) = c.unpack("<I", f"the type of {key!r}")
+        c.skip_value(vtype, f"the value of {key!r}")
+        raw = bytes(buf[start:c.pos])
+        try:
+            vt = GGUFValueType(vtype)
+            sub = GGUFValueType(struct.unpack_from("<I", raw, 4)[0]) if vt == GGUFValueType.ARRAY else None
+        except ValueError:
+            raise GGUFFormatError(f"{path}: {key!r} has unknown value type {vtype}; the file is damaged") from None
+        if key in kv:
+            raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; the file is damaged")
+        kv[key] = KeyValue(key, vt, sub, raw)
+    alignment = 32
+    if "general.alignment" in kv:
+        alignment = int(kv["general.alignment"].value)
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFFormatError(f"{path}: general.alignment {alignment} is not a power of two")
+    infos = []
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor #{i}")
+        (n_dims,) = c.unpack("<I", f"tensor {name!r}")
+        if n_dims > 4:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (at most 4); the file is damaged")
+        ne = c.unpack(f"<{n_dims}Q", f"tensor {name!r}")
+        ttype, offset = c.unpack("<IQ", f"tensor {name!r}")
+        try:
+            gtype = GGMLQuantizationType(ttype)
+        except ValueError:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {ttype}") from None
+        infos.append((name, gtype, tuple(int(x) for x in ne), int(offset)))
+    data_offset = pad_to(c.pos, alignment)
+    tensors, seen = [], set()
+    for name, gtype, ne, offset in infos:
+        if name in seen:
+            raise GGUFFormatError(f"{path}: tensor {name!r} appears twice; the file is damaged")
+        seen.add(name)
+        block, type_size = GGML_QUANT_SIZES[gtype]
+        n = 1
+        for x in ne:
+            n *= x
+        if ne and ne[0] % block:
+            raise GGUFFormatError(f"{path}: tensor {name!r} ne0 {ne[0]} is not a multiple of {gtype.name}'s block {block}")
+        nbytes = n // block * type_size
+        ref = TensorRef(name, gtype, ne, data_offset + offset, nbytes)
+        if ref.offset + nbytes > size:
+            raise GGUFFormatError(f"{path} is truncated: tensor {name!r} ends at byte {ref.offset + nbytes} but the "
+                                  f"file has {size} bytes; re-create it")
+        tensors.append(ref)
+    return GGUFFile(path, version, alignment, kv, tensors, data_offset, size)
+
+
+# ------------------------------------------------------------------------- encoding
+
+def encode_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def encode_value(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> bytes:
+    """The bytes of a typed value, type tag first (as in a GGUF key/value entry)."""
+    out = struct.pack("<I", int(vtype))
+    if vtype == GGUFValueType.STRING:
+        return out + encode_string(value)
+    if vtype == GGUFValueType.ARRAY:
+        if sub_type is None or sub_type == GGUFValueType.ARRAY:
+            raise ValueError("arrays need a scalar or string sub_type")
+        out += struct.pack("<IQ", int(sub_type), len(value))
+        if sub_type == GGUFValueType.STRING:
+            return out + b"".join(encode_string(v) for v in value)
+        return out + np.asarray(value, dtype=np.dtype(_SCALAR_FORMATS[sub_type])).tobytes()
+    return out + struct.pack(_SCALAR_FORMATS[vtype], value)
+
+
+def pad_to(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+# ------------------------------------------------------------------------- writing
+
+
+class GGUFStreamWriter:
+    """Write a GGUF to an open file descriptor in phases.
+
+    1. ``add_kv`` / ``add_kv_raw`` and ``add_tensor`` (infos only) in any order;
+    2. ``write_header()``: header, key/values, tensor infos, padding;
+    3. the data of each declared tensor, in declaration order, through
+       ``copy_from`` / ``write_array`` / ``write_zeros`` (any number of calls per
+       tensor), closed by ``end_tensor()``;
+    4. ``finish()`` checks every declared byte was written.
+
+    Calls out of order raise; a tensor that gets more or fewer bytes than declared raises.
+    """
+
+    def __init__(self, fd: int, alignment: int = 32):
+        self.fd = fd
+        self.alignment = alignment
+        self.kv: list[bytes] = []  # each: encoded key + encoded value
+        self.infos: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
+        self.pos = 0
+        self.phase = "declare"
+        self._current = 0  # index of the tensor being written
+        self._written = 0  # bytes of it written so far
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    # --- phase 1
+    def add_kv_raw(self, key: str, raw_value: bytes) -> None:
+        self._expect("declare")
+        self.kv.append(encode_string(key) + raw_value)
+
+    def add_kv(self, key: str, value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> None:
+        self.add_kv_raw(key, encode_value(value, vtype, sub_type))
+
+    def add_tensor(self, name: str, ne: Sequence[int], ggml_type: GGMLQuantizationType, nbytes: int) -> None:
+        self._expect("declare")
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+        n = int(np.prod(ne, dtype=np.int64))
+        if n * type_size // block != nbytes:
+            raise ValueError(f"tensor {name!r}: ne {tuple(ne)} of {ggml_type.name} is {n * type_size // block} "
+                             f"bytes, not {nbytes}")
+        self.infos.append((name, tuple(int(x) for x in ne), ggml_type, int(nbytes)))
+
+    # --- phase 2
+    def write_header(self) -> None:
+        self._expect("declare")
+        head = bytearray(struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self.infos), len(self.kv)))
+        for kv in self.kv:
+            head += kv
+        offset = 0
+        for name, ne, ggml_type, nbytes in self.infos:
+            head += encode_string(name)
+            head += struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+            head += struct.pack("<IQ", int(ggml_type), offset)
+            offset += pad_to(nbytes, self.alignment)
+        head += bytes(pad_to(len(head), self.alignment) - len(head))
+        self._write(bytes(head))
+        self.phase = "data"
+
+    # --- phase 3
+    @property
+    def current(self) -> str:
+        return self.infos[self._current][0]
+
+    def write_bytes(self, data) -> None:
+        self._expect("data")
+        n = memoryview(data).nbytes
+        self._account(n)
+        self._write(data)
+
+    def write_array(self, arr: np.ndarray) -> None:
+        self.write_bytes(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+    def write_zeros(self, n: int) -> None:
+        self._expect("data")
+        self._account(n)
+        block = bytes(min(n, CHUNK_BYTES))
+        while n > 0:
+            k = min(n, len(block))
+            self._write(block[:k])
+            n -= k
+
+    def copy_from(self, src_fd: int, offset: int, n: int) -> None:
+        """Copy ``n`` bytes at ``offset`` of ``src_fd`` into the current tensor, kernel to kernel
+        (``copy_file_range``; plain reads and writes where the filesystem cannot)."""
+        self._expect("data")
+        self._account(n)
+        done = 0
+        while done < n:
+            k = 0
+            if self._kernel_copy:
+                os.lseek(self.fd, self.pos, os.SEEK_SET)
+                try:
+                    k = os.copy_file_range(src_fd, self.fd, min(n - done, 1 << 30), offset + done)
+                    self.pos += k
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self._kernel_copy = False
+                    continue
+            else:
+                data = os.pread(src_fd, min(n - done, CHUNK_BYTES), offset + done)
+                self._write(data)
+                k = len(data)
+            if k == 0:
+                raise GGUFFormatError(f"input ended while copying tensor {self.current!r}")
+            done += k
+
+    def end_tensor(self) -> None:
+        self._expect("data")
+        name, _, _, nbytes = self.infos[self._current]
+        if self._written != nbytes:
+            raise ValueError(f"tensor {name!r}: wrote {self._written} bytes, declared {nbytes}")
+        self._write(bytes(pad_to(nbytes, self.alignment) - nbytes))
+        self._current += 1
+        self._written = 0
+        if self._current == len(self.infos):
+            self.phase = "done"
+
+    # --- phase 4
+    def finish(self) -> int:
+        if self.infos and self.phase != "done":
+            raise ValueError(f"only {self._current} of {len(self.infos)} tensors were written")
+        if not self.infos and self.phase == "declare":
+            self.write_header()
+        self.phase = "closed"
+        return self.pos
+
+    # --- helpers
+    def _expect(self, phase: str) -> None:
+        if self.phase != phase:
+            raise ValueError(f"GGUF writer: expected phase {phase!r}, in {self.phase!r}")
+
+    def _account(self, n: int) -> None:
+        if self._current >= len(self.infos):
+            raise ValueError("GGUF writer: data written after the last declared tensor")
+        name, _, _, nbytes = self.infos[self._current]
+        if self._written + n > nbytes:
+            raise ValueError(f"tensor {name!r}: {self._written + n} bytes written, declared {nbytes}")
+        self._written += n
+
+    def _write(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        os.lseek(self.fd, self.pos, os.SEEK_SET)
+        while mv.nbytes:
+            k = os.write(self.fd, mv)
+            mv = mv[k:]
+            self.pos += k
+
+
+def read_rows(src_fd: int, ref: TensorRef, row_start: int, row_stop: int) -> np.ndarray:
+    """Rows [row_start, row_stop) of a 1-D or 2-D tensor as a numpy array (n_rows, row_len)."""
+    row_len = ref.ne[0] if len(ref.ne) > 1 else 1
+    rows_total = int(np.prod(ref.ne[1:], dtype=np.int64)) if len(ref.ne) > 1 else ref.ne[0]
+    assert 0 <= row_start <= row_stop <= rows_total
+    itemsize = ref.element.itemsize
+    n = (row_stop - row_start) * row_len * itemsize
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    off = ref.offset + row_start * row_len * itemsize
+    while got < n:
+        k = os.preadv(src_fd, [mv[got:]], off + got)
+        if k == 0:
+            raise GGUFFormatError(f"input ended while reading tensor {ref.name!r}")
+        got += k
+    return np.frombuffer(buf, dtype=ref.element).reshape(row_stop - row_start, row_len)
+
+
+# ------------------------------------------------------------------------- atomic output
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file that another program wrote to disk (before renaming it into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def default_file_mode() -> int:
+    """0666 less the process umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, fsync: bool = True) -> Iterator[int]:
+    """Yield a file descriptor of a temporary file next to ``out``; rename it to ``out``
+    when the block completes (after fsync, so a crash cannot leave a half-written file
+    under the final name), remove it when the block raises. A full disk becomes
+    OutOfSpaceError naming the path. ``fsync=False`` for intermediates that are read
+    back at once and deleted."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    try:
+        try:
+            os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a model file is as readable as any other
+            yield fd
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            err = OutOfSpaceError(f"no space left on the device of {out.parent} while writing {out.name}; "
+                                  "free some space or write elsewhere; the partial file was removed")
+            err.errno = e.errno
+            raise err from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,154 @@
+"""HF checkpoint + plan → pruned (quantized) GGUF that llama.cpp loads.
+
+convert (pinned convert_hf_to_gguf.py, cached by checkpoint fingerprint and
+outtype) → rewrite (skipped without a plan: the result is then the uncut BASE,
+made the same way, to compare against) → quantize (llama-quantize) → load check.
+The plan is written next to the output as ``<out>.plan.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import hfmodel, llamacpp, toolchain
+from .gguf_io import default_file_mode, fsync_path
+from .plan import Plan, validate, write_text_atomic
+from .quantize import QuantizeError, check_quant_type, quantize
+from .rewrite import rewrite
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = ("f16", "bf16", "f32")
+NO_QUANT = "NONE"
+
+
+class PruneError(ValueError):
+    """A prune request that cannot be carried out: what, where, what to do."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    path: Path  # the final GGUF
+    plan_path: Path  # the plan written next to it
+    base_gguf: Path  # the converted, uncut checkpoint (cached)
+    quant: str  # llama-quantize target, or "NONE"
+    outtype: str
+    architecture: str  # "llama" or "deci"
+    plan_digest: str
+    bytes_base: int
+    bytes_pruned: int  # the pruned file before quantization
+    bytes_out: int
+    fallbacks: list = field(default_factory=list)  # [{"tensor", "ncols", "block", "wanted", "used"}]
+    dims: list = field(default_factory=list)  # per kept layer: source_index, n_head, n_head_kv, n_ff
+    seconds: float = 0.0
+
+    @property
+    def n_fallback(self) -> int:
+        return len(self.fallbacks)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(path=str(self.path), plan_path=str(self.plan_path), base_gguf=str(self.base_gguf),
+                 n_fallback=self.n_fallback)
+        return d
+
+
+def plan_path_for(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".plan.json")
+
+
+def converted_cache_dir() -> Path:
+    return toolchain.cache_root() / "converted"
+
+
+def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = None,
+                   fingerprint: str | None = None) -> Path:
+    """The checkpoint converted with the pinned convert_hf_to_gguf.py, made once per
+    (fingerprint, outtype, llama.cpp commit) under ``cache_dir``."""
+    if outtype not in OUTTYPES:
+        raise PruneError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
+    fp = fingerprint or hfmodel.fingerprint(hf_dir)
+    commit = (toolchain.find().info().get("commit") or "unknown")[:10]
+    cache_dir = Path(cache_dir) if cache_dir is not None else converted_cache_dir()
+    path = cache_dir / f"{fp}-{outtype}-{commit}.gguf"
+    if path.exists():
+        log.info("using the cached conversion %s", path)
+        return path
+    return llamacpp.convert_hf_to_gguf(hf_dir, path, outtype=outtype)
+
+
+def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_M", outtype: str = "f16",
+          imatrix_text: Path | None = None, *, cache_dir: Path | None = None, imatrix_ctx: int = 512,
+          threads: int | None = None) -> PruneResult:
+    """Convert ``hf_dir``, cut it as ``plan`` says (None: uncut base), quantize, check it loads.
+
+    ``quant``: a llama-quantize type name (Q4_K_M, Q8_0, F16, ...) or "none".
+    """
+    t0 = time.time()
+    hf_dir, out = Path(hf_dir), Path(out)
+    shape = hfmodel.check_model_dir(hf_dir)
+    if outtype not in OUTTYPES:
+        raise PruneError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
+    q = str(quant).strip().upper()
+    if q != NO_QUANT:
+        q = check_quant_type(q)
+    if q == outtype.upper() or q == "COPY":
+        q = NO_QUANT  # the rewritten file already has that type
+    if imatrix_text is not None and q == NO_QUANT:
+        raise QuantizeError("an importance matrix only matters when quantizing; pass --quant as well")
+    if imatrix_text is not None and not Path(imatrix_text).is_file():
+        raise QuantizeError(f"calibration text {imatrix_text} does not exist")
+    if out.is_dir():
+        raise PruneError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")
+    fp = hfmodel.fingerprint(hf_dir)
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(Path(plan))
+    if plan is not None:
+        validate(plan, shape, fp, source="plan")
+    the_plan = plan if plan is not None else Plan.identity(shape, fingerprint=fp)
+
+    base = convert_cached(hf_dir, outtype, cache_dir, fingerprint=fp)
+    if out.resolve() == base.resolve():
+        raise PruneError(f"output {out} is the cached conversion of the checkpoint; choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # intermediates live in a temporary directory next to the output; the output itself is only
+    # ever replaced by a complete file that llama.cpp has loaded
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = tmpdir / f"model-{outtype}.gguf"
+        if plan is not None:
+            rw = rewrite(base, plan, staged, fsync=False)  # staged; flushed below if it is the result
+            architecture, dims, bytes_pruned = rw.architecture, rw.layers, rw.bytes_out
+        else:
+            if q == NO_QUANT:
+                shutil.copyfile(base, staged)
+            architecture, bytes_pruned = shape.architecture, base.stat().st_size
+            dims = [{"source_index": i, "n_head": shape.n_head, "n_head_kv": shape.n_head_kv, "n_ff": shape.n_ff,
+                     "attention": "kept", "mlp": "kept"} for i in range(shape.n_layer)]
+        fallbacks: list = []
+        if q != NO_QUANT:
+            qr = quantize(staged if plan is not None else base, out, q, imatrix_text=imatrix_text,
+                          imatrix_ctx=imatrix_ctx, threads=threads)
+            fallbacks = [asdict(f) for f in qr.fallbacks]
+        else:
+            llamacpp.load(staged, n_ctx=64).close()
+            fsync_path(staged)
+            os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    plan_path = plan_path_for(out)
+    write_text_atomic(plan_path, the_plan.to_json())
+    os.chmod(plan_path, default_file_mode())  # write_text_atomic leaves mkstemp's 0600
+    result = PruneResult(path=out, plan_path=plan_path, base_gguf=base, quant=q, outtype=outtype,
+                         architecture=architecture, plan_digest=the_plan.digest(), bytes_base=base.stat().st_size,
+                         bytes_pruned=bytes_pruned, bytes_out=out.stat().st_size, fallbacks=fallbacks, dims=dims,
+                         seconds=round(time.time() - t0, 3))
+    log.info("pruned model: %s (%s, %s, %.1f MB; base %.1f MB)", out, architecture, q, result.bytes_out / 1e6,
+             result.bytes_base / 1e6)
+    return result

@@ -1,0 +1,438 @@
+"""plan + base GGUF (F16/BF16/F32) → pruned GGUF that stock llama.cpp loads.
+
+What is written, per kept layer of the plan (source layers are renumbered 0..n-1):
+
+* kept whole: every tensor byte for byte;
+* query heads removed: ``attn_q`` rows and ``attn_output`` columns of the removed
+  heads go; ``attn_k``/``attn_v`` rows of KV groups left with no query head go;
+* neurons removed: ``ffn_gate``/``ffn_up`` rows and ``ffn_down`` columns go;
+* attention removed: ``n_head = n_head_kv = 0`` and no attention tensors (deci's
+  loader creates none, not even ``attn_norm``, for such a layer). Exception: in
+  the *first* kept layer llama.cpp reads the head size only when that layer has
+  heads (``n_embd_head_k`` is 0 otherwise, breaking every later layer), so there
+  the attention is written as one inert head: q/k/v/output all zero, which adds
+  exactly nothing to the residual stream;
+* MLP removed: a width-1 FFN whose gate/up/down are zero (adds exactly nothing).
+  ``n_ff = 0`` is NOT used: deci's graph then skips the residual add and silently
+  drops the layer's attention too.
+
+When every kept layer ends up with the same n_head/n_head_kv/n_ff and nothing is
+removed inside a layer, the file stays ``llama`` (its global sizes describe every
+layer). Otherwise it becomes ``deci``: every ``llama.*`` key is renamed and
+``feed_forward_length``, ``attention.head_count`` and ``attention.head_count_kv``
+become per-layer arrays of block_count entries. ``attention.key_length`` /
+``value_length`` are always written. All other metadata (tokenizer, chat template,
+...) is copied byte for byte; the plan itself is recorded under ``gguf_prune.*``.
+
+The output is written to a temporary file in its directory and renamed when
+complete; the input is only read.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFValueType
+
+from . import arch as archmod
+from .gguf_io import (CHUNK_BYTES, SLICEABLE_TYPES, GGUFFile, GGUFFormatError, GGUFStreamWriter, OutOfSpaceError,
+                      TensorRef, atomic_output, read_gguf, read_rows)
+from .plan import ModelShape, Plan, validate
+
+log = logging.getLogger(__name__)
+
+PLAN_KEY = "gguf_prune.plan"
+PLAN_DIGEST_KEY = "gguf_prune.plan_digest"
+VERSION_KEY = "gguf_prune.version"
+PROGRESS_SECONDS = 5.0  # long rewrites log their progress this often
+
+
+class RewriteError(ValueError):
+    """A GGUF that cannot be rewritten (or an output that cannot be written): what, where, what to do."""
+
+
+@dataclass(frozen=True)
+class LayerCut:
+    """How one kept source layer is written."""
+
+    source: int
+    target: int
+    q_heads: tuple[int, ...]  # kept query heads (source numbering)
+    kv_heads: tuple[int, ...]  # kept KV groups (source numbering)
+    neurons: tuple[int, ...]  # kept FFN neurons
+    attention: str  # "kept" | "sliced" | "removed" | "inert" (one zero head)
+    mlp: str  # "kept" | "sliced" | "inert" (one zero neuron)
+
+    @property
+    def n_head(self) -> int:
+        return {"removed": 0, "inert": 1}.get(self.attention, len(self.q_heads))
+
+    @property
+    def n_head_kv(self) -> int:
+        return {"removed": 0, "inert": 1}.get(self.attention, len(self.kv_heads))
+
+    @property
+    def n_ff(self) -> int:
+        return 1 if self.mlp == "inert" else len(self.neurons)
+
+    def dims(self) -> dict:
+        return {"source_index": self.source, "n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
+                "attention": self.attention, "mlp": self.mlp}
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    path: Path
+    architecture: str  # "llama" or "deci"
+    n_layer: int
+    layers: list[dict] = field(default_factory=list)  # LayerCut.dims() of each written layer
+    n_tensors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    plan_digest: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# ------------------------------------------------------------------------- reading the base
+
+
+def shape_from_gguf(gf: GGUFFile) -> ModelShape:
+    """The (unpruned) model shape a plan refers to, from a llama-family GGUF's metadata."""
+    path = gf.path
+    arch_name = gf.architecture
+    spec = archmod.get(arch_name)
+    k = {name: f"{arch_name}.{suffix}" for name, suffix in spec.keys.items()}
+    for name in ("n_ff", "n_head", "n_head_kv"):
+        if gf.is_array(k[name]):
+            raise RewriteError(f"{path}: {k[name]} is a per-layer array: this GGUF has already been cut; "
+                               "rewrite the GGUF converted from the original checkpoint instead")
+    missing = [k[n] for n in ("n_layer", "n_embd", "n_ff", "n_head") if k[n] not in gf.kv]
+    if missing:
+        raise RewriteError(f"{path}: metadata keys {missing} are missing; re-convert the checkpoint with "
+                           "convert_hf_to_gguf.py")
+    n_embd = int(gf.get(k["n_embd"]))
+    n_head = int(gf.get(k["n_head"]))
+    n_head_kv = int(gf.get(k["n_head_kv"], n_head))
+    head_dim = int(gf.get(k["key_length"], n_embd // n_head if n_head else 0))
+    value_length = int(gf.get(k["value_length"], head_dim))
+    if value_length != head_dim:
+        raise RewriteError(f"{path}: key_length {head_dim} != value_length {value_length} is not supported")
+    n_vocab = gf.get(k["n_vocab"])
+    if n_vocab is None:
+        embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise RewriteError(f"{path}: no {k['n_vocab']} key and no token_embd.weight tensor")
+        n_vocab = embd.ne[1]  # ne = (n_embd, n_vocab)
+    return ModelShape(architecture=arch_name, n_layer=int(gf.get(k["n_layer"])), n_embd=n_embd,
+                      n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+                      n_ff=int(gf.get(k["n_ff"])), n_vocab=int(n_vocab))
+
+
+def _open_base(base: Path) -> tuple[GGUFFile, archmod.ArchSpec, ModelShape]:
+    try:
+        gf = read_gguf(base)
+    except GGUFFormatError as e:
+        raise RewriteError(str(e)) from None
+    arch_name = gf.architecture
+    if arch_name not in archmod.ARCHITECTURES:
+        hint = ""
+        if PLAN_KEY in gf.kv:
+            hint = " (this file was already cut by gguf-prune; rewrite the GGUF of the original checkpoint)"
+        raise RewriteError(f"{base}: architecture {arch_name!r} is not supported{hint}; supported: "
+                           f"{', '.join(archmod.ARCHITECTURES)} (llama-family checkpoints converted with "
+                           "convert_hf_to_gguf.py)")
+    quantized = [f"{t.name} ({t.ggml_type.name})" for t in gf.tensors if t.ggml_type not in SLICEABLE_TYPES]
+    if quantized:
+        more = f" and {len(quantized) - 3} more" if len(quantized) > 3 else ""
+        raise RewriteError(f"{base} is quantized ({', '.join(quantized[:3])}{more}): rows of quantized blocks "
+                           "cannot be sliced. Convert the checkpoint with --outtype f16 (or bf16/f32), prune, "
+                           "and quantize after pruning (gguf-prune prune does all three)")
+    return gf, archmod.get(arch_name), shape_from_gguf(gf)
+
+
+# ------------------------------------------------------------------------- planning the cut
+
+
+def layer_cuts(plan: Plan) -> list[LayerCut]:
+    """How each kept layer is written (validated plan assumed)."""
+    s = plan.shape
+    cuts = []
+    for target, lp in enumerate(plan.kept_layers()):
+        heads = lp.kept_heads(s)
+        if lp.attention_removed:
+            attention = "inert" if target == 0 else "removed"
+        else:
+            attention = "kept" if lp.heads is None or len(heads) == s.n_head else "sliced"
+        neurons = lp.kept_neurons(s)
+        mlp = "inert" if lp.mlp_removed else ("kept" if lp.neurons is None or len(neurons) == s.n_ff else "sliced")
+        cuts.append(LayerCut(lp.index, target, heads, lp.kept_kv_groups(s), neurons, attention, mlp))
+    return cuts
+
+
+def output_architecture(cuts: list[LayerCut], spec: archmod.ArchSpec) -> str:
+    """``llama`` when one global n_head/n_head_kv/n_ff describes every layer, else the per-layer arch."""
+    shapes = {(c.n_head, c.n_head_kv, c.n_ff) for c in cuts}
+    inside = any(c.attention in ("removed", "inert") or c.mlp == "inert" for c in cuts)
+    return spec.name if len(shapes) == 1 and not inside else spec.per_layer_arch
+
+
+def _unit_indices(unit: str, kept: tuple[int, ...], head_dim: int) -> np.ndarray:
+    if unit == "neuron":
+        return np.asarray(kept, dtype=np.int64)
+    # a head is a contiguous block of head_dim rows/columns
+    return (np.asarray(kept, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+
+
+@dataclass
+class _Job:
+    """One output tensor: its info and how to produce its bytes."""
+
+    name: str
+    src: TensorRef
+    shape: tuple[int, ...]  # numpy order, output
+    op: str  # "copy" | "take" | "zeros"
+    axis: int | None = None
+    index: np.ndarray | None = None
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.src.element.itemsize
+
+
+def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSpec, s: ModelShape,
+               base: Path) -> list[_Job]:
+    by_source = {c.source: c for c in cuts}
+    unit_count = {"q_head": s.n_head, "kv_head": s.n_head_kv, "neuron": s.n_ff}
+    unit_size = {"q_head": s.head_dim, "kv_head": s.head_dim, "neuron": 1}
+    jobs: list[_Job] = []
+    problems: list[str] = []
+    for ref in refs:
+        split = archmod.split_layer_name(ref.name)
+        if split is None:
+            jobs.append(_Job(ref.name, ref, ref.shape, "copy"))
+            continue
+        il, suffix = split
+        role = spec.role(suffix)
+        if role is None:
+            problems.append(f"tensor {ref.name!r} has no known role in a {spec.name} layer "
+                            f"(known: {', '.join(spec.layer_tensors)})")
+            continue
+        if not 0 <= il < s.n_layer:
+            problems.append(f"tensor {ref.name!r}: layer {il} is outside block_count {s.n_layer}")
+            continue
+        shape = ref.shape  # numpy order
+        if role.unit is not None:
+            want = unit_count[role.unit] * unit_size[role.unit]
+            if len(shape) <= role.axis or shape[role.axis] != want:
+                problems.append(f"tensor {ref.name!r} has numpy shape {shape} (ne {ref.ne}); axis {role.axis} "
+                                f"should hold {unit_count[role.unit]} {role.unit}s × {unit_size[role.unit]} = {want} "
+                                "according to the metadata")
+                continue
+        cut = by_source.get(il)
+        if cut is None:  # layer removed
+            continue
+        name = f"blk.{cut.target}.{suffix}"
+        mode = cut.attention if role.block == "attention" else cut.mlp
+        if mode == "removed":
+            continue
+        if mode == "kept" or (role.unit is None and mode == "sliced"):
+            jobs.append(_Job(name, ref, shape, "copy"))
+        elif mode == "inert":
+            if role.unit is None:
+                # norms are kept (values irrelevant but read by the loader); a bias on the output would add
+                # to the residual stream, so it is zeroed
+                op = "zeros" if suffix.endswith(".bias") else "copy"
+                jobs.append(_Job(name, ref, shape, op))
+            else:
+                out_shape = list(shape)
+                out_shape[role.axis] = unit_size[role.unit]  # one head / one neuron
+                jobs.append(_Job(name, ref, tuple(out_shape), "zeros"))
+        else:  # sliced, with a unit axis
+            kept = {"q_head": cut.q_heads, "kv_head": cut.kv_heads, "neuron": cut.neurons}[role.unit]
+            if len(kept) == unit_count[role.unit]:
+                jobs.append(_Job(name, ref, shape, "copy"))
+                continue
+            idx = _unit_indices(role.unit, kept, s.head_dim)
+            out_shape = list(shape)
+            out_shape[role.axis] = len(idx)
+            jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx))
+    if problems:
+        raise RewriteError(f"{base}: cannot rewrite ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  - "
+                           + "\n  - ".join(problems))
+    expected = {f"blk.{c.target}.{sfx}" for c in cuts for sfx in ("ffn_norm.weight", "ffn_down.weight")}
+    missing = sorted(expected - {j.name for j in jobs})
+    if missing:
+        raise RewriteError(f"{base}: tensors missing from the input for {missing[:3]}; re-convert the checkpoint")
+    return jobs
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, arch_out: str,
+              cuts: list[LayerCut], s: ModelShape, plan: Plan) -> None:
+    U32 = GGUFValueType.UINT32
+    uniform = arch_out == spec.name
+    first = cuts[0]
+
+    def per_layer(attr: str):
+        if uniform:
+            return (getattr(first, attr), U32, None)
+        return ([getattr(c, attr) for c in cuts], GGUFValueType.ARRAY, U32)
+
+    overrides = {
+        spec.keys["n_layer"]: (len(cuts), U32, None),
+        spec.keys["n_ff"]: per_layer("n_ff"),
+        spec.keys["n_head"]: per_layer("n_head"),
+        spec.keys["n_head_kv"]: per_layer("n_head_kv"),
+        spec.keys["key_length"]: (s.head_dim, U32, None),
+        spec.keys["value_length"]: (s.head_dim, U32, None),
+    }
+    prefix_in = spec.name + "."
+    written = set()
+    for key, kv in gf.kv.items():
+        if key.startswith("gguf_prune."):
+            continue
+        if key == "general.architecture":
+            writer.add_kv(key, arch_out, GGUFValueType.STRING)
+            continue
+        if key.startswith(prefix_in):
+            suffix = key[len(prefix_in):]
+            new_key = f"{arch_out}.{suffix}"
+            if suffix in overrides:
+                writer.add_kv(new_key, *overrides[suffix])
+                written.add(suffix)
+                continue
+            writer.add_kv_raw(new_key, kv.raw)
+            continue
+        writer.add_kv_raw(key, kv.raw)
+    for suffix, value in overrides.items():
+        if suffix not in written:
+            writer.add_kv(f"{arch_out}.{suffix}", *value)
+    writer.add_kv(PLAN_KEY, plan.to_json(), GGUFValueType.STRING)
+    writer.add_kv(PLAN_DIGEST_KEY, plan.digest(), GGUFValueType.STRING)
+    writer.add_kv(VERSION_KEY, _version(), GGUFValueType.STRING)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gguf-prune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _emit(writer: GGUFStreamWriter, fd: int, job: _Job) -> None:
+    ref = job.src
+    if job.op == "copy":
+        writer.copy_from(fd, ref.offset, ref.nbytes)
+    elif job.op == "zeros":
+        writer.write_zeros(job.nbytes)
+    else:
+        # work on the tensor as rows: numpy (n_rows, row_len); a 1-D tensor is (n, 1)
+        n_rows = ref.shape[0]
+        row_bytes = ref.nbytes // n_rows
+        idx = job.index
+        if job.axis == 0 and _n_runs(idx) <= 256:
+            # kept rows come in a few contiguous runs (whole heads): copy each run kernel to kernel
+            for a, b in _runs(idx):
+                writer.copy_from(fd, ref.offset + a * row_bytes, (b - a) * row_bytes)
+        else:
+            rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
+            for r0 in range(0, n_rows, rows_per_chunk):
+                r1 = min(n_rows, r0 + rows_per_chunk)
+                if job.axis == 0:
+                    sel = idx[(idx >= r0) & (idx < r1)]
+                    if len(sel) == 0:
+                        continue
+                    block = read_rows(fd, ref, int(sel[0]), int(sel[-1]) + 1)  # (rows, row_len)
+                    writer.write_array(block[sel - sel[0]])
+                else:
+                    block = read_rows(fd, ref, r0, r1)  # (rows, row_len)
+                    writer.write_array(block[:, idx])  # keep columns
+    writer.end_tensor()
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices → [start, stop) runs of consecutive values."""
+    if len(idx) == 0:
+        return []
+    breaks = np.nonzero(np.diff(idx) != 1)[0]
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    stops = np.concatenate([idx[breaks] + 1, [idx[-1] + 1]])
+    return [(int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+def _n_runs(idx: np.ndarray) -> int:
+    return 0 if len(idx) == 0 else int(np.count_nonzero(np.diff(idx) != 1)) + 1
+
+
+def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True) -> RewriteResult:
+    """Cut ``base_gguf`` as ``plan`` says and write the result to ``out`` (atomically).
+
+    ``fsync=False`` skips flushing the output to disk before the rename: for an
+    intermediate that is quantized at once and deleted.
+
+    Raises RewriteError (file problems), PlanError (a plan that does not fit this model).
+    """
+    t0 = time.time()
+    base, out = Path(base_gguf), Path(out)
+    if out.resolve() == base.resolve() or (out.exists() and base.exists() and os.path.samefile(out, base)):
+        raise RewriteError(f"output {out} is the input GGUF; write the pruned model to another path "
+                           "(the input is never overwritten)")
+    gf, spec, shape = _open_base(base)
+    validate(plan, shape, source=f"plan for {base.name}")
+    cuts = layer_cuts(plan)
+    arch_out = output_architecture(cuts, spec)
+    jobs = _plan_jobs(gf.tensors, cuts, spec, shape, base)
+
+    if out.is_dir():
+        raise RewriteError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")
+    log.info("rewriting %s → %s (%s, %d of %d layers)", base.name, out, arch_out, len(cuts), shape.n_layer)
+    total = sum(job.nbytes for job in jobs)
+    src_fd = os.open(base, os.O_RDONLY)
+    try:
+        with atomic_output(out, fsync=fsync) as out_fd:
+            writer = GGUFStreamWriter(out_fd, alignment=gf.alignment)
+            _metadata(writer, gf, spec, arch_out, cuts, shape, plan)
+            for job in jobs:
+                writer.add_tensor(job.name, job.ne, job.src.ggml_type, job.nbytes)
+            writer.write_header()
+            done, last_report = 0, time.time()
+            for k, job in enumerate(jobs):
+                log.debug("[%d/%d] %s %s ne %s", k + 1, len(jobs), job.op, job.name, job.ne)
+                _emit(writer, src_fd, job)
+                done += job.nbytes
+                if time.time() - last_report > PROGRESS_SECONDS:
+                    log.info("  %3.0f%% (%d/%d tensors, %.0f MB)", 100 * done / total, k + 1, len(jobs), done / 1e6)
+                    last_report = time.time()
+            bytes_out = writer.finish()
+    except OutOfSpaceError as e:
+        raise RewriteError(str(e)) from None
+    except GGUFFormatError as e:
+        raise RewriteError(f"{base} changed or broke while it was read ({e}); nothing was written to {out}") from None
+    except OSError as e:
+        raise RewriteError(f"could not write {out}: {e.strerror or e} ({e.filename or base}); "
+                           "nothing was left behind") from None
+    finally:
+        os.close(src_fd)
+    result = RewriteResult(path=out, architecture=arch_out, n_layer=len(cuts), layers=[c.dims() for c in cuts],
+                           n_tensors=len(jobs), bytes_in=base.stat().st_size, bytes_out=bytes_out,
+                           seconds=round(time.time() - t0, 3), plan_digest=plan.digest())
+    log.info("wrote %s: %s, %d layers, %.1f MB → %.1f MB in %.1f s", out.name, arch_out, len(cuts),
+             result.bytes_in / 1e6, result.bytes_out / 1e6, result.seconds)
+    return result
