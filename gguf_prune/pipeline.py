@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class RunOptions:
     eval_chunks: int | None = 24
     threads: int | None = None
     package: bool = True
+    bench: bool = True
     device: str = "auto"
 
 
@@ -102,7 +103,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
 
     t = _stage(4, total, "eval in llama.cpp against the base: perplexity, KL, top-1, speed, size, prompts")
     report = ev.evaluate(base.path, [pruned.path], out / "report", text=o.text, options=ev.EvalOptions(
-        chunks=o.eval_chunks, threads=o.threads, prompts=o.prompts, labels=["base", "pruned"]))
+        chunks=o.eval_chunks, threads=o.threads, prompts=o.prompts, bench=o.bench, labels=["base", "pruned"]))
     timings["eval"] = time.time() - t
 
     exe = None
@@ -165,24 +166,26 @@ class SweepOptions:
     bench: bool = True
     out_dir: Path = Path("sweep")
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
+    protect_first: int = 2
+    protect_last: int = 2
 
 
 def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_layers: Path,
-                  scores_greedy_mixed: Path, n_layer: int, out: Path) -> Plan:
+                  scores_greedy_mixed: Path, n_layer: int, out: Path, protect: tuple[int, int] = (2, 2)) -> Plan:
     from .planner import PlanOptions, make_plan
 
     n = max(1, math.ceil(budget * n_layer - 1e-9))
+    p = dict(protect_first=protect[0], protect_last=protect[1])
     if strategy == "bi-layers":
-        return make_plan(scores_one, out, PlanOptions(drop_layers=n, metric="bi"))
+        return make_plan(scores_one, out, PlanOptions(drop_layers=n, metric="bi", **p))
     if strategy == "kl-layers":
-        return make_plan(scores_one, out, PlanOptions(drop_layers=n, metric="kl"))
+        return make_plan(scores_one, out, PlanOptions(drop_layers=n, metric="kl", **p))
     if strategy == "greedy-layers":
-        return make_plan(scores_greedy_layers, out, PlanOptions(drop_layers=n, metric="greedy"))
+        return make_plan(scores_greedy_layers, out, PlanOptions(drop_layers=n, metric="greedy", **p))
     if strategy == "oneshot-mixed":
-        return make_plan(scores_one, out, PlanOptions(target_params=budget))
+        return make_plan(scores_one, out, PlanOptions(target_params=budget, **p))
     if strategy == "greedy-mixed":
-        return make_plan(scores_greedy_mixed, out, PlanOptions(target_params=budget))
+        return make_plan(scores_greedy_mixed, out, PlanOptions(target_params=budget, **p))
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
@@ -202,7 +205,8 @@ def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any
     out = Path(o.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    common = dict(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, device=o.device)
+    common = dict(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, device=o.device,
+                  protect_first=o.protect_first, protect_last=o.protect_last)
     need_layers = any(s in o.strategies for s in ("bi-layers", "kl-layers", "oneshot-mixed"))
     need_gl = "greedy-layers" in o.strategies
     need_gm = "greedy-mixed" in o.strategies
@@ -225,7 +229,8 @@ def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any
     for b in o.budgets:
         for s in o.strategies:
             tag = f"{s}-{int(round(100 * b))}"
-            plan = strategy_plan(s, b, s_one, s_gl, s_gm, shape.n_layer, out / "plans" / f"{tag}.json")
+            plan = strategy_plan(s, b, s_one, s_gl, s_gm, shape.n_layer, out / "plans" / f"{tag}.json",
+                                 (o.protect_first, o.protect_last))
             r = prune(hf_dir, plan, out / f"{tag}-{o.quant}.gguf", quant=o.quant, threads=o.threads)
             models.append(r.path)
             labels.append(tag)

@@ -1,0 +1,53 @@
+"""The main job and the sweep, end to end on a fixture model (real scoring, llama.cpp, files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from gguf_prune.pipeline import RunOptions, SweepOptions, format_summary, greedy_steps_for, run, sweep
+from gguf_prune.plan import Plan
+
+
+def test_run_end_to_end_on_a_fixture(tiny_tied, tmp_path):
+    s = run(RunOptions(model=tiny_tied, out_dir=tmp_path / "run", samples=4, seq_len=32, heads=False,
+                       eval_chunks=2, threads=2, prompts=None, bench=False, budget=0.2))
+    out = tmp_path / "run"
+    for name in ("scores.json", "plan.json", "base-Q4_K_M.gguf", "pruned-Q4_K_M.gguf", "report/report.json",
+                 "summary.json"):
+        assert (out / name).exists(), name
+    plan = Plan.load(out / "plan.json")
+    assert plan.removed_fraction() >= 0.2
+    assert s["pruned"]["bytes_out"] < s["base"]["bytes_out"]
+    assert s["quality"]["kl_mean"] > 0
+    assert json.loads((out / "summary.json").read_text())["executable"] == s["executable"]
+    text = format_summary(s)
+    assert "KL" in text and "executable" in text
+    # the executable it made answers --help without Python or the checkout
+    h = subprocess.run([s["executable"], "--help"], env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                       capture_output=True, text=True)
+    assert h.returncode == 0 and "--port" in h.stdout
+
+
+def test_sweep_on_a_fixture_marks_the_best_strategy(tiny_untied, tmp_path):
+    r = sweep(tiny_untied, SweepOptions(budgets=(0.25,), strategies=("bi-layers", "kl-layers"), samples=4,
+                                        seq_len=32, quant="F16", eval_chunks=2, threads=2, bench=False,
+                                        out_dir=tmp_path / "sw", protect_first=1, protect_last=0))
+    assert len(r["runs"]) == 2 and all(m["quality"] for m in r["runs"])
+    best = r["best"]["0.25"]
+    kls = {m["label"]: m["quality"]["kl_mean"] for m in r["runs"]}
+    assert kls[best] == min(kls.values())
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    assert "**best**" in (tmp_path / "sw" / "sweep.md").read_text()
+
+
+def test_greedy_steps_reach_the_budget():
+    assert greedy_steps_for(0.2, 30, ("layer",)) == 6
+    assert greedy_steps_for(0.2, 30, ("layer", "attn", "mlp")) == 14
+
+
+def test_unknown_strategy_is_refused(tiny_untied, tmp_path):
+    with pytest.raises(ValueError, match="unknown strategy 'magic'"):
+        sweep(tiny_untied, SweepOptions(strategies=("magic",), out_dir=tmp_path))
