@@ -156,18 +156,23 @@ def rewrite_cmd(base, plan_path, output) -> None:
               help="Type of the converted checkpoint that is cut before quantizing.")
 @click.option("--imatrix-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: compute an importance matrix (llama-imatrix) for quantization.")
-def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text) -> None:
+@click.option("--recovered", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory from `gguf-prune recover`: write its patches and fine-tuned weights "
+                   "(its plan.json is used; a --plan given too must make the same cut).")
+def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered) -> None:
     """Convert HF_DIR, cut it as plan.json says, quantize, and check llama.cpp loads it."""
     from .hfmodel import ModelDirError
     from .llamacpp import LlamaCppError
     from .plan import PlanError
     from .prune import PruneError, prune
     from .quantize import QuantizeError
+    from .recover import RecoverError
     from .rewrite import RewriteError
 
     try:
-        r = prune(hf_dir, plan_path, output, quant=quant, outtype=outtype, imatrix_text=imatrix_text)
-    except (ModelDirError, PlanError, PruneError, QuantizeError, RewriteError, LlamaCppError) as e:
+        r = prune(hf_dir, plan_path, output, quant=quant, outtype=outtype, imatrix_text=imatrix_text,
+                  recovered=recovered)
+    except (ModelDirError, PlanError, PruneError, QuantizeError, RewriteError, LlamaCppError, RecoverError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {r.path}: {r.architecture}, {len(r.dims)} layers, {r.quant}, {r.bytes_out / 1e6:.1f} MB "
                f"(base {r.bytes_base / 1e6:.1f} MB, cut {r.bytes_pruned / 1e6:.1f} MB)")
@@ -175,6 +180,65 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text) -> None:
         click.echo(f"{r.n_fallback} tensor(s) fell back to another type: "
                    + ", ".join(f"{f['tensor']} {f['wanted']}->{f['used']}" for f in r.fallbacks))
     click.echo(f"plan: {r.plan_path}")
+
+
+@main.command("recover")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="plan.json whose cut to recover from.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Recover directory to write (plan.json, recovered.safetensors, recover.json).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Text file, or .jsonl of chats: patch fit and training data (default: bundled English text).")
+@click.option("--calibration-kind", type=click.Choice(["auto", "text", "chat"]), default="auto", show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--samples", type=int, default=64, show_default=True, help="Sequences (patch fit and training).")
+@click.option("--heldout", type=float, default=0.1, show_default=True,
+              help="Fraction of sequences held out: ridge choice, early stopping, reported KL.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--patch", is_flag=True,
+              help="Fit a linear patch (n_embd² parameters) for every run of removed layers and removed attention.")
+@click.option("--patch-fit", type=click.Choice(["pruned", "full"]), default="pruned", show_default=True,
+              help="pruned: fit on the pruned model's own states (sequential); full: on the full model's.")
+@click.option("--finetune", type=click.Choice(["none", "lora", "full"]), default="none", show_default=True,
+              help="Fine-tune the pruned (and patched) model; LoRA is merged before writing.")
+@click.option("--loss", type=click.Choice(["distill", "nexttoken"]), default="distill", show_default=True,
+              help="distill: KL to the unpruned model's logits; nexttoken: the data's own next tokens.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 2e-4 LoRA, 2e-5 full).")
+@click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up, as a fraction of the steps.")
+@click.option("--lora-rank", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--eval-every", type=int, default=25, show_default=True, help="Steps between held-out evaluations.")
+@click.option("--patience", type=int, default=4, show_default=True,
+              help="Stop after this many evaluations without improvement.")
+@click.option("--checkpoint-every", type=int, default=25, show_default=True,
+              help="Steps between checkpoints (an interrupted run started again resumes).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_len, samples, heldout, seed, patch,
+                patch_fit, finetune, loss, steps, batch_size, lr, warmup, lora_rank, lora_alpha, eval_every, patience,
+                checkpoint_every, device) -> None:
+    """Recover what a cut lost: linear patches (closed form) and/or fine-tuning; write a directory
+    for `gguf-prune prune HF_DIR --recovered DIR`."""
+    from .calibration import CalibrationError
+    from .finetune import FinetuneError, FinetuneOptions
+    from .hfmodel import ModelDirError, WeightsError
+    from .plan import PlanError
+    from .recover import RecoverError, RecoverOptions, recover
+
+    method = None if finetune == "none" else finetune
+    fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, batch_size=batch_size, lr=lr,
+                          warmup=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha, eval_every=eval_every,
+                          patience=patience, checkpoint_every=checkpoint_every, seed=seed)
+    opts = RecoverOptions(calibration=calibration, calibration_kind=calibration_kind, seq_len=seq_len,
+                          samples=samples, seed=seed, heldout=heldout, patch=patch, patch_fit=patch_fit,
+                          finetune=method, finetune_options=fto, device=device)
+    try:
+        r = recover(hf_dir, plan_path, output, opts)
+    except (ModelDirError, CalibrationError, PlanError, RecoverError, FinetuneError, WeightsError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(r.summary())
 
 
 @main.command("score")
@@ -195,13 +259,15 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text) -> None:
 @click.option("--head-layers", default=None, help="Layers for --heads, e.g. 3,5-8 (default: all).")
 @click.option("--neurons/--no-neurons", default=True, show_default=True,
               help="Neuron statistics (activation frequency, mean |a|, weight x activation).")
-@click.option("--tau", type=float, default=0.01, show_default=True,
-              help="A neuron counts as active on a token when |act(gate)*up| > tau.")
+@click.option("--tau", type=float, default=0.05, show_default=True,
+              help="A neuron counts as active on a token when |act(gate)*up| > tau (absolute).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score on top of this plan.json's cuts (KL stays relative to the unpruned model).")
 @click.option("--greedy", type=int, default=0, show_default=True, help="Greedy removal steps to run.")
 @click.option("--greedy-units", default="layer", show_default=True, help="layer, or a comma list of layer,attn,mlp.")
 @click.option("--greedy-by", type=click.Choice(["kl", "kl-per-param"]), default="kl", show_default=True)
+@click.option("--greedy-pool", type=int, default=None,
+              help="Lazy greedy: after the first step re-measure only this many cheapest candidates per step.")
 @click.option("--protect-first", type=int, default=2, show_default=True, help="First layers greedy never removes.")
 @click.option("--protect-last", type=int, default=2, show_default=True, help="Last layers greedy never removes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -253,12 +319,15 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
               help="Where every stage writes its files (default: runs/<model>).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text or chat JSONL (default: bundled text).")
-@click.option("--samples", type=int, default=32, show_default=True)
+@click.option("--samples", type=int, default=16, show_default=True)
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--budget", type=float, default=0.2, show_default=True,
               help="Fraction of transformer-block parameters to remove.")
 @click.option("--greedy-steps", type=int, default=None, help="Greedy steps (default: enough for the budget).")
-@click.option("--heads/--no-heads", default=True, show_default=True, help="Score attention heads too.")
+@click.option("--heads/--no-heads", default=False, show_default=True,
+              help="Also score attention heads (KL per head and KV group; about 3x the scoring time on CPU).")
+@click.option("--greedy-pool", type=int, default=8, show_default=True,
+              help="Lazy greedy: re-measure only this many cheapest candidates per step (0: all).")
 @click.option("--quant", default="Q4_K_M", show_default=True)
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Held-out evaluation text (default: bundled, distinct from the calibration text).")
@@ -268,13 +337,14 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @click.option("--threads", type=int, default=None)
 @click.option("--no-package", is_flag=True, help="Skip building the executable.")
 @click.option("--device", default="auto", show_default=True)
-def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps, heads, quant, text, prompts,
-            eval_chunks, threads, no_package, device) -> None:
+def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps, heads, greedy_pool, quant, text,
+            prompts, eval_chunks, threads, no_package, device) -> None:
     """The main job: score, plan, prune to Q4_K_M, evaluate against the uncut base, package."""
     from .pipeline import DEFAULT_PROMPTS, RunOptions, format_summary, run
 
     opts = RunOptions(model=model, out_dir=out_dir, calibration=calibration, samples=samples, seq_len=seq_len,
-                      budget=budget, greedy_steps=greedy_steps, heads=heads, quant=quant, text=text,
+                      budget=budget, greedy_steps=greedy_steps, heads=heads, greedy_pool=greedy_pool or None,
+                      quant=quant, text=text,
                       prompts=prompts or DEFAULT_PROMPTS, eval_chunks=eval_chunks, threads=threads,
                       package=not no_package, device=device)
     try:
@@ -295,7 +365,7 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps,
               help="Fractions of transformer-block parameters to remove.")
 @click.option("--strategies", default=",".join(("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed",
                                                "greedy-mixed")), show_default=True)
-@click.option("--samples", type=int, default=32, show_default=True)
+@click.option("--samples", type=int, default=16, show_default=True)
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--quant", default="F16", show_default=True, help="Type every model (and the base) is written in.")
 @click.option("--eval-chunks", type=int, default=24, show_default=True)

@@ -31,11 +31,12 @@ class RunOptions:
     model: Path | None = None  # None: the demo model
     out_dir: Path | None = None  # None: runs/<model name>
     calibration: Path | None = None  # None: the bundled calibration text
-    samples: int = 32
+    samples: int = 16
     seq_len: int = 128
     budget: float = 0.2  # fraction of transformer-block parameters to remove
     greedy_steps: int | None = None  # None: enough for the budget
-    heads: bool = True
+    greedy_pool: int | None = 8  # lazy greedy: re-measure the 8 cheapest candidates per step
+    heads: bool = False  # head KL costs ~3x the rest of scoring on CPU; `--heads` turns it on
     quant: str = "Q4_K_M"
     text: Path | None = None  # held-out text for eval (None: bundled)
     prompts: Path | None = DEFAULT_PROMPTS
@@ -86,10 +87,10 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     total = 6 if o.package else 5
 
     t = _stage(1, total, f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; "
-                         f"greedy {steps} steps over {'/'.join(units)})")
+                         f"greedy {steps} steps over {'/'.join(units)}, re-measuring the {o.greedy_pool or 'all'} cheapest each step)")
     scores = score_model(model, out / "scores.json", ScoreOptions(
         calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads, neurons=True,
-        greedy=steps, greedy_units=units, greedy_by="kl-per-param", device=o.device))
+        greedy=steps, greedy_units=units, greedy_by="kl-per-param", greedy_pool=o.greedy_pool, device=o.device))
     timings["score"] = time.time() - t
 
     t = _stage(2, total, f"plan: remove {100 * o.budget:.0f}% of block parameters, cheapest first (greedy order)")
@@ -158,8 +159,9 @@ class SweepOptions:
     text: Path | None = None
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3)
     strategies: tuple[str, ...] = STRATEGIES
-    samples: int = 32
+    samples: int = 16
     seq_len: int = 128
+    greedy_pool: int | None = 8
     quant: str = "F16"
     eval_chunks: int | None = 24
     threads: int | None = None
@@ -222,7 +224,8 @@ def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any
     if need_gm and not s_gm.exists():
         score_model(hf_dir, s_gm, ScoreOptions(**common, sublayers=False, neurons=False, plots=False,
                                                greedy=greedy_steps_for(max_b, shape.n_layer, units),
-                                               greedy_units=units, greedy_by="kl-per-param"))
+                                               greedy_units=units, greedy_by="kl-per-param",
+                                               greedy_pool=o.greedy_pool))
     log.info("== sweep: building %d pruned models", len(o.budgets) * len(o.strategies))
     base = prune(hf_dir, None, out / f"base-{o.quant}.gguf", quant=o.quant, threads=o.threads)
     models, labels, meta = [], ["base"], []

@@ -1,0 +1,532 @@
+"""The scoring stage: measure what every layer, sub-block, head and neuron of a
+Hugging Face llama-family model does, on calibration tokens, and write scores.json.
+
+    score_model(hf_dir, out, ScoreOptions(...)) -> out
+
+Everything that can be wrong with the inputs (model directory, calibration
+file, --head-layers, a base plan for another model, options) is checked before
+the model is loaded. The measurements themselves run on the prefix-cached
+engine in :mod:`gguf_prune.ablate`; the file format lives in :mod:`gguf_prune.scores`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ablate, scores as scores_io
+from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file, load_calibration)
+from .hfmodel import ModelDirError, apply_plan, check_model_dir, fingerprint, load_model
+from .plan import ModelShape, Plan, validate
+
+log = logging.getLogger(__name__)
+
+GREEDY_UNITS = ("layer", "attn", "mlp")
+GREEDY_BY = ("kl", "kl-per-param")
+# |act(gate)·up| above which a neuron counts as active on a token. Absolute, so it depends on the model's
+# activation scale: on SmolLM2-135M, 0.05 spreads per-neuron frequencies over about 0.2–0.8 in middle layers,
+# while at 0.01 nearly every neuron fires on 60–95 % of tokens (dense SiLU MLPs have few dead neurons).
+# mean_abs and wxa do not depend on it.
+DEFAULT_TAU = 0.05
+
+
+class ScoreError(ValueError):
+    """Options that cannot be scored: what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    calibration: Path | None = None  # None: the shipped default text
+    calibration_kind: str = "auto"  # auto (.jsonl = chat) | text | chat
+    seq_len: int = DEFAULT_SEQ_LEN
+    samples: int = DEFAULT_SAMPLES
+    seed: int = DEFAULT_SEED
+    sublayers: bool = True  # attention / MLP sub-block KL and BI
+    ppl: bool = False  # perplexity with each layer removed
+    heads: bool = False  # head and KV-group KL, head norms, Taylor
+    head_layers: str | None = None  # "3,5-8" (source indices); None = every layer with attention
+    neurons: bool = True  # activation frequency, mean |a|, weight × activation
+    tau: float = DEFAULT_TAU  # |a| > tau counts a neuron as active
+    plan: Path | None = None  # score on top of this plan's cuts
+    greedy: int = 0  # greedy removal steps
+    greedy_units: tuple[str, ...] = ("layer",)
+    greedy_by: str = "kl"
+    greedy_pool: int | None = None  # lazy greedy: re-measure only this many cheapest candidates per step
+    protect_first: int = 2
+    protect_last: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bf16
+    device_map: str | None = None  # accelerate device_map for from_pretrained (e.g. "auto")
+    batch_tokens: int | None = None  # max tokens in one forward; None: from a memory budget
+    plots: bool = True
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def parse_layers(spec: str, n_layer: int, what: str = "--head-layers") -> list[int]:
+    """'3,5-8' → [3, 5, 6, 7, 8], each checked against 0..n_layer-1."""
+    out: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                rng = range(lo, hi + 1)
+            else:
+                rng = range(int(part), int(part) + 1)
+        except ValueError:
+            raise ScoreError(f"{what} {spec!r}: cannot read {part!r}; use indices and ranges like 3,5-8") from None
+        bad = [i for i in rng if not 0 <= i < n_layer]
+        if bad:
+            raise ScoreError(f"{what} {spec!r}: layer {bad[0]} is out of range 0..{n_layer - 1} "
+                             f"(the model has {n_layer} layers)")
+        out.update(rng)
+    if not out:
+        raise ScoreError(f"{what} {spec!r} names no layers; use indices and ranges like 3,5-8")
+    return sorted(out)
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ScoreError(f"--device {device}: no CUDA device is available to torch {torch.__version__}; "
+                         "use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ScoreError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    return device
+
+
+def _check_options(o: ScoreOptions) -> None:
+    p = []
+    if o.seq_len < 2:
+        p.append(f"--seq-len {o.seq_len}: must be at least 2")
+    if o.samples < 1:
+        p.append(f"--samples {o.samples}: must be at least 1")
+    if o.dtype not in ("float32", "bf16", "bfloat16"):
+        p.append(f"--dtype {o.dtype!r}: use float32 or bf16")
+    if o.greedy < 0:
+        p.append(f"--greedy {o.greedy}: must be 0 or more")
+    bad = [u for u in o.greedy_units if u not in GREEDY_UNITS]
+    if bad or not o.greedy_units:
+        p.append(f"--greedy-units {','.join(o.greedy_units)!r}: use a comma list of {', '.join(GREEDY_UNITS)}")
+    if o.greedy_by not in GREEDY_BY:
+        p.append(f"--greedy-by {o.greedy_by!r}: use one of {', '.join(GREEDY_BY)}")
+    if o.protect_first < 0 or o.protect_last < 0:
+        p.append("--protect-first / --protect-last must be 0 or more")
+    if not o.tau >= 0:
+        p.append(f"--tau {o.tau}: must be 0 or more")
+    if o.batch_tokens is not None and o.batch_tokens < 1:
+        p.append(f"--batch-tokens {o.batch_tokens}: must be positive")
+    if p:
+        raise ScoreError("invalid options: " + "; ".join(p))
+
+
+@dataclass
+class _Inputs:
+    shape: ModelShape
+    fingerprint: str
+    plan: Plan | None
+    head_layers: list[int]  # source indices
+    calibration: Calibration
+    device: str
+
+
+def prepare(hf_dir: Path, options: ScoreOptions) -> _Inputs:
+    """Every check that needs no model weights: raise before any long work."""
+    from transformers import AutoTokenizer
+
+    o = options
+    _check_options(o)
+    shape = check_model_dir(hf_dir)
+    fp = fingerprint(hf_dir)
+    device = _resolve_device(o.device) if o.device_map is None else "map"
+    plan = None
+    if o.plan is not None:
+        plan = Plan.load(Path(o.plan))
+        validate(plan, shape=shape, fingerprint=fp, source=str(o.plan))
+    removed = {lp.index for lp in plan.layers if lp.removed} if plan else set()
+    no_attn = {lp.index for lp in plan.layers if lp.attention_removed} if plan else set()
+    if o.heads:
+        if o.head_layers:
+            head_layers = parse_layers(o.head_layers, shape.n_layer)
+            gone = [i for i in head_layers if i in removed or i in no_attn]
+            if gone:
+                raise ScoreError(f"--head-layers: layer {gone[0]} has no attention left in the base plan "
+                                 f"{o.plan} ({'removed' if gone[0] in removed else 'attention removed'}); "
+                                 "leave it out of --head-layers")
+        else:
+            head_layers = [i for i in range(shape.n_layer) if i not in removed and i not in no_attn]
+    elif o.head_layers:
+        raise ScoreError("--head-layers needs --heads")
+    else:
+        head_layers = []
+    check_calibration_file(o.calibration, o.calibration_kind)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{hf_dir}: cannot load its tokenizer ({e}); the checkpoint directory needs "
+                            "tokenizer.json / tokenizer_config.json") from None
+    cal = load_calibration(o.calibration, tokenizer, seq_len=o.seq_len, samples=o.samples, seed=o.seed,
+                           kind=o.calibration_kind)
+    return _Inputs(shape=shape, fingerprint=fp, plan=plan, head_layers=head_layers, calibration=cal, device=device)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _load(hf_dir: Path, o: ScoreOptions, device: str):
+    dtype = "bfloat16" if o.dtype in ("bf16", "bfloat16") else "float32"
+    if o.device_map is None:
+        return load_model(hf_dir, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, device_map=o.device_map)
+    model.config.use_cache = False
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ScoreError(f"--device-map {o.device_map!r} offloads weights to disk ({meta[0]} …): scoring needs "
+                         "every weight on a CPU or GPU; add memory or pass a device_map that fits")
+    return model.eval()
+
+
+def _batch_tokens(model, shape: ModelShape, seq_len: int, budget_bytes: int) -> int:
+    """Tokens in one forward that fit ``budget_bytes`` of activations (MLP, residual, attention)."""
+    elt = 2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else 4
+    per_token = elt * (3 * shape.n_ff + 8 * shape.n_embd + shape.n_head * seq_len) + 64
+    return max(seq_len, int(budget_bytes // per_token))
+
+
+def _budget(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.3)
+    return 2 << 30  # CPU: 2 GiB of activations per forward
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions()) -> Path:
+    """Score ``hf_dir`` on calibration data and write ``out`` (scores.json), its neuron side file and plots."""
+    t_start = time.perf_counter()
+    hf_dir, out, o = Path(hf_dir), Path(out), options
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    inp = prepare(hf_dir, o)
+    shape, cal, plan = inp.shape, inp.calibration, inp.plan
+    seconds["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model = _load(hf_dir, o, inp.device)
+    seconds["load"] = time.perf_counter() - t
+    dev_desc = inp.device if o.device_map is None else f"device_map={o.device_map}"
+    budget = _budget(inp.device if o.device_map is None else "cpu")
+    batch_tokens = o.batch_tokens or _batch_tokens(model, shape, cal.seq_len, budget)
+    group_seqs = max(1, min(cal.n_seq, (batch_tokens // 4) // cal.seq_len))
+    groups = list(cal.batches(group_seqs))
+    log.info("scoring %s (%d layers) on %s, %s; %d sequences in %d batch(es), up to %d tokens per forward",
+             hf_dir, shape.n_layer, dev_desc, o.dtype, cal.n_seq, len(groups), batch_tokens)
+
+    # the reference: the unpruned model's predictions, once
+    engine = ablate.Engine(model, batch_tokens=batch_tokens)
+    t = time.perf_counter()
+    refs = [engine.reference(ids, mask) for ids, mask in groups]
+    seconds["reference"] = time.perf_counter() - t
+    n_real = sum(r.n_real for r in refs)
+    n_tgt = sum(r.n_tgt for r in refs)
+    full_nll = sum(r.nll for r in refs) / n_tgt
+    evals = engine.seq_layer_evals
+
+    # the model to score: with the base plan's cuts applied; positions ↔ source indices
+    if plan is not None:
+        apply_plan(model, plan)
+        engine = ablate.Engine(model, batch_tokens=batch_tokens)
+    sources = [lp.index for lp in plan.kept_layers()] if plan else list(range(shape.n_layer))
+    pos_of = {s: p for p, s in enumerate(sources)}
+    removed_heads = {}
+    if plan is not None:
+        for lp in plan.kept_layers():
+            if lp.heads is not None and lp.heads:
+                removed_heads[pos_of[lp.index]] = set(range(shape.n_head)) - set(lp.heads)
+    spec = ablate.ScanSpec(sublayers=o.sublayers, head_layers=tuple(pos_of[s] for s in inp.head_layers),
+                           removed_heads=removed_heads, neurons=o.neurons, tau=o.tau)
+
+    with _progress(o, len(groups) * engine.n_layer, "score", "layer") as bar:
+        res = ablate.scan(engine, groups, refs, spec, progress=bar.update)
+    seconds.update(res.seconds)
+
+    taylor = None
+    if o.heads:
+        t = time.perf_counter()
+        taylor = head_taylor(model, cal, [pos_of[s] for s in inp.head_layers], removed_heads,
+                             tokens=max(cal.seq_len, min(batch_tokens // 16, 1024)))
+        seconds["taylor"] = time.perf_counter() - t
+
+    greedy_out = None
+    if o.greedy:
+        t = time.perf_counter()
+        greedy_out = _run_greedy(engine, groups, refs, plan, shape, sources, o)
+        seconds["greedy"] = time.perf_counter() - t
+    evals += engine.seq_layer_evals
+
+    # ------------------------------------------------------------------ assemble
+    def mean(x):
+        return None if x is None or not np.isfinite(x) else float(x) / n_real
+
+    layers = []
+    for s in range(shape.n_layer):
+        p = pos_of.get(s)
+        if p is None:
+            layers.append({"index": s, "removed": True, "bi": None, "kl": None, "ppl": None, "attn_kl": None,
+                           "mlp_kl": None, "attn_bi": None, "mlp_bi": None})
+            continue
+        lay = engine.layers[p]
+        layers.append({
+            "index": s, "removed": False,
+            "bi": mean(res.bi[p]), "kl": mean(res.kl[p]),
+            "ppl": math.exp(res.nll[p] / n_tgt) if o.ppl else None,
+            "attn_kl": mean(res.attn_kl[p]), "mlp_kl": mean(res.mlp_kl[p]),
+            "attn_bi": mean(res.attn_bi[p]) if ablate.has_attention(lay) else None,
+            "mlp_bi": mean(res.mlp_bi[p]) if ablate.has_mlp(lay) else None,
+        })
+
+    heads = None
+    if o.heads:
+        heads = {"layers": inp.head_layers,
+                 "kl": {str(s): res.head_kl[pos_of[s]] / n_real for s in inp.head_layers},
+                 "kv_kl": {str(s): res.kv_kl[pos_of[s]] / n_real for s in inp.head_layers},
+                 "norm": {str(s): res.head_norm[pos_of[s]] / n_real for s in inp.head_layers},
+                 "taylor": {str(s): taylor[pos_of[s]] for s in inp.head_layers}}
+
+    neurons = None
+    if o.neurons:
+        neurons = _write_neurons(out, engine, res, sources, n_real, o.tau)
+
+    base = None
+    if plan is not None:
+        base_nll = res.base_nll / n_tgt
+        base = {"digest": plan.digest(), "path": str(o.plan), "plan": plan.to_dict(), "kl": res.base_kl / n_real,
+                "nll": base_nll, "ppl": math.exp(base_nll)}
+
+    settings = {k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v))
+                for k, v in asdict(o).items()}
+    settings.update({"device_resolved": dev_desc, "batch_tokens_resolved": batch_tokens, "group_seqs": group_seqs,
+                     "torch": torch.__version__, "transformers": _transformers_version()})
+    seconds["total"] = time.perf_counter() - t_start
+    doc = {
+        "schema": scores_io.SCORES_SCHEMA, "version": scores_io.SCORES_VERSION,
+        "model": {"fingerprint": inp.fingerprint, "shape": shape.to_dict(), "path": str(hf_dir)},
+        "calibration": cal.to_dict(),
+        "settings": settings,
+        "base_plan": base,
+        "full": {"nll": full_nll, "ppl": math.exp(full_nll)},
+        "layers": layers,
+        "heads": heads,
+        "neurons": neurons,
+        "greedy": greedy_out,
+        "timing": {"seconds": seconds, "layer_evals": int(round(evals / cal.n_seq))},
+    }
+    scores_io.save(out, doc)
+    log.info("wrote %s (%.0f s, %d layer evaluations)", out, seconds["total"], doc["timing"]["layer_evals"])
+    if o.plots:
+        from .score_plots import plot_scores
+
+        try:
+            for png in plot_scores(out):
+                log.info("wrote %s", png)
+        except Exception as e:  # plots are a convenience: never lose the scores for them
+            log.warning("could not draw the score plots (%s: %s); scores.json is complete", type(e).__name__, e)
+    return out
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(o: ScoreOptions, total: int, desc: str, unit: str):
+    if not o.progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
+                mininterval=1.0)
+
+
+def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sources: list[int], n_real: int,
+                   tau: float) -> dict:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for p, s in enumerate(sources):
+        if p not in res.ff_count:
+            continue  # MLP removed by the base plan
+        down = engine.layers[p].mlp.down_proj.weight  # (n_embd, n_ff): column j is neuron j's output
+        col_norm = down.detach().float().norm(dim=0).cpu().numpy()  # (n_ff,)
+        mean_abs = res.ff_abs[p] / n_real
+        tensors[f"freq.{s}"] = torch.from_numpy((res.ff_count[p] / n_real).astype(np.float32))
+        tensors[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
+        tensors[f"wxa.{s}"] = torch.from_numpy((col_norm * mean_abs).astype(np.float32))
+    name = scores_io.neurons_file_name(out)
+    path = out.parent / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.partial")
+    save_file(tensors, str(tmp), metadata={"tau": str(tau), "n_tokens": str(n_real)})
+    tmp.replace(path)
+    return {"file": name, "tau": tau, "stats": list(scores_io.NEURON_STATS),
+            "layers": sorted(int(k.split(".")[1]) for k in tensors if k.startswith("freq."))}
+
+
+# ----------------------------------------------------------------------------- Taylor
+
+
+def head_taylor(model, cal: Calibration, positions: list[int], removed_heads: dict, tokens: int = 1024) -> dict:
+    """Σ |g ⊙ w| over each query head's weights: its q_proj rows and o_proj columns, plus its KV head's
+    k_proj / v_proj rows shared equally among the group's query heads. g is the gradient of the mean
+    next-token loss over every real calibration target (one backward pass, accumulated over micro-batches).
+    """
+    cfg = model.config
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    gs = nh // nkv
+    layers = model.model.layers
+    params = [m.weight for p in positions for m in (layers[p].self_attn.q_proj, layers[p].self_attn.k_proj,
+                                                     layers[p].self_attn.v_proj, layers[p].self_attn.o_proj)]
+    was = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for p in params:
+        p.requires_grad_(True)
+    real = cal.attention_mask
+    n_tgt = int((real[:, :-1] & real[:, 1:]).sum())
+    try:
+        with torch.enable_grad():
+            for ids, mask in cal.batches(max(1, tokens // cal.seq_len)):
+                dev = model.model.embed_tokens.weight.device
+                logits = model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev)).logits  # (b, T, V)
+                tm = (mask[:, :-1] & mask[:, 1:]).to(logits.device)  # (b, T-1): next token is real
+                lp = torch.log_softmax(logits[:, :-1].float(), -1)
+                nll = -lp.gather(-1, ids[:, 1:].to(logits.device)[..., None])[..., 0]  # (b, T-1)
+                (nll[tm].sum() / n_tgt).backward()
+                del logits, lp, nll
+        out = {}
+        for p in positions:
+            att = layers[p].self_attn
+            gw = {k: (getattr(att, k).weight.grad.float() * getattr(att, k).weight.detach().float()).abs()
+                  for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            q = gw["q_proj"].view(nh, hd, -1).sum((1, 2))  # q_proj: (n_head*hd, d) rows per head
+            o = gw["o_proj"].view(-1, nh, hd).sum((0, 2))  # o_proj: (d, n_head*hd) columns per head
+            k = gw["k_proj"].view(nkv, hd, -1).sum((1, 2))  # (n_kv*hd, d) rows per KV head
+            v = gw["v_proj"].view(nkv, hd, -1).sum((1, 2))
+            kv = ((k + v) / gs).repeat_interleave(gs)  # each query head's share of its KV head
+            t = (q + o + kv).double().cpu().numpy()
+            for h in removed_heads.get(p, ()):
+                t[h] = np.nan
+            out[p] = t
+        return out
+    finally:
+        for p in model.parameters():
+            p.grad = None
+            p.requires_grad_(was[id(p)])
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+def _run_greedy(engine: ablate.Engine, groups, refs, plan: Plan | None, shape: ModelShape, sources: list[int],
+                o: ScoreOptions) -> dict:
+    units = set(o.greedy_units)
+    n = shape.n_layer
+    protected = set(range(min(o.protect_first, n))) | set(range(max(0, n - o.protect_last), n))
+    lps = {lp.index: lp for lp in plan.layers} if plan else {}
+
+    def present(pos: int, modes: list[str]) -> tuple[int, int]:
+        """Parameters of the attention and MLP still present at position ``pos``."""
+        layer, mode, lp = engine.layers[pos], modes[pos], lps.get(sources[pos])
+        attn = mlp = 0
+        if ablate.has_attention(layer) and mode not in ("attn", "layer"):
+            heads = lp.kept_heads(shape) if lp else range(shape.n_head)
+            kv = lp.kept_kv_groups(shape) if lp else range(shape.n_head_kv)
+            attn = shape.attn_params(len(heads), len(kv))
+        if ablate.has_mlp(layer) and mode not in ("mlp", "layer"):
+            mlp = shape.mlp_params(len(lp.kept_neurons(shape)) if lp else shape.n_ff)
+        return attn, mlp
+
+    def candidates(modes):
+        for pos, src in enumerate(sources):
+            if src in protected:
+                continue
+            attn, mlp = present(pos, modes)
+            if not attn and not mlp:
+                continue
+            if "layer" in units and (units == {"layer"} or (attn and mlp)):
+                yield ("layer", pos)
+            if "attn" in units and attn:
+                yield ("attn", pos)
+            if "mlp" in units and mlp:
+                yield ("mlp", pos)
+
+    def params(kind, pos, modes):
+        attn, mlp = present(pos, modes)
+        return {"layer": attn + mlp, "attn": attn, "mlp": mlp}[kind]
+
+    with _progress(o, o.greedy * len(groups) * engine.n_layer, "greedy", "layer") as bar:
+        steps = ablate.greedy(engine, groups, refs, o.greedy, candidates, params, by=o.greedy_by,
+                              progress=bar.update, describe=lambda pos: f"layer {sources[pos]}",
+                              pool=o.greedy_pool)
+    return {"units": [u for u in GREEDY_UNITS if u in units], "by": o.greedy_by, "pool": o.greedy_pool,
+            "protect_first": o.protect_first,
+            "protect_last": o.protect_last,
+            "steps": [{"kind": s.kind, "layer": sources[s.pos], "kl": s.kl, "delta_kl": s.delta_kl,
+                       "params_removed": s.params, "candidates": s.candidates} for s in steps]}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summary(path: Path, top: int = 5) -> str:
+    """A few lines about a scores file: reference perplexity, the cheapest layers, greedy order, files."""
+    d = scores_io.load(path)
+    cal = d["calibration"]
+    lines = [f"scored {d['model']['path']} on {cal['n_seq']} × {cal['seq_len']} {cal['kind']} tokens "
+             f"({cal['n_tokens']} real) in {d['timing']['seconds'].get('total', 0):.0f} s; "
+             f"full model ppl {d['full']['ppl']:.3f}"]
+    if d["base_plan"]:
+        lines.append(f"base plan {d['base_plan']['digest']}: KL {d['base_plan']['kl']:.4f}, "
+                     f"ppl {d['base_plan']['ppl']:.3f}")
+    live = sorted((e for e in d["layers"] if e["kl"] is not None), key=lambda e: e["kl"])
+    lines.append("lowest-KL layers: " + ", ".join(f"{e['index']} ({e['kl']:.4f})" for e in live[:top]))
+    if d["greedy"]:
+        lines.append("greedy: " + " → ".join(f"{s['kind']} {s['layer']} ({s['kl']:.4f})"
+                                             for s in d["greedy"]["steps"]))
+    files = [Path(path).name] + ([d["neurons"]["file"]] if d["neurons"] else [])
+    lines.append(f"wrote {', '.join(files)} in {Path(path).parent}")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""scores.json: what scoring measured, the contract between `score` and `plan`.
+
+A versioned JSON document (sorted keys, no NaN: a score that was not measured is
+``null``) plus a side file ``<name>.neurons.safetensors`` with per-neuron
+statistics (``freq.{layer}``, ``mean_abs.{layer}``, ``wxa.{layer}``, each
+(n_ff,) float32, layer = source index). Layout::
+
+    {"schema": "gguf-prune/scores", "version": 1,
+     "model": {"fingerprint", "shape", "path"},
+     "calibration": {"fingerprint", "source", "kind", "n_seq", "seq_len", "n_tokens", "seed"},
+     "settings": {...}, "base_plan": null | {"digest", "path", "plan", "kl", "nll", "ppl"},
+     "full": {"nll", "ppl"},
+     "layers": [{"index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi"}, ...],
+     "heads": null | {"layers", "kl", "kv_kl", "norm", "taylor"},
+     "neurons": null | {"file", "tau", "stats", "layers"},
+     "greedy": null | {"units", "by", "steps": [{"kind", "layer", "kl", "delta_kl", "params_removed", "candidates"}]},
+     "timing": {"seconds": {...}, "layer_evals": int}}
+
+All KLs are KL(reference ‖ variant) in nats per real calibration token, where the
+reference is the unpruned model (also when a base plan was applied: then every
+variant includes the base plan's cuts, and ``base_plan.kl`` is the plan alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from .plan import ModelShape, write_text_atomic
+
+SCORES_SCHEMA = "gguf-prune/scores"
+SCORES_VERSION = 1
+NEURON_STATS = ("freq", "mean_abs", "wxa")
+LAYER_KEYS = ("index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi")
+STEP_KEYS = ("kind", "layer", "kl", "delta_kl", "params_removed", "candidates")
+TOP_KEYS = ("model", "calibration", "settings", "base_plan", "full", "layers", "heads", "neurons", "greedy", "timing")
+
+
+class ScoresError(ValueError):
+    """A scores file that cannot be used: what is wrong and what to do."""
+
+
+def clean(x: Any) -> Any:
+    """JSON-ready copy: NaN/inf → None, numpy scalars → Python numbers, tuples → lists."""
+    if isinstance(x, Mapping):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy scalar or array
+        return clean(x.tolist())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+def neurons_file_name(scores_path: Path) -> str:
+    p = Path(scores_path)
+    stem = p.name[:-len(".json")] if p.name.endswith(".json") else p.name
+    return f"{stem}.neurons.safetensors"
+
+
+def save(path: Path, scores: Mapping[str, Any]) -> Path:
+    """Validate and write ``scores`` atomically as sorted JSON."""
+    path = Path(path)
+    d = clean(scores)
+    validate(d, source=str(path))
+    write_text_atomic(path, json.dumps(d, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return path
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScoresError(f"{path}: no such scores file; run `gguf-prune score HF_DIR -o {path}` first") from None
+    except json.JSONDecodeError as e:
+        raise ScoresError(f"{path} is not valid JSON ({e}); re-run `gguf-prune score`") from None
+    return validate(d, source=str(path))
+
+
+def validate(d: Any, source: str = "scores") -> dict:
+    """Check the structure; raise one ScoresError naming every problem."""
+    if not isinstance(d, Mapping):
+        raise ScoresError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if d.get("schema") != SCORES_SCHEMA:
+        raise ScoresError(f"{source}: 'schema' is {d.get('schema')!r}, expected {SCORES_SCHEMA!r}: "
+                          "not a gguf-prune scores file")
+    if d.get("version") != SCORES_VERSION:
+        raise ScoresError(f"{source}: 'version' is {d.get('version')!r}; this gguf-prune reads version "
+                          f"{SCORES_VERSION}: re-run `gguf-prune score`")
+    p: list[str] = [f"missing key {k!r}" for k in TOP_KEYS if k not in d]
+    if p:
+        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
+    try:
+        shape = ModelShape(**d["model"]["shape"])
+    except (KeyError, TypeError) as e:
+        raise ScoresError(f"{source}: 'model.shape' is missing or malformed ({e})") from None
+    if not d["model"].get("fingerprint"):
+        p.append("'model.fingerprint' is empty")
+    layers = d["layers"]
+    if not isinstance(layers, list) or len(layers) != shape.n_layer:
+        p.append(f"'layers' must list all {shape.n_layer} source layers, got "
+                 f"{len(layers) if isinstance(layers, list) else type(layers).__name__}")
+    else:
+        for k, e in enumerate(layers):
+            missing = [key for key in LAYER_KEYS if not isinstance(e, Mapping) or key not in e]
+            if missing:
+                p.append(f"layers[{k}] lacks {', '.join(missing)}")
+            elif e["index"] != k:
+                p.append(f"layers[{k}] has index {e['index']}; layers must be in source order")
+    heads = d["heads"]
+    if heads is not None:
+        for key, n in (("kl", shape.n_head), ("kv_kl", shape.n_head_kv), ("norm", shape.n_head),
+                       ("taylor", shape.n_head)):
+            for i in heads.get("layers", []):
+                vals = (heads.get(key) or {}).get(str(i))
+                if not isinstance(vals, list) or len(vals) != n:
+                    p.append(f"heads.{key}[{i}] must be a list of {n} values")
+    if d["neurons"] is not None:
+        for key in ("file", "tau", "stats"):
+            if key not in d["neurons"]:
+                p.append(f"neurons lacks {key!r}")
+    if d["greedy"] is not None:
+        for k, st in enumerate(d["greedy"].get("steps", [])):
+            missing = [key for key in STEP_KEYS if key not in st]
+            if missing:
+                p.append(f"greedy.steps[{k}] lacks {', '.join(missing)}")
+    if p:
+        raise ScoresError(f"{source} is malformed ({len(p)} problem{'s' if len(p) != 1 else ''}):\n  - "
+                          + "\n  - ".join(p))
+    return dict(d)
+
+
+def shape_of(d: Mapping[str, Any]) -> ModelShape:
+    return ModelShape(**d["model"]["shape"])
+
+
+def check_model(d: Mapping[str, Any], fingerprint: str, shape: ModelShape | None = None,
+                source: str = "scores") -> None:
+    """Raise ScoresError unless the scores were measured on the checkpoint with this fingerprint (and shape)."""
+    got = d["model"].get("fingerprint")
+    if shape is not None and shape_of(d) != shape:
+        s = shape_of(d)
+        diffs = [f"{k} {getattr(s, k)} in the scores vs {getattr(shape, k)} in the model"
+                 for k in s.__dataclass_fields__ if getattr(s, k) != getattr(shape, k)]
+        raise ScoresError(f"{source} were measured on another model: {', '.join(diffs)}; "
+                          "re-run `gguf-prune score` on this checkpoint")
+    if got != fingerprint:
+        raise ScoresError(f"{source} were measured on another checkpoint: fingerprint {got} in the scores, "
+                          f"{fingerprint} for this one; re-run `gguf-prune score` on this checkpoint")
+
+
+def load_neurons(scores_path: Path, d: Mapping[str, Any] | None = None) -> dict:
+    """The per-neuron statistics: {"freq": {layer: array}, "mean_abs": {...}, "wxa": {...}}."""
+    from safetensors.numpy import load_file
+
+    scores_path = Path(scores_path)
+    d = d if d is not None else load(scores_path)
+    if d["neurons"] is None:
+        raise ScoresError(f"{scores_path} has no neuron statistics; re-run `gguf-prune score` without --no-neurons")
+    f = scores_path.parent / d["neurons"]["file"]
+    if not f.exists():
+        raise ScoresError(f"{f} is missing: it is written next to {scores_path.name}; copy both files together")
+    raw = load_file(str(f))
+    out: dict[str, dict[int, Any]] = {s: {} for s in NEURON_STATS}
+    for name, arr in raw.items():
+        stat, _, layer = name.rpartition(".")
+        if stat in out:
+            out[stat][int(layer)] = arr
+    return out
