@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -155,6 +156,7 @@ class Engine:
         self.batch_tokens = int(batch_tokens)
         self.logit_tokens = int(logit_tokens or max(64, (256 << 20) // (4 * self.n_vocab)))
         self.seq_layer_evals = 0.0  # decoder-layer evaluations × sequences (a sub-block counts half)
+        self.vocab_seconds = 0.0  # time spent in the vocabulary projection and its reductions
 
     # --- building blocks -----------------------------------------------------------------
     def context(self, ids: torch.Tensor, mask: torch.Tensor) -> Context:
@@ -248,6 +250,7 @@ class Engine:
         nxt[:, :-1] = real[:, 1:]  # position t has a real next token
         tsel = nxt[real]  # (n_real,)
         targets = ids.to(self.head_device)[:, 1:][real[:, :-1] & real[:, 1:]]  # (n_tgt,)
+        t0 = time.perf_counter()
         lse = torch.empty(hhat.shape[0], dtype=torch.float64, device=self.head_device)
         wbar = torch.empty(hhat.shape, dtype=torch.float64, device=self.head_device)
         for s in range(0, hhat.shape[0], self.logit_tokens):
@@ -262,6 +265,7 @@ class Engine:
         b_target = None if self.bias is None else self.bias[targets].double()
         z_t = (hhat[tsel].double() * w_target).sum(-1) + (0 if b_target is None else b_target)
         nll = float((lse[tsel] - z_t).sum())
+        self.vocab_seconds += time.perf_counter() - t0
         return Reference(real=real, hhat=hhat, lse=lse, wbar=wbar, tsel=tsel, w_target=w_target,
                          b_target=b_target, nll=nll)
 
@@ -270,6 +274,7 @@ class Engine:
 
         ``h``: (n_var·b, T, d) final hidden states (before the final norm), variant-major.
         """
+        t0 = time.perf_counter()
         hn = self.final(h)
         b, T = ref.real.shape
         hn = hn.view(n_var, b, T, -1)[:, ref.real]  # (n_var, n_real, d)
@@ -283,6 +288,7 @@ class Engine:
             if ref.b_target is not None:
                 z_t = z_t + ref.b_target
             nll[v] = float((lse[v][ref.tsel] - z_t).sum())
+        self.vocab_seconds += time.perf_counter() - t0
         return kl, nll
 
     def run_variants(self, start: int, states: Sequence[torch.Tensor] | Callable[[int, int], torch.Tensor],
@@ -529,7 +535,7 @@ def greedy(engine: Engine, groups, refs, steps: int, candidates: Callable,
            params: Callable[[str, int, list[str]], int], by: str = "kl",
            progress: Callable[[int], None] | None = None,
            describe: Callable[[int], str] = lambda pos: f"layer position {pos}",
-           pool: int | None = None) -> list[GreedyStep]:
+           pool: int | None = None, initial: dict | None = None) -> list[GreedyStep]:
     """Remove ``steps`` units one at a time, each time the one whose removal costs least.
 
     ``candidates(modes)`` → [(kind, pos)] still removable; ``params(kind, pos, modes)`` → parameters that
@@ -540,8 +546,18 @@ def greedy(engine: Engine, groups, refs, steps: int, candidates: Callable,
     ``pool`` candidates that were cheapest when last measured (and any never measured), and pick the best
     of those. Exact greedy when ``pool`` is None; with a pool of a few units it costs a fraction of a step
     and, because removals rarely make a costly unit cheap, usually picks the same units.
+    ``initial``: {(kind, pos): mean KL with that unit removed} already measured on this same model (the
+    one-shot scan); with a pool, the first step then also re-measures only the pool instead of everything.
     """
     last: dict[tuple[str, int], float] = {}
+    if pool and initial:
+        base = 0.0 if initial.get("base") is None else float(initial["base"])
+        modes0 = ["full"] * engine.n_layer
+        for c in candidates(modes0):
+            v = initial.get(c)
+            if v is None or not np.isfinite(v):
+                continue
+            last[c] = v if by == "kl" else (v - base) / max(1, params(c[0], c[1], modes0))
     modes = ["full"] * engine.n_layer
     n_real = sum(r.n_real for r in refs)
     out: list[GreedyStep] = []
@@ -628,7 +644,7 @@ def _bypass_hooks(model, units: Iterable[Unit]) -> list:
 
 @torch.inference_mode()
 def naive_divergence(model, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], unit_sets: Sequence[Sequence[Unit]],
-                     reference_model=None) -> tuple[np.ndarray, np.ndarray, int, int]:
+                     reference_model=None, timing: dict | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Reference implementation: for each set of units, run the whole model with those units bypassed.
 
     Returns (mean KL per set, mean next-token NLL per set, n_real, n_tgt), KL from a float64 log-softmax of
@@ -650,10 +666,16 @@ def naive_divergence(model, groups: Sequence[tuple[torch.Tensor, torch.Tensor]],
         for k, units in enumerate(unit_sets):
             handles = _bypass_hooks(model, units)
             try:
-                lq = torch.log_softmax(model(input_ids=ids, attention_mask=am).logits.double(), -1)  # (b, T, V)
+                t0 = time.perf_counter()
+                hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state  # (b, T, d)
+                t1 = time.perf_counter()
+                lq = torch.log_softmax(model.lm_head(hidden).double(), -1)  # (b, T, V), as model(...).logits
             finally:
                 for hk in handles:
                     hk.remove()
             kl[k] += float((p * (lp - lq)).sum(-1)[real].sum())
             nll[k] -= float(lq[:, :-1].gather(-1, targets[..., None])[..., 0][tmask].sum())
+            if timing is not None:
+                timing["body"] = timing.get("body", 0.0) + t1 - t0
+                timing["vocab"] = timing.get("vocab", 0.0) + time.perf_counter() - t1
     return kl / n_real, nll / max(1, n_tgt), n_real, n_tgt

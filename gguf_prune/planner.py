@@ -382,8 +382,12 @@ def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected:
                          "cumulative_kl": step.get("kl")})
         if met():
             return []
-        return [f"the greedy run in the scores ({len(greedy['steps'])} steps) does not reach the budget; "
-                "re-run `gguf-prune score --greedy K` with a larger K"]
+        layers_scored = any(e.get("kl") is not None or e.get("mlp_kl") is not None for e in scores.get("layers", []))
+        if not layers_scored:
+            return [f"the greedy run in the scores ({len(greedy['steps'])} steps) does not reach the budget; "
+                    "re-run `gguf-prune score --greedy K` with a larger K"]
+        log.warning("the greedy run (%d steps) does not reach the budget; the rest is taken by one-shot KL per "
+                    "parameter (a larger `score --greedy K` re-measures further)", len(greedy["steps"]))
     # one-shot: cheapest unit per parameter first
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
     units = []
@@ -424,10 +428,15 @@ def explain(plan: Plan) -> str:
         ff = len(lp.kept_neurons(s))
         if lp.removed:
             status, after = "removed", 0
+            if lp.patch is not None:
+                status, after = f"removed, {lp.patch} patch", s.patch_params()
         else:
             after = s.attn_params(len(heads), len(kv)) + s.mlp_params(ff)
             parts = []
-            if lp.attention_removed:
+            if lp.attention_removed and lp.patch is not None:
+                parts.append(f"attn → {lp.patch} patch")
+                after += s.patch_params()
+            elif lp.attention_removed:
                 parts.append("attn removed")
             elif lp.heads is not None:
                 parts.append(f"heads {ranges(heads)}")
@@ -449,6 +458,12 @@ def explain(plan: Plan) -> str:
     lines.append(f"block parameters: {_human(tot_b)} → {_human(tot_a)} "
                  f"({100 * (1 - tot_a / tot_b):.1f}% removed); {len(plan.kept_layers())}/{s.n_layer} layers kept; "
                  f"writes {'llama' if plan.is_uniform() else 'deci'} architecture")
+    patches = plan.patches()
+    if patches:
+        lines.append(f"{len(patches)} {patches[0].patch} patch{'es' if len(patches) > 1 else ''} "
+                     f"(layers {ranges(lp.index for lp in patches)}): {_human(s.patch_params())} parameters each "
+                     f"(n_embd² + attn_norm), {_human(len(patches) * s.patch_params())} in all, counted above; "
+                     "weights from `gguf-prune recover`")
     if "size_bytes_estimate_after" in pred:
         lines.append(f"predicted {pred.get('quant', '')} size: {pred['size_bytes_estimate_before'] / 1e6:.1f} MB → "
                      f"{pred['size_bytes_estimate_after'] / 1e6:.1f} MB (estimate)")

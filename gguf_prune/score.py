@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import ablate, scores as scores_io
-from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file, load_calibration)
+from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file,
+                          load_calibration)
 from .hfmodel import ModelDirError, apply_plan, check_model_dir, fingerprint, load_model
 from .plan import ModelShape, Plan, validate
 
@@ -269,6 +270,7 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
     with _progress(o, len(groups) * engine.n_layer, "score", "layer") as bar:
         res = ablate.scan(engine, groups, refs, spec, progress=bar.update)
     seconds.update(res.seconds)
+    n_real_scan = res.n_real
 
     taylor = None
     if o.heads:
@@ -280,7 +282,12 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
     greedy_out = None
     if o.greedy:
         t = time.perf_counter()
-        greedy_out = _run_greedy(engine, groups, refs, plan, shape, sources, o)
+        initial = {"base": res.base_kl / n_real_scan if n_real_scan else 0.0}
+        for pos in range(engine.n_layer):  # the scan already measured every single-unit removal
+            for kind, arr in (("layer", res.kl), ("attn", res.attn_kl), ("mlp", res.mlp_kl)):
+                if arr is not None and np.isfinite(arr[pos]) and n_real_scan:
+                    initial[(kind, pos)] = float(arr[pos]) / n_real_scan
+        greedy_out = _run_greedy(engine, groups, refs, plan, shape, sources, o, initial)
         seconds["greedy"] = time.perf_counter() - t
     evals += engine.seq_layer_evals
 
@@ -380,6 +387,15 @@ def _progress(o: ScoreOptions, total: int, desc: str, unit: str):
                 mininterval=1.0)
 
 
+def _chmod_like_umask(path: Path) -> None:
+    """Files written through a private temporary name get the permissions a plain open() would give."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sources: list[int], n_real: int,
                    tau: float) -> dict:
     from safetensors.torch import save_file
@@ -399,6 +415,7 @@ def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sou
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{name}.partial")
     save_file(tensors, str(tmp), metadata={"tau": str(tau), "n_tokens": str(n_real)})
+    _chmod_like_umask(tmp)
     tmp.replace(path)
     return {"file": name, "tau": tau, "stats": list(scores_io.NEURON_STATS),
             "layers": sorted(int(k.split(".")[1]) for k in tensors if k.startswith("freq."))}
@@ -462,7 +479,7 @@ def head_taylor(model, cal: Calibration, positions: list[int], removed_heads: di
 
 
 def _run_greedy(engine: ablate.Engine, groups, refs, plan: Plan | None, shape: ModelShape, sources: list[int],
-                o: ScoreOptions) -> dict:
+                o: ScoreOptions, initial: dict | None = None) -> dict:
     units = set(o.greedy_units)
     n = shape.n_layer
     protected = set(range(min(o.protect_first, n))) | set(range(max(0, n - o.protect_last), n))
@@ -501,7 +518,7 @@ def _run_greedy(engine: ablate.Engine, groups, refs, plan: Plan | None, shape: M
     with _progress(o, o.greedy * len(groups) * engine.n_layer, "greedy", "layer") as bar:
         steps = ablate.greedy(engine, groups, refs, o.greedy, candidates, params, by=o.greedy_by,
                               progress=bar.update, describe=lambda pos: f"layer {sources[pos]}",
-                              pool=o.greedy_pool)
+                              pool=o.greedy_pool, initial=initial)
     return {"units": [u for u in GREEDY_UNITS if u in units], "by": o.greedy_by, "pool": o.greedy_pool,
             "protect_first": o.protect_first,
             "protect_last": o.protect_last,

@@ -193,3 +193,24 @@ def test_lazy_greedy_measures_fewer_candidates_and_stays_exact_in_what_it_report
     chosen = [(s.kind, s.pos) for s in lazy]
     kl, _, _, _ = ablate.naive_divergence(tied, groups, [chosen[:k] for k in (1, 2, 3)])
     assert np.abs(np.array([s.kl for s in lazy]) - kl).max() <= TOL
+
+
+def test_lazy_greedy_seeded_by_the_scan_measures_only_the_pool(tied, groups):
+    eng = ablate.Engine(tied, batch_tokens=64)
+    refs = [eng.reference(i, m) for i, m in groups]
+    n_real = sum(r.n_real for r in refs)
+    scan = ablate.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True))
+
+    def cands(modes):
+        for pos in range(1, 5):
+            if modes[pos] == "full":
+                yield ("attn", pos)
+                yield ("mlp", pos)
+
+    initial = {(k, p): float(arr[p]) / n_real for p in range(1, 5)
+               for k, arr in (("attn", scan.attn_kl), ("mlp", scan.mlp_kl))}
+    exact = ablate.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1)
+    seeded = ablate.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1, pool=3, initial=initial)
+    assert seeded[0].candidates == 3  # only the pool was measured in step 1
+    assert (seeded[0].kind, seeded[0].pos) == (exact[0].kind, exact[0].pos)
+    assert abs(seeded[0].kl - exact[0].kl) <= TOL

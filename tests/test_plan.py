@@ -154,8 +154,15 @@ def test_budget_follows_greedy_steps_when_present():
     plan = build_plan(_scores(greedy=greedy), PlanOptions(target_params=0.15))
     assert plan.layers[4].mlp_removed and plan.layers[3].removed
     assert plan.layers[2].untouched  # budget met before the 4th step
+    # past the greedy run, one-shot KL per parameter takes the rest of the budget
+    more = build_plan(_scores(greedy=greedy), PlanOptions(target_params=0.45))
+    assert more.removed_fraction() >= 0.45
+    assert any("budget/kl-per-param" in str(lp.why) for lp in more.layers)
+    bare = _scores(greedy=greedy)
+    for e in bare["layers"]:
+        e["kl"] = e["attn_kl"] = e["mlp_kl"] = None
     with pytest.raises(PlanError, match="does not reach the budget"):
-        build_plan(_scores(greedy=greedy), PlanOptions(target_params=0.6))
+        build_plan(bare, PlanOptions(target_params=0.6))
 
 
 def test_roundtrip_json_and_digest(tmp_path):
