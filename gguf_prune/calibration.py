@@ -122,6 +122,7 @@ def write_default_text(path: Path = DEFAULT_TEXT) -> Path:
     from .plan import write_text_atomic
 
     write_text_atomic(Path(path), build_default_text())
+    Path(path).chmod(0o644)  # shipped with the package: readable by everyone
     return Path(path)
 
 

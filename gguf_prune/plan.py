@@ -11,6 +11,14 @@ human-editable JSON. For every layer of the source model it says what is kept:
 ``{"index": 9, "heads": [], "neurons": [3, 17, ...]}``
     attention removed (``[]``), MLP keeps the listed intermediate neurons;
     ``"neurons": []`` removes the MLP.
+``{"index": 12, "removed": true, "patch": "linear"}``
+    the layer goes and a *linear patch* stands in its place: h ↦ h + W·rmsnorm(h),
+    one n_embd × n_embd matrix fitted (``gguf-prune recover``) to reproduce the run
+    of removed layers that ends here. On an attention-removed layer
+    (``"heads": [], "patch": "linear"``) the patch replaces the attention sub-block
+    in place (on the layer's own normed input). The matrices live in the recover
+    directory, not in the plan. In GGUF a patch is deci's "linear attention"
+    (n_head > 0, n_head_kv = 0).
 
 Indices always refer to the *source* model. Each entry may carry ``why``:
 the scores behind the choice. :func:`validate` collects every problem and
@@ -31,6 +39,7 @@ PLAN_SCHEMA = "gguf-prune/plan"
 PLAN_VERSION = 1
 
 LLAMA_FAMILY = ("llama",)  # HF model_type / GGUF general.architecture values we cut
+PATCH_KINDS = ("linear",)  # what may stand in for a removed layer run / attention sub-block
 
 
 class PlanError(ValueError):
@@ -98,6 +107,10 @@ class ModelShape:
     def layer_params(self) -> int:
         return self.attn_params() + self.mlp_params()
 
+    def patch_params(self) -> int:
+        """A linear patch as written: attn_norm (n_embd) + the n_embd × n_embd matrix."""
+        return self.n_embd * self.n_embd + self.n_embd
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -106,6 +119,12 @@ class LayerPlan:
     heads: tuple[int, ...] | None = None  # kept query heads; None = all, () = attention removed
     neurons: tuple[int, ...] | None = None  # kept FFN neurons; None = all, () = MLP removed
     why: Mapping[str, Any] = field(default_factory=dict)
+    patch: str | None = None  # "linear": a fitted linear map stands in for the removed layer(s) / attention
+
+    @property
+    def written(self) -> bool:
+        """The layer exists in the output: kept, or removed with a patch in its place."""
+        return not self.removed or self.patch is not None
 
     @property
     def attention_removed(self) -> bool:
@@ -139,6 +158,8 @@ class LayerPlan:
         else:
             d["heads"] = None if self.heads is None else list(self.heads)
             d["neurons"] = None if self.neurons is None else list(self.neurons)
+        if self.patch is not None:
+            d["patch"] = self.patch
         if self.why:
             d["why"] = dict(self.why)
         return d
@@ -156,17 +177,31 @@ class Plan:
     def kept_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers if not lp.removed]
 
+    def patches(self) -> list[LayerPlan]:
+        """The layers that carry a patch."""
+        return [lp for lp in self.layers if lp.patch is not None]
+
+    def without_patches(self) -> "Plan":
+        """The same cut with no patch in it: what the cut alone computes."""
+        return replace(self, layers=tuple(replace(lp, patch=None) for lp in self.layers))
+
     def dims(self) -> list[dict[str, int]]:
-        """n_head, n_head_kv, n_ff of every kept layer, as llama.cpp will see them."""
+        """n_head, n_head_kv, n_ff of every written layer, as llama.cpp will see them
+        (a patch: n_head_kv 0, the "linear attention" of deci; n_ff 0 = MLP removed)."""
         out = []
-        for lp in self.kept_layers():
+        for lp in self.layers:
+            if not lp.written:
+                continue
             heads = lp.kept_heads(self.shape)
-            out.append({
+            d = {
                 "source_index": lp.index,
                 "n_head": len(heads),
                 "n_head_kv": len(lp.kept_kv_groups(self.shape)),
                 "n_ff": len(lp.kept_neurons(self.shape)),
-            })
+            }
+            if lp.patch is not None:
+                d.update(n_head=self.shape.n_head, n_head_kv=0, patch=lp.patch)
+            out.append(d)
         return out
 
     def is_uniform(self) -> bool:
@@ -178,8 +213,9 @@ class Plan:
     def block_params(self) -> tuple[int, int]:
         """Transformer-block parameters (before, after)."""
         before = self.shape.n_layer * self.shape.layer_params()
-        after = sum(self.shape.attn_params(d["n_head"], d["n_head_kv"]) + self.shape.mlp_params(d["n_ff"])
-                    for d in self.dims())
+        s = self.shape
+        after = sum((s.patch_params() if "patch" in d else s.attn_params(d["n_head"], d["n_head_kv"]))
+                    + s.mlp_params(d["n_ff"]) for d in self.dims())
         return before, after
 
     def removed_fraction(self) -> float:
@@ -230,11 +266,13 @@ class Plan:
                 removed = bool(entry.get("removed", False))
                 heads = entry.get("heads")
                 neurons = entry.get("neurons")
+                patch = entry.get("patch")
                 layers.append(LayerPlan(
                     index=idx, removed=removed,
                     heads=None if heads is None or removed else tuple(int(h) for h in heads),
                     neurons=None if neurons is None or removed else tuple(int(n) for n in neurons),
                     why=dict(entry.get("why") or {}),
+                    patch=None if patch is None else str(patch),
                 ))
             except (KeyError, TypeError, ValueError) as e:
                 problems.append(f"layers[{k}] is malformed ({e!r}): expected "
@@ -324,6 +362,13 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
                 p.append(f"{where}: duplicated neuron indices")
             if list(lp.neurons) != sorted(lp.neurons):
                 p.append(f"{where}: neuron indices must be sorted ascending")
+        if lp.patch is not None:
+            if lp.patch not in PATCH_KINDS:
+                p.append(f"{where}: patch {lp.patch!r} is not a known kind (known: {', '.join(PATCH_KINDS)})")
+            elif not (lp.removed or lp.attention_removed):
+                p.append(f"{where}: a {lp.patch} patch stands in for a removed layer or a removed attention "
+                         "sub-block, but this layer keeps its attention (llama.cpp's deci layer has no linear "
+                         "FFN, so a removed MLP alone cannot carry one)")
     if plan.layers and all(lp.removed for lp in plan.layers):
         p.append("the plan removes every layer")
     if p:

@@ -4,6 +4,11 @@ convert (pinned convert_hf_to_gguf.py, cached by checkpoint fingerprint and
 outtype) → rewrite (skipped without a plan: the result is then the uncut BASE,
 made the same way, to compare against) → quantize (llama-quantize) → load check.
 The plan is written next to the output as ``<out>.plan.json``.
+
+With ``recovered`` (a directory ``gguf-prune recover`` wrote) the plan is the
+directory's (patches included; a ``plan`` given as well must make the same cut) and
+its tensors, fine-tuned weights and patch matrices, replace the converted ones as
+the file is cut.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from . import hfmodel, llamacpp, toolchain
 from .gguf_io import default_file_mode, fsync_path
 from .plan import Plan, validate, write_text_atomic
 from .quantize import QuantizeError, check_quant_type, quantize
+from .recover import open_recovered
 from .rewrite import rewrite
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,7 @@ class PruneResult:
     fallbacks: list = field(default_factory=list)  # [{"tensor", "ncols", "block", "wanted", "used"}]
     dims: list = field(default_factory=list)  # per kept layer: source_index, n_head, n_head_kv, n_ff
     seconds: float = 0.0
+    recovered: str = ""  # the recover directory whose tensors were written, if any
 
     @property
     def n_fallback(self) -> int:
@@ -85,10 +92,11 @@ def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = 
 
 def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_M", outtype: str = "f16",
           imatrix_text: Path | None = None, *, cache_dir: Path | None = None, imatrix_ctx: int = 512,
-          threads: int | None = None) -> PruneResult:
+          threads: int | None = None, recovered: Path | None = None) -> PruneResult:
     """Convert ``hf_dir``, cut it as ``plan`` says (None: uncut base), quantize, check it loads.
 
     ``quant``: a llama-quantize type name (Q4_K_M, Q8_0, F16, ...) or "none".
+    ``recovered``: a recover directory (its plan and tensors); see the module docstring.
     """
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
@@ -109,8 +117,17 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
     fp = hfmodel.fingerprint(hf_dir)
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(Path(plan))
+    overrides = None
+    if recovered is not None:
+        tied = bool(hfmodel.read_config(hf_dir).get("tie_word_embeddings", False))
+        rec = open_recovered(recovered, shape, fp, plan=plan, tied=tied)
+        plan, overrides = rec.plan, rec.overrides()
     if plan is not None:
         validate(plan, shape, fp, source="plan")
+        if plan.patches() and overrides is None:
+            where = ", ".join(str(lp.index) for lp in plan.patches())
+            raise PruneError(f"the plan has linear patches (layers {where}) "
+                             "whose matrices live in a recover directory: pass --recovered DIR")
     the_plan = plan if plan is not None else Plan.identity(shape, fingerprint=fp)
 
     base = convert_cached(hf_dir, outtype, cache_dir, fingerprint=fp)
@@ -123,7 +140,7 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
     try:
         staged = tmpdir / f"model-{outtype}.gguf"
         if plan is not None:
-            rw = rewrite(base, plan, staged, fsync=False)  # staged; flushed below if it is the result
+            rw = rewrite(base, plan, staged, fsync=False, overrides=overrides)  # flushed below if it is the result
             architecture, dims, bytes_pruned = rw.architecture, rw.layers, rw.bytes_out
         else:
             if q == NO_QUANT:
@@ -148,7 +165,7 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
     result = PruneResult(path=out, plan_path=plan_path, base_gguf=base, quant=q, outtype=outtype,
                          architecture=architecture, plan_digest=the_plan.digest(), bytes_base=base.stat().st_size,
                          bytes_pruned=bytes_pruned, bytes_out=out.stat().st_size, fallbacks=fallbacks, dims=dims,
-                         seconds=round(time.time() - t0, 3))
+                         seconds=round(time.time() - t0, 3), recovered=str(recovered) if recovered else "")
     log.info("pruned model: %s (%s, %s, %.1f MB; base %.1f MB)", out, architecture, q, result.bytes_out / 1e6,
              result.bytes_base / 1e6)
     return result

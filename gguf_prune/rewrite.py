@@ -15,6 +15,17 @@ What is written, per kept layer of the plan (source layers are renumbered 0..n-1
 * MLP removed: a width-1 FFN whose gate/up/down are zero (adds exactly nothing).
   ``n_ff = 0`` is NOT used: deci's graph then skips the residual add and silently
   drops the layer's attention too.
+* a linear patch (plan ``"patch": "linear"``, matrix from ``gguf-prune recover``):
+  deci's "linear attention", ``n_head > 0, n_head_kv = 0`` with only ``attn_norm``
+  and ``attn_output`` (ne ``(n_embd, n_embd)``, no bias: the graph adds none);
+  llama.cpp computes ``attn_output · rmsnorm(h)·attn_norm`` and adds it to h.
+  In place of a removed layer (``attention = "patch"``) ``attn_norm`` is all ones
+  and the MLP is the width-1 zero FFN; on an attention-removed layer
+  (``attention = "linear"``) the layer's own ``attn_norm`` and MLP stay.
+
+``overrides`` (recovered tensors: fine-tuned weights, patch matrices) replace the
+bytes of a base tensor (source names, GGUF layout, float32) before it is sliced, and
+are cast to the base tensor's type; each is loaded only when written.
 
 When every kept layer ends up with the same n_head/n_head_kv/n_ff and nothing is
 removed inside a layer, the file stays ``llama`` (its global sizes describe every
@@ -36,9 +47,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
-from gguf import GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import arch as archmod
 from .gguf_io import (CHUNK_BYTES, SLICEABLE_TYPES, GGUFFile, GGUFFormatError, GGUFStreamWriter, OutOfSpaceError,
@@ -66,7 +78,9 @@ class LayerCut:
     q_heads: tuple[int, ...]  # kept query heads (source numbering)
     kv_heads: tuple[int, ...]  # kept KV groups (source numbering)
     neurons: tuple[int, ...]  # kept FFN neurons
-    attention: str  # "kept" | "sliced" | "removed" | "inert" (one zero head)
+    # "kept" | "sliced" | "removed" | "inert" (one zero head) | "linear" (a patch in place of the attention)
+    # | "patch" (a patch in place of a removed layer)
+    attention: str
     mlp: str  # "kept" | "sliced" | "inert" (one zero neuron)
 
     @property
@@ -75,7 +89,7 @@ class LayerCut:
 
     @property
     def n_head_kv(self) -> int:
-        return {"removed": 0, "inert": 1}.get(self.attention, len(self.kv_heads))
+        return {"removed": 0, "inert": 1, "linear": 0, "patch": 0}.get(self.attention, len(self.kv_heads))
 
     @property
     def n_ff(self) -> int:
@@ -84,6 +98,14 @@ class LayerCut:
     def dims(self) -> dict:
         return {"source_index": self.source, "n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
                 "attention": self.attention, "mlp": self.mlp}
+
+
+@dataclass(frozen=True)
+class Override:
+    """A recovered tensor that replaces a base tensor's values (or gives a patch its matrix)."""
+
+    shape: tuple[int, ...]  # numpy order, the source (unsliced) shape
+    load: Callable[[], np.ndarray]  # → float32 array of ``shape`` in GGUF layout (q/k rows permuted for RoPE)
 
 
 @dataclass(frozen=True)
@@ -165,12 +187,18 @@ def _open_base(base: Path) -> tuple[GGUFFile, archmod.ArchSpec, ModelShape]:
 
 
 def layer_cuts(plan: Plan) -> list[LayerCut]:
-    """How each kept layer is written (validated plan assumed)."""
+    """How each written layer is written (validated plan assumed)."""
     s = plan.shape
     cuts = []
-    for target, lp in enumerate(plan.kept_layers()):
+    all_heads = tuple(range(s.n_head))
+    for target, lp in enumerate(lp for lp in plan.layers if lp.written):
+        if lp.removed:  # a patch in place of the layer
+            cuts.append(LayerCut(lp.index, target, all_heads, (), (), "patch", "inert"))
+            continue
         heads = lp.kept_heads(s)
-        if lp.attention_removed:
+        if lp.attention_removed and lp.patch is not None:
+            attention, heads = "linear", all_heads
+        elif lp.attention_removed:
             attention = "inert" if target == 0 else "removed"
         else:
             attention = "kept" if lp.heads is None or len(heads) == s.n_head else "sliced"
@@ -183,7 +211,7 @@ def layer_cuts(plan: Plan) -> list[LayerCut]:
 def output_architecture(cuts: list[LayerCut], spec: archmod.ArchSpec) -> str:
     """``llama`` when one global n_head/n_head_kv/n_ff describes every layer, else the per-layer arch."""
     shapes = {(c.n_head, c.n_head_kv, c.n_ff) for c in cuts}
-    inside = any(c.attention in ("removed", "inert") or c.mlp == "inert" for c in cuts)
+    inside = any(c.attention in ("removed", "inert", "linear", "patch") or c.mlp == "inert" for c in cuts)
     return spec.name if len(shapes) == 1 and not inside else spec.per_layer_arch
 
 
@@ -201,9 +229,10 @@ class _Job:
     name: str
     src: TensorRef
     shape: tuple[int, ...]  # numpy order, output
-    op: str  # "copy" | "take" | "zeros"
+    op: str  # "copy" | "take" | "zeros" | "ones"
     axis: int | None = None
     index: np.ndarray | None = None
+    data: Override | None = None  # recovered values replacing the source's (then copied / taken from)
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -215,7 +244,9 @@ class _Job:
 
 
 def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSpec, s: ModelShape,
-               base: Path) -> list[_Job]:
+               base: Path, overrides: Mapping[str, Override] | None = None) -> list[_Job]:
+    overrides = dict(overrides or {})
+    used: set[str] = set()
     by_source = {c.source: c for c in cuts}
     unit_count = {"q_head": s.n_head, "kv_head": s.n_head_kv, "neuron": s.n_ff}
     unit_size = {"q_head": s.head_dim, "kv_head": s.head_dim, "neuron": 1}
@@ -224,10 +255,25 @@ def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSp
     for ref in refs:
         split = archmod.split_layer_name(ref.name)
         if split is None:
-            jobs.append(_Job(ref.name, ref, ref.shape, "copy"))
+            data = overrides.get(ref.name)
+            if data is not None and tuple(data.shape) != tuple(ref.shape):
+                problems.append(f"recovered tensor {ref.name!r} has numpy shape {tuple(data.shape)}, "
+                                f"expected {tuple(ref.shape)}")
+                used.add(ref.name)  # reported
+                continue
+            jobs.append(_Job(ref.name, ref, ref.shape, "copy", data=data))
             continue
         il, suffix = split
         role = spec.role(suffix)
+        if ref.name in overrides:
+            cut = by_source.get(il)
+            want = ((s.n_embd, s.n_embd) if cut is not None and cut.attention in ("linear", "patch")
+                    and suffix == "attn_output.weight" else ref.shape)
+            if tuple(overrides[ref.name].shape) != tuple(want):
+                problems.append(f"recovered tensor {ref.name!r} has numpy shape {tuple(overrides[ref.name].shape)}, "
+                                f"expected {tuple(want)}")
+                used.add(ref.name)  # reported
+                continue
         if role is None:
             problems.append(f"tensor {ref.name!r} has no known role in a {spec.name} layer "
                             f"(known: {', '.join(spec.layer_tensors)})")
@@ -248,10 +294,25 @@ def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSp
             continue
         name = f"blk.{cut.target}.{suffix}"
         mode = cut.attention if role.block == "attention" else cut.mlp
+        data = overrides.get(ref.name)
         if mode == "removed":
             continue
+        if mode in ("linear", "patch"):
+            # deci's linear attention reads attn_norm and attn_output only (no bias is added)
+            if suffix == "attn_output.weight":
+                if data is None:
+                    problems.append(f"layer {il} has a linear patch in the plan but no recovered matrix for "
+                                    f"{ref.name!r}: pass the directory `gguf-prune recover` wrote")
+                    continue
+                jobs.append(_Job(name, ref, (s.n_embd, s.n_embd), "copy", data=data))
+            elif suffix == "attn_norm.weight":
+                if mode == "patch":  # a standalone patch normalises with gain 1
+                    jobs.append(_Job(name, ref, shape, "ones"))
+                else:
+                    jobs.append(_Job(name, ref, shape, "copy", data=data))
+            continue
         if mode == "kept" or (role.unit is None and mode == "sliced"):
-            jobs.append(_Job(name, ref, shape, "copy"))
+            jobs.append(_Job(name, ref, shape, "copy", data=data))
         elif mode == "inert":
             if role.unit is None:
                 # norms are kept (values irrelevant but read by the loader); a bias on the output would add
@@ -265,12 +326,23 @@ def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSp
         else:  # sliced, with a unit axis
             kept = {"q_head": cut.q_heads, "kv_head": cut.kv_heads, "neuron": cut.neurons}[role.unit]
             if len(kept) == unit_count[role.unit]:
-                jobs.append(_Job(name, ref, shape, "copy"))
+                jobs.append(_Job(name, ref, shape, "copy", data=data))
                 continue
             idx = _unit_indices(role.unit, kept, s.head_dim)
             out_shape = list(shape)
             out_shape[role.axis] = len(idx)
-            jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx))
+            jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx, data=data))
+    names = {ref.name for ref in refs}
+    used |= {job.src.name for job in jobs if job.data is not None}
+    for name in sorted(set(overrides) - used):
+        split = archmod.split_layer_name(name)
+        if name not in names:
+            problems.append(f"recovered tensor {name!r} is not a tensor of {base.name}")
+        elif split is not None and split[0] not in by_source:
+            problems.append(f"recovered tensor {name!r} belongs to layer {split[0]}, which the plan removes")
+        else:
+            problems.append(f"recovered tensor {name!r} is not written: layer {split[0] if split else '?'} has no "
+                            "such tensor in the pruned model")
     if problems:
         raise RewriteError(f"{base}: cannot rewrite ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  - "
                            + "\n  - ".join(problems))
@@ -336,12 +408,31 @@ def _version() -> str:
         return "unknown"
 
 
+def to_element(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """float values → the element type of a sliceable GGUF tensor (BF16 rounded to nearest even, as gguf-py)."""
+    a = np.ascontiguousarray(values, dtype=np.float32)
+    if ggml_type == GGMLQuantizationType.BF16:
+        u = a.view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+    return a.astype(SLICEABLE_TYPES[ggml_type])
+
+
 def _emit(writer: GGUFStreamWriter, fd: int, job: _Job) -> None:
     ref = job.src
+    if job.data is not None:  # recovered values: (whole) array in memory, one tensor at a time
+        arr = to_element(job.data.load(), ref.ggml_type)  # numpy order, source shape
+        if tuple(arr.shape) != tuple(job.data.shape):
+            raise RewriteError(f"recovered tensor for {job.name!r} loaded with shape {arr.shape}, "
+                               f"declared {job.data.shape}")
+        writer.write_array(arr if job.op == "copy" else np.take(arr, job.index, axis=job.axis))
+        writer.end_tensor()
+        return
     if job.op == "copy":
         writer.copy_from(fd, ref.offset, ref.nbytes)
     elif job.op == "zeros":
         writer.write_zeros(job.nbytes)
+    elif job.op == "ones":
+        writer.write_array(to_element(np.ones(job.shape, dtype=np.float32), ref.ggml_type))
     else:
         # work on the tensor as rows: numpy (n_rows, row_len); a 1-D tensor is (n, 1)
         n_rows = ref.shape[0]
@@ -381,11 +472,14 @@ def _n_runs(idx: np.ndarray) -> int:
     return 0 if len(idx) == 0 else int(np.count_nonzero(np.diff(idx) != 1)) + 1
 
 
-def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True) -> RewriteResult:
+def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
+            overrides: Mapping[str, Override] | None = None) -> RewriteResult:
     """Cut ``base_gguf`` as ``plan`` says and write the result to ``out`` (atomically).
 
     ``fsync=False`` skips flushing the output to disk before the rename: for an
-    intermediate that is quantized at once and deleted.
+    intermediate that is quantized at once and deleted. ``overrides``: recovered
+    tensors by *source* GGUF name (``blk.{i}.attn_q.weight``; a patch's matrix as
+    ``blk.{i}.attn_output.weight`` of its layer), see :class:`Override`.
 
     Raises RewriteError (file problems), PlanError (a plan that does not fit this model).
     """
@@ -398,7 +492,7 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True) -> Re
     validate(plan, shape, source=f"plan for {base.name}")
     cuts = layer_cuts(plan)
     arch_out = output_architecture(cuts, spec)
-    jobs = _plan_jobs(gf.tensors, cuts, spec, shape, base)
+    jobs = _plan_jobs(gf.tensors, cuts, spec, shape, base, overrides)
 
     if out.is_dir():
         raise RewriteError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")

@@ -57,7 +57,9 @@ def _measure(args) -> dict:
         else:
             units = ([[("heads", i, (q,))] for i in head_layers for q in range(nh)]
                      + [[("heads", i, tuple(range(g * gs, (g + 1) * gs)))] for i in head_layers for g in range(nkv)])
-        kl, _, _, _ = ablate.naive_divergence(model, groups, units)
+        split: dict = {}
+        kl, _, _, _ = ablate.naive_divergence(model, groups, units, timing=split)
+        vocab_s = split["vocab"]
         evals = len(units) * L + L  # every variant runs the whole model (the bypassed layer too), plus the reference
         if kind == "heads":
             n = len(head_layers)
@@ -75,10 +77,12 @@ def _measure(args) -> dict:
             kl = np.concatenate([np.concatenate([r.head_kl[i] for i in head_layers]),
                                  np.concatenate([r.kv_kl[i] for i in head_layers])]) / r.n_real
         evals = eng.seq_layer_evals / cal.n_seq
+        vocab_s = eng.vocab_seconds
     seconds = time.perf_counter() - t
     return {"seconds": seconds, "kl": [float(x) for x in kl],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "layer_evals": int(round(evals)), "n_tokens": cal.n_tokens, "threads": torch.get_num_threads()}
+            "layer_evals": int(round(evals)), "vocab_seconds": vocab_s, "n_tokens": cal.n_tokens,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -124,6 +128,7 @@ def main() -> None:
         rows.append({"part": part, "naive_s": nv["seconds"], "fast_s": fa["seconds"],
                      "speedup": nv["seconds"] / fa["seconds"],
                      "naive_layer_evals": nv["layer_evals"], "fast_layer_evals": fa["layer_evals"],
+                     "naive_vocab_s": nv["vocab_seconds"], "fast_vocab_s": fa["vocab_seconds"],
                      "naive_peak_rss_mb": nv["peak_rss_mb"], "fast_peak_rss_mb": fa["peak_rss_mb"],
                      "max_abs_kl_diff": float(np.abs(np.array(nv["kl"]) - np.array(fa["kl"])).max()),
                      "units": len(nv["kl"])})
@@ -134,12 +139,14 @@ def main() -> None:
            "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
-    hdr = f"{'part':<8}{'units':>6}{'naive s':>10}{'fast s':>10}{'speedup':>9}{'evals n/f':>13}{'RSS MB n/f':>14}{'max|ΔKL|':>11}"
-    print(hdr)
+    print(f"{'part':<8}{'units':>6}{'naive s':>10}{'fast s':>10}{'speedup':>9}{'layer evals n/f':>17}"
+          f"{'vocab s n/f':>15}{'RSS MB n/f':>14}{'max|ΔKL|':>11}")
     for r in rows:
         print(f"{r['part']:<8}{r['units']:>6}{r['naive_s']:>10.1f}{r['fast_s']:>10.1f}{r['speedup']:>8.2f}x"
-              f"{r['naive_layer_evals']:>7}/{r['fast_layer_evals']:<5}"
+              f"{r['naive_layer_evals']:>10}/{r['fast_layer_evals']:<6}"
+              f"{r['naive_vocab_s']:>8.0f}/{r['fast_vocab_s']:<6.0f}"
               f"{r['naive_peak_rss_mb']:>7.0f}/{r['fast_peak_rss_mb']:<6.0f}{r['max_abs_kl_diff']:>11.1e}")
+    print("vocab s: time in the vocabulary projection (lm_head) and the KL's reductions over the vocabulary")
     print(f"\n{doc['samples']} sequences x {doc['seq_len']} tokens, {doc['threads']} threads; wrote {args.output}")
 
 

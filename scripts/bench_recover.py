@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Benchmark recovery on the demo model: the linear-patch fit, and one fine-tuning step.
+
+    .venv/bin/python scripts/bench_recover.py                      # plan: 6 layers removed, 64 × 128 tokens
+    .venv/bin/python scripts/bench_recover.py --plan plan.json --samples 32 --steps 5
+
+Each measurement runs in its own subprocess so its peak memory (max RSS) is its own:
+
+``load``        the model and the calibration tokens only: the baseline every other row includes;
+``patch``       fit_patches (both streams, the sequential ridge fits, the held-out KL), seconds and peak;
+``step-lora``   LoRA (rank 16) fine-tuning steps of --batch-size sequences: the median seconds per step
+                after one warm-up step, with the teacher states computed before (not timed);
+``step-full``   the same, full fine-tuning of every used weight of the kept layers.
+
+The figures go to out/bench_recover.json and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench_recover")
+
+MEASURES = ("load", "patch", "step-lora", "step-full")
+
+
+def _default_plan(model_dir: Path):
+    """Six layers removed in two runs (10-12 and 20-22): 20% of SmolLM2-135M's block parameters."""
+    from gguf_prune import hfmodel
+    from gguf_prune.plan import LayerPlan, ModelShape, Plan
+
+    shape = ModelShape.from_hf_dir(model_dir)
+    drop = {10, 11, 12, 20, 21, 22}
+    return Plan(shape=shape, layers=tuple(LayerPlan(i, removed=i in drop) for i in range(shape.n_layer)),
+                fingerprint=hfmodel.fingerprint(model_dir))
+
+
+def _measure(args) -> dict:
+    import copy
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from gguf_prune import hfmodel
+    from gguf_prune.calibration import load_calibration
+    from gguf_prune.finetune import FinetuneOptions, _loss, _teacher_states, prepare_student
+    from gguf_prune.plan import Plan
+    from gguf_prune.recover import fit_patches, mark_patches, split_heldout
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = Plan.load(args.plan) if args.plan else _default_plan(args.model)
+    plan = mark_patches(plan.without_patches())
+    model = hfmodel.load_model(args.model)
+    cal = load_calibration(None, AutoTokenizer.from_pretrained(args.model), seq_len=args.seq_len,
+                           samples=args.samples, seed=0)
+    heldout = split_heldout(cal.n_seq, 0.1, 0)
+    out: dict = {"tokens": cal.n_tokens, "patches": len(plan.patches())}
+    if args.measure == "patch":
+        t = time.perf_counter()
+        _, stats = fit_patches(model, plan, cal, heldout)
+        out.update(seconds=time.perf_counter() - t, heldout_kl=stats.get("heldout_kl"),
+                   residuals=[p.get("heldout_residual") for p in stats["patches"]])
+    elif args.measure.startswith("step-"):
+        method = args.measure.split("-", 1)[1]
+        patches = {hfmodel.PATCH_NAME.format(lp.index): torch.zeros(plan.shape.n_embd, plan.shape.n_embd)
+                   for lp in plan.patches()}
+        o = FinetuneOptions(method=method, batch_size=args.batch_size)
+        ids, mask = cal.input_ids[:args.batch_size], cal.attention_mask[:args.batch_size].long()
+        t_states = _teacher_states(model, ids, mask, "cpu", args.batch_size)
+        st = prepare_student(hfmodel.apply_plan(copy.deepcopy(model), plan, patches), plan, o)
+        del model
+        opt = torch.optim.AdamW([p for _, p in st.params], lr=o.learning_rate)
+        times = []
+        for k in range(args.steps + 1):
+            t = time.perf_counter()
+            loss, _ = _loss(st.core, st.lm_head, ids, mask, t_states, "distill", _Null)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if k:  # the first step warms up (allocations, lazy init)
+                times.append(time.perf_counter() - t)
+        out.update(seconds_per_step=statistics.median(times), steps=args.steps,
+                   tokens_per_step=int(mask.sum()), trainable_params=sum(p.numel() for _, p in st.params))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the demo model)")
+    ap.add_argument("--plan", type=Path, default=None, help="plan.json (default: layers 10-12 and 20-22 removed)")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="Timed fine-tuning steps (after one warm-up).")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--measures", default=",".join(MEASURES))
+    ap.add_argument("--measure", choices=MEASURES, help=argparse.SUPPRESS)  # the child's job
+    ap.add_argument("-o", "--output", type=Path, default=ROOT / "out" / "bench_recover.json")
+    args = ap.parse_args()
+    if args.model is None:
+        from gguf_prune.demo import ensure_demo_checkpoint
+
+        args.model = ensure_demo_checkpoint()
+    if args.measure:
+        print(json.dumps(_measure(args)))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
+    results = {}
+    for m in [x.strip() for x in args.measures.split(",") if x.strip()]:
+        cmd = [sys.executable, __file__, "--measure", m, "--model", str(args.model), "--samples", str(args.samples),
+               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+        if args.plan:
+            cmd += ["--plan", str(args.plan)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        log.info("measuring %s", m)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[m] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall_seconds": time.perf_counter() - t}
+    base = results.get("load", {}).get("peak_rss_mb")
+    rows = [("measure", "seconds", "peak RSS MB", "over load MB", "note")]
+    for m, r in results.items():
+        secs = r.get("seconds", r.get("seconds_per_step"))
+        note = ""
+        if m == "patch":
+            note = f"{r['patches']} patch(es) on {r['tokens']} tokens; held-out KL {r['heldout_kl']}"
+        elif m.startswith("step"):
+            note = f"per step of {r['tokens_per_step']} tokens, {r['trainable_params'] / 1e6:.2f}M trainable"
+        rows.append((m, "" if secs is None else f"{secs:.2f}", f"{r['peak_rss_mb']:.0f}",
+                     "" if base is None or m == "load" else f"{r['peak_rss_mb'] - base:+.0f}", note))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    meta = {"model": str(args.model), "plan": str(args.plan) if args.plan else "layers 10-12, 20-22 removed",
+            "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "threads": args.threads or torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+    args.output.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
