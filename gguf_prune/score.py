@@ -68,6 +68,9 @@ class ScoreOptions:
     batch_tokens: int | None = None  # max tokens in one forward; None: from a memory budget
     plots: bool = True
     progress: bool = True
+    stream: bool = False  # layer-major from the shards (gguf_prune.stream); also chosen when the model would not fit
+    max_memory: str | None = None  # memory budget, e.g. "24GB" (default: what the device has free)
+    units: str | None = None  # a slice of the ablation units: "K/N" (0-based) or layers "3,5-8"; implies stream
 
 
 # ----------------------------------------------------------------------------- checks
@@ -231,6 +234,9 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
     inp = prepare(hf_dir, o)
     shape, cal, plan = inp.shape, inp.calibration, inp.plan
     seconds["prepare"] = time.perf_counter() - t
+    choice = _stream_choice(hf_dir, o, inp)
+    if choice is not None:
+        return _score_streamed(hf_dir, out, o, inp, choice, seconds, t_start)
 
     t = time.perf_counter()
     model = _load(hf_dir, o, inp.device)
@@ -531,7 +537,7 @@ def _run_greedy(engine: ablate.Engine, groups, refs, plan: Plan | None, shape: M
 
 def summary(path: Path, top: int = 5) -> str:
     """A few lines about a scores file: reference perplexity, the cheapest layers, greedy order, files."""
-    d = scores_io.load(path)
+    d = scores_io.load(path, allow_slice=True)
     cal = d["calibration"]
     lines = [f"scored {d['model']['path']} on {cal['n_seq']} × {cal['seq_len']} {cal['kind']} tokens "
              f"({cal['n_tokens']} real) in {d['timing']['seconds'].get('total', 0):.0f} s; "
@@ -544,6 +550,140 @@ def summary(path: Path, top: int = 5) -> str:
     if d["greedy"]:
         lines.append("greedy: " + " → ".join(f"{s['kind']} {s['layer']} ({s['kl']:.4f})"
                                              for s in d["greedy"]["steps"]))
+    if d.get("stream"):
+        st = d["stream"]
+        lines.append(f"streamed layer-major: {st.get('passes')} pass(es) over the weights, "
+                     f"{st.get('bytes_read', 0) / 2**30:.2f} GiB read ({st.get('why')})")
+    if d.get("units"):
+        lines.append(f"slice --units {d['units']['spec']} (layers {d['units']['layers'][0]}-"
+                     f"{d['units']['layers'][-1]}): join the slices with `gguf-prune score --merge ... -o scores.json`")
     files = [Path(path).name] + ([d["neurons"]["file"]] if d["neurons"] else [])
     lines.append(f"wrote {', '.join(files)} in {Path(path).parent}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- streamed (layer-major)
+
+
+def _in_memory_bytes(hf_dir: Path, shape: ModelShape, o: ScoreOptions, device: str) -> int:
+    """What loading the model for the in-memory engine takes: weights in the compute dtype + activations."""
+    from .hfmodel import read_config
+
+    tied = bool(read_config(hf_dir).get("tie_word_embeddings", False))
+    elt = 2 if o.dtype in ("bf16", "bfloat16") else 4
+    params = shape.n_layer * shape.layer_params() + shape.n_vocab * shape.n_embd * (1 if tied else 2) + shape.n_embd
+    act = _budget(device) if device.startswith("cuda") else 2 << 30
+    return params * elt + act
+
+
+def _parse_units(spec: str, shape: ModelShape, o: ScoreOptions, head_layers: list[int]) -> list[int]:
+    """--units K/N (slice K of N, 0-based, of about equal cost) or a layer list '3,5-8' → the layers owned."""
+    from .stream import slice_layers
+
+    spec = str(spec).strip()
+    if "/" not in spec:
+        return parse_layers(spec, shape.n_layer, what="--units")
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ScoreError(f"--units {spec!r}: use K/N (slice K of N, counted from 0) or layers like 3,5-8") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise ScoreError(f"--units {spec!r}: K must be in 0..N-1 (slice K of N, counted from 0)")
+    if n > shape.n_layer:
+        raise ScoreError(f"--units {spec!r}: {n} slices of a {shape.n_layer}-layer model; slices are cut at layer "
+                         f"boundaries, use at most {shape.n_layer}")
+    heads = set(head_layers)
+    per = [(1 + (2 if o.sublayers else 0) + (shape.n_head + (shape.n_head_kv if shape.group_size > 1 else 0)
+                                             if i in heads else 0)) * (shape.n_layer - i) for i in range(shape.n_layer)]
+    return slice_layers(k, n, per)
+
+
+def _stream_choice(hf_dir: Path, o: ScoreOptions, inp: _Inputs):
+    """None for the in-memory engine, or a stream.StreamChoice: asked for, or the model would not fit."""
+    from . import stream
+
+    try:
+        budget = stream.parse_bytes(o.max_memory)
+    except stream.StreamError as e:
+        raise ScoreError(str(e)) from None
+    device = inp.device if inp.device != "map" else "cpu"
+    asked = o.stream or o.units is not None
+    reason = "--stream" if o.stream else ("--units" if o.units is not None else "")
+    if not asked:
+        if o.device_map is not None:
+            return None
+        need = _in_memory_bytes(hf_dir, inp.shape, o, device)
+        have = budget if budget is not None else stream.available_memory(device)
+        if need <= have:
+            return None
+        where = f"--max-memory {stream.fmt_bytes(have)}" if budget is not None else \
+            f"{stream.fmt_bytes(have)} free on {device}"
+        base = f"the model would need about {stream.fmt_bytes(need)} in memory ({where})"
+        if plan_or_greedy := [x for x, on in (("--plan", o.plan is not None), ("--greedy", o.greedy)) if on]:
+            log.warning("%s, but %s is not supported in streamed mode: trying in memory anyway", base,
+                        " and ".join(plan_or_greedy))
+            return None
+        reason = base + ": scoring layer-major from the shards instead (--stream)"
+        log.info("%s", reason)
+    bad = [x for x, on in (("--plan", o.plan is not None), ("--greedy", bool(o.greedy)),
+                           ("--device-map", o.device_map is not None)) if on]
+    if bad:
+        raise ScoreError(f"{reason}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported by the streamed "
+                         "engine yet; score in memory (drop --stream / --units), or drop "
+                         + ", ".join(bad))
+    owned = list(range(inp.shape.n_layer)) if o.units is None else _parse_units(o.units, inp.shape, o, inp.head_layers)
+    if budget is None:
+        free = stream.available_memory(device)
+        budget = int(free * (0.9 if device.startswith("cuda") else 0.8))
+    return stream.StreamChoice(device=device, budget=budget, owned=owned, units=o.units, reason=reason)
+
+
+def _score_streamed(hf_dir: Path, out: Path, o: ScoreOptions, inp: _Inputs, choice, seconds: dict,
+                    t_start: float) -> Path:
+    from . import stream
+
+    try:
+        parts = stream.score_streamed(hf_dir, out, o, inp, choice,
+                                      progress=lambda total, desc, unit: _progress(o, total, desc, unit))
+    except stream.StreamError as e:
+        raise ScoreError(str(e)) from None
+    seconds.update(parts["seconds"])
+    settings = {k: (str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v))
+                for k, v in asdict(o).items()}
+    settings.update({"device_resolved": choice.device, "batch_tokens_resolved": parts["batch_tokens"],
+                     "group_seqs": parts["group_seqs"], "torch": torch.__version__,
+                     "transformers": _transformers_version()})
+    seconds["total"] = time.perf_counter() - t_start
+    doc = {
+        "schema": scores_io.SLICE_SCHEMA if choice.units is not None else scores_io.SCORES_SCHEMA,
+        "version": scores_io.SCORES_VERSION,
+        "model": {"fingerprint": inp.fingerprint, "shape": inp.shape.to_dict(), "path": str(hf_dir)},
+        "calibration": inp.calibration.to_dict(),
+        "settings": settings, "base_plan": None, "full": parts["full"], "layers": parts["layers"],
+        "heads": parts["heads"], "neurons": parts["neurons"], "greedy": None, "stream": parts["stream"],
+        "timing": {"seconds": seconds, "layer_evals": parts["layer_evals"]},
+    }
+    if choice.units is not None:
+        doc["units"] = {"spec": choice.units, "layers": choice.owned}
+    scores_io.save(out, doc)
+    log.info("wrote %s (%.0f s, %d pass(es) over the weights)", out, seconds["total"], parts["stream"]["passes"])
+    if o.plots and choice.units is None:
+        from .score_plots import plot_scores
+
+        try:
+            for png in plot_scores(out):
+                log.info("wrote %s", png)
+        except Exception as e:  # plots are a convenience: never lose the scores for them
+            log.warning("could not draw the score plots (%s: %s); scores.json is complete", type(e).__name__, e)
+    return out
+
+
+def merge_scores(paths: list[Path], out: Path) -> Path:
+    """Join --units slices into one scores.json (refusing slices of other models, data or settings)."""
+    from . import stream
+
+    try:
+        stream.merge_slices(paths, Path(out))
+    except stream.StreamError as e:
+        raise ScoreError(str(e)) from None
+    return Path(out)

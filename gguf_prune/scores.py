@@ -16,6 +16,11 @@ statistics (``freq.{layer}``, ``mean_abs.{layer}``, ``wxa.{layer}``, each
      "greedy": null | {"units", "by", "steps": [{"kind", "layer", "kl", "delta_kl", "params_removed", "candidates"}]},
      "timing": {"seconds": {...}, "layer_evals": int}}
 
+A streamed run (``score --stream``) adds ``"stream"``: passes over the weights and why, bytes read, the
+memory budget. A run of one slice of the ablation units (``score --units K/N``) is written with schema
+``gguf-prune/scores-slice`` and a ``"units"`` entry ({"spec", "layers"}); its unit scores outside its
+layers are null, so nothing but ``score --merge`` reads it.
+
 All KLs are KL(reference ‖ variant) in nats per real calibration token, where the
 reference is the unpruned model (also when a base plan was applied: then every
 variant includes the base plan's cuts, and ``base_plan.kl`` is the plan alone).
@@ -31,6 +36,7 @@ from typing import Any, Mapping
 from .plan import ModelShape, write_text_atomic
 
 SCORES_SCHEMA = "gguf-prune/scores"
+SLICE_SCHEMA = "gguf-prune/scores-slice"  # one --units slice: only `score --merge` reads it
 SCORES_VERSION = 1
 NEURON_STATS = ("freq", "mean_abs", "wxa")
 LAYER_KEYS = ("index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi")
@@ -65,12 +71,12 @@ def save(path: Path, scores: Mapping[str, Any]) -> Path:
     """Validate and write ``scores`` atomically as sorted JSON."""
     path = Path(path)
     d = clean(scores)
-    validate(d, source=str(path))
+    validate(d, source=str(path), allow_slice=d.get("schema") == SLICE_SCHEMA)
     write_text_atomic(path, json.dumps(d, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return path
 
 
-def load(path: Path) -> dict:
+def load(path: Path, allow_slice: bool = False) -> dict:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -78,14 +84,20 @@ def load(path: Path) -> dict:
         raise ScoresError(f"{path}: no such scores file; run `gguf-prune score HF_DIR -o {path}` first") from None
     except json.JSONDecodeError as e:
         raise ScoresError(f"{path} is not valid JSON ({e}); re-run `gguf-prune score`") from None
-    return validate(d, source=str(path))
+    return validate(d, source=str(path), allow_slice=allow_slice)
 
 
-def validate(d: Any, source: str = "scores") -> dict:
+def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
     """Check the structure; raise one ScoresError naming every problem."""
     if not isinstance(d, Mapping):
         raise ScoresError(f"{source}: expected a JSON object, got {type(d).__name__}")
-    if d.get("schema") != SCORES_SCHEMA:
+    if d.get("schema") == SLICE_SCHEMA and not allow_slice:
+        u = d.get("units") or {}
+        raise ScoresError(f"{source} is one slice (--units {u.get('spec')}) of a split scoring run; join the "
+                          "slices with `gguf-prune score --merge a.json b.json ... -o scores.json`")
+    if d.get("schema") == SLICE_SCHEMA and not (isinstance(d.get("units"), Mapping) and "layers" in d["units"]):
+        raise ScoresError(f"{source}: a scores slice without its 'units' entry; re-run `gguf-prune score --units`")
+    if d.get("schema") not in ((SCORES_SCHEMA, SLICE_SCHEMA) if allow_slice else (SCORES_SCHEMA,)):
         raise ScoresError(f"{source}: 'schema' is {d.get('schema')!r}, expected {SCORES_SCHEMA!r}: "
                           "not a gguf-prune scores file")
     if d.get("version") != SCORES_VERSION:
