@@ -242,7 +242,7 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
 
 
 @main.command("score")
-@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="HF_DIR")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file, or .jsonl of {\"messages\": [...]} chats (default: bundled English text).")
 @click.option("--calibration-kind", type=click.Choice(["auto", "text", "chat"]), default="auto", show_default=True,
@@ -275,13 +275,38 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
 @click.option("--device-map", default=None, help="accelerate device_map (e.g. auto) for models larger than one device.")
 @click.option("--batch-tokens", type=int, default=None, help="Max tokens per forward (default: from a memory budget).")
 @click.option("--no-plots", is_flag=True, help="Do not draw PNG plots.")
-def score_cmd(hf_dir, output, plan_path, greedy_units, no_plots, **kw) -> None:
-    """Measure what every layer, sub-block, head and neuron of HF_DIR does; write scores.json."""
+@click.option("--stream", is_flag=True,
+              help="Layer-major from the safetensors shards: one layer in memory at a time (chosen automatically, "
+                   "with a message, when the model would not fit).")
+@click.option("--max-memory", default=None,
+              help="Memory budget for scoring, e.g. 24GB or 512MiB (default: what the device has free); "
+                   "streamed scoring makes more passes over the weights to stay under it.")
+@click.option("--units", default=None,
+              help="Score one slice of the ablation units: K/N (slice K of N, from 0, about equal cost) or layers "
+                   "like 0-9; join the slices with --merge. Implies --stream.")
+@click.option("--merge", "merge", is_flag=True,
+              help="Join --units slices: gguf-prune score --merge a.json b.json ... -o scores.json")
+def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, **kw) -> None:
+    """Measure what every layer, sub-block, head and neuron of HF_DIR does; write scores.json.
+
+    With --merge, the arguments are scores slices (from --units) to join into -o.
+    """
     from .calibration import CalibrationError
     from .hfmodel import ModelDirError
     from .plan import PlanError
-    from .score import ScoreError, ScoreOptions, score_model, summary
+    from .score import ScoreError, ScoreOptions, merge_scores, score_model, summary
+    from .scores import ScoresError
 
+    if merge:
+        try:
+            out = merge_scores(list(inputs), output)
+        except (ScoreError, ScoresError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(summary(out))
+        return
+    if len(inputs) != 1:
+        raise click.UsageError(f"give one HF_DIR (got {len(inputs)} arguments); to join scores slices use --merge")
+    hf_dir = inputs[0]
     units = tuple(u.strip() for u in greedy_units.split(",") if u.strip())
     try:
         out = score_model(hf_dir, output, ScoreOptions(plan=plan_path, greedy_units=units, plots=not no_plots, **kw))
@@ -337,16 +362,29 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @click.option("--threads", type=int, default=None)
 @click.option("--no-package", is_flag=True, help="Skip building the executable.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Iterative pruning: cut budget/ROUNDS per round, recover, re-score on top of the cuts, repeat.")
+@click.option("--recover", "recover_mode",
+              type=click.Choice(["none", "patch", "lora", "full", "patch+lora", "patch+full"]), default="none",
+              show_default=True,
+              help="Recovery after cutting (every round when iterating): linear patches, LoRA or full fine-tuning "
+                   "by distillation, or both; the pruned GGUF is written from the recovered weights.")
+@click.option("--recover-samples", type=int, default=64, show_default=True,
+              help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
+@click.option("--finetune-steps", type=int, default=200, show_default=True,
+              help="Fine-tuning steps (per round when iterating).")
 def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps, heads, greedy_pool, quant, text,
-            prompts, eval_chunks, threads, no_package, device) -> None:
-    """The main job: score, plan, prune to Q4_K_M, evaluate against the uncut base, package."""
+            prompts, eval_chunks, threads, no_package, device, rounds, recover_mode, recover_samples,
+            finetune_steps) -> None:
+    """The main job: score, plan, [recover,] prune to Q4_K_M, evaluate against the uncut base, package."""
     from .pipeline import DEFAULT_PROMPTS, RunOptions, format_summary, run
 
     opts = RunOptions(model=model, out_dir=out_dir, calibration=calibration, samples=samples, seq_len=seq_len,
                       budget=budget, greedy_steps=greedy_steps, heads=heads, greedy_pool=greedy_pool or None,
                       quant=quant, text=text,
                       prompts=prompts or DEFAULT_PROMPTS, eval_chunks=eval_chunks, threads=threads,
-                      package=not no_package, device=device)
+                      package=not no_package, device=device, rounds=rounds, recover=recover_mode,
+                      recover_samples=recover_samples, finetune_steps=finetune_steps)
     try:
         summary = run(opts)
     except Exception as e:  # every stage's error type is a ValueError/RuntimeError with a clear message

@@ -4,6 +4,11 @@ Each stage writes its file into the run directory and the next stage reads it,
 so a run can be inspected, edited and resumed stage by stage:
 
     scores.json → plan.json → base.gguf / pruned.gguf → report/ → the executable
+
+With recovery (``recover`` other than "none") the cut model is recovered before it is
+written (``recovered/``, then ``prune --recovered``); with ``rounds`` > 1 scoring, planning
+and recovery are iterated (:mod:`gguf_prune.iterate`, files under ``rounds/``), each round
+reaching budget·r/R.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class RunOptions:
     package: bool = True
     bench: bool = True
     device: str = "auto"
+    rounds: int = 1  # > 1: iterative pruning (cut a little, recover, re-score, repeat)
+    recover: str = "none"  # none | patch | lora | full | patch+lora | patch+full (iterate.RECOVER_MODES)
+    recover_samples: int = 64  # calibration sequences for recovery (patch fit, fine-tuning, held-out split)
+    finetune_steps: int = 200  # fine-tuning steps (per round when iterating)
+    heldout: float = 0.1  # fraction of the recovery sequences held out (early stopping, round figures)
 
 
 def _stage(n: int, total: int, what: str) -> float:
@@ -64,8 +74,64 @@ def greedy_steps_for(budget: float, n_layer: int, units: tuple[str, ...]) -> int
     return max(1, layers) if tuple(units) == ("layer",) else 2 * layers + 2
 
 
+def _recovery_options(o: RunOptions, patch: bool, method: str | None):
+    """The recovery settings of a run: RecoverOptions for one-shot runs and IterateOptions' parts."""
+    from .finetune import FinetuneOptions
+    from .recover import RecoverOptions
+
+    fto = FinetuneOptions(method=method, steps=o.finetune_steps) if method else None
+    return fto, RecoverOptions(calibration=o.calibration, seq_len=o.seq_len, samples=o.recover_samples,
+                               heldout=o.heldout, patch=patch, finetune=method, finetune_options=fto,
+                               device=o.device)
+
+
+def _check_run(o: RunOptions) -> tuple[bool, str | None]:
+    """Options that would fail late (after scoring): refuse them before any work."""
+    from .finetune import check_options
+    from .iterate import IterateError, parse_recover
+
+    p = []
+    if not isinstance(o.rounds, int) or o.rounds < 1:
+        p.append(f"--rounds {o.rounds!r} must be a whole number, at least 1")
+    if not 0 < o.budget < 1:
+        p.append(f"--budget {o.budget} must be a fraction of the block parameters in (0, 1)")
+    try:
+        patch, method = parse_recover(o.recover)
+    except IterateError as e:
+        p.append(str(e))
+        patch, method = False, None
+    if o.recover != "none" and o.recover_samples < 2:
+        p.append(f"--recover-samples {o.recover_samples} must be at least 2")
+    if not 0 <= o.heldout < 1:
+        p.append(f"heldout {o.heldout} must be in [0, 1)")
+    if p:
+        raise ValueError("run options are invalid:\n  - " + "\n  - ".join(p))
+    fto, _ = _recovery_options(o, patch, method)
+    if fto is not None:
+        check_options(fto)
+    return patch, method
+
+
+def _check_training_data(model: Path, ropts, fto) -> None:
+    """Refuse training data shorter than one batch before scoring, not after it."""
+    from transformers import AutoTokenizer
+
+    from .calibration import load_calibration
+    from .finetune import check_data
+    from .recover import split_heldout
+
+    cal = load_calibration(ropts.calibration, AutoTokenizer.from_pretrained(str(model)), seq_len=ropts.seq_len,
+                           samples=ropts.samples, seed=ropts.seed, kind=ropts.calibration_kind)
+    check_data(cal, split_heldout(cal.n_seq, ropts.heldout, ropts.seed), fto)
+
+
 def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
-    """The main job: score → plan → prune (base and pruned) → eval → package → summary."""
+    """The main job: score → plan → [recover] → prune (base and pruned) → eval → package → summary.
+
+    ``rounds`` > 1: score → plan → recover is repeated, each round cutting on top of the last and
+    recovering from its weights (:func:`gguf_prune.iterate.iterate`); the last round's recover
+    directory is what the pruned GGUF is written from. Round figures go into summary.json.
+    """
     from . import evaluate as ev
     from . import hfmodel
     from .demo import MODEL_NAME, ensure_demo_checkpoint
@@ -76,6 +142,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
 
     o = options
     t_start = time.time()
+    patch, method = _check_run(o)
     model = Path(o.model) if o.model else ensure_demo_checkpoint()
     shape = hfmodel.check_model_dir(model)
     name = MODEL_NAME if o.model is None else model.name
@@ -84,32 +151,66 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     units = ("layer", "attn", "mlp")
     steps = o.greedy_steps or greedy_steps_for(o.budget, shape.n_layer, units)
     timings: dict[str, float] = {}
-    total = 6 if o.package else 5
+    iterative, recovering = o.rounds > 1, o.recover != "none"
+    names = (["iterate"] if iterative else ["score", "plan"] + (["recover"] if recovering else [])) \
+        + ["prune", "eval"] + (["package"] if o.package else []) + ["summary"]
+    total = len(names)
 
-    t = _stage(1, total, f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; "
-                         f"greedy {steps} steps over {'/'.join(units)}, re-measuring the {o.greedy_pool or 'all'} cheapest each step)")
-    scores = score_model(model, out / "scores.json", ScoreOptions(
-        calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads, neurons=True,
-        greedy=steps, greedy_units=units, greedy_by="kl-per-param", greedy_pool=o.greedy_pool, device=o.device))
-    timings["score"] = time.time() - t
+    def stage(what: str, text: str) -> float:
+        return _stage(names.index(what) + 1, total, text)
 
-    t = _stage(2, total, f"plan: remove {100 * o.budget:.0f}% of block parameters, cheapest first (greedy order)")
-    plan = make_plan(scores, out / "plan.json", PlanOptions(target_params=o.budget, quant=o.quant))
-    timings["plan"] = time.time() - t
+    recovered, rounds = None, None
+    fto, ropts = _recovery_options(o, patch, method)
+    if fto is not None and not iterative:  # iterate() checks its own data before any work
+        _check_training_data(model, ropts, fto)
+    if iterative:
+        from .iterate import IterateOptions, iterate
 
-    t = _stage(3, total, f"prune: convert, cut and quantize to {o.quant} (and the uncut base, made the same way)")
+        t = stage("iterate", f"iterative pruning: {o.rounds} rounds to {100 * o.budget:.0f}% of block parameters "
+                             f"(score on top of the cuts so far, extend the plan, recover: {o.recover})")
+        it = iterate(model, out / "rounds", IterateOptions(
+            rounds=o.rounds, budget=o.budget, recover=o.recover, calibration=o.calibration, samples=max(
+                o.recover_samples, o.samples) if recovering else o.samples, score_samples=o.samples,
+            seq_len=o.seq_len, heldout=o.heldout, quant=o.quant, finetune_options=fto, device=o.device))
+        plan, recovered, rounds = it.plan, it.recovered, it.rounds
+        plan.save(out / "plan.json")
+        timings["iterate"] = time.time() - t
+    else:
+        t = stage("score", f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; "
+                           f"greedy {steps} steps over {'/'.join(units)}, re-measuring the {o.greedy_pool or 'all'} "
+                           "cheapest each step)")
+        scores = score_model(model, out / "scores.json", ScoreOptions(
+            calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads, neurons=True,
+            greedy=steps, greedy_units=units, greedy_by="kl-per-param", greedy_pool=o.greedy_pool, device=o.device))
+        timings["score"] = time.time() - t
+
+        t = stage("plan", f"plan: remove {100 * o.budget:.0f}% of block parameters, cheapest first (greedy order)")
+        plan = make_plan(scores, out / "plan.json", PlanOptions(target_params=o.budget, quant=o.quant))
+        timings["plan"] = time.time() - t
+
+        if recovering:
+            from .recover import recover
+
+            t = stage("recover", f"recover the cut model ({o.recover}) on {o.recover_samples} calibration sequences")
+            rec = recover(model, plan, out / "recovered", ropts)
+            recovered = rec.path
+            log.info("%s", rec.summary())
+            timings["recover"] = time.time() - t
+
+    t = stage("prune", f"prune: convert, cut{', write the recovered tensors' if recovered else ''} and quantize to "
+                       f"{o.quant} (and the uncut base, made the same way)")
     base = prune(model, None, out / f"base-{o.quant}.gguf", quant=o.quant, threads=o.threads)
-    pruned = prune(model, plan, out / f"pruned-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+    pruned = prune(model, plan, out / f"pruned-{o.quant}.gguf", quant=o.quant, threads=o.threads, recovered=recovered)
     timings["prune"] = time.time() - t
 
-    t = _stage(4, total, "eval in llama.cpp against the base: perplexity, KL, top-1, speed, size, prompts")
+    t = stage("eval", "eval in llama.cpp against the base: perplexity, KL, top-1, speed, size, prompts")
     report = ev.evaluate(base.path, [pruned.path], out / "report", text=o.text, options=ev.EvalOptions(
         chunks=o.eval_chunks, threads=o.threads, prompts=o.prompts, bench=o.bench, labels=["base", "pruned"]))
     timings["eval"] = time.time() - t
 
     exe = None
     if o.package:
-        t = _stage(5, total, "package: one executable with llama-server, its web UI and the pruned model")
+        t = stage("package", "package: one executable with llama-server, its web UI and the pruned model")
         exe = build_package(pruned.path, out / f"{name}-pruned", PackageOptions(name=f"{name}-pruned"))
         timings["package"] = time.time() - t
 
@@ -119,10 +220,20 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
                "report": str(out / "report" / "report.md"), "executable": str(exe) if exe else None,
                "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "quality": report["models"][1].get("quality"), "speed": report["models"][1].get("speed"),
-               "prompts": {e["name"]: (e.get("prompts") or {}).get("passed") for e in report["models"]}}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    _stage(total, total, "summary")
+               "prompts": {e["name"]: (e.get("prompts") or {}).get("passed") for e in report["models"]},
+               "recover": o.recover, "recovered": str(recovered) if recovered else None, "rounds": _round_rows(rounds)}
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
+    stage("summary", "summary")
     return summary
+
+
+def _round_rows(rounds: list[dict] | None) -> list[dict] | None:
+    """The figures of each round that summary.json keeps: budget aimed at and reached, units cut, held-out KL."""
+    if rounds is None:
+        return None
+    keep = ("round", "target", "removed_fraction", "cut", "heldout_kl", "heldout_kl_stages", "kl_in", "recovered",
+            "seconds")
+    return [{k: r.get(k) for k in keep} for r in rounds]
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -143,6 +254,13 @@ def format_summary(s: dict[str, Any]) -> str:
                      "(llama-bench, against the base in the same run)")
     if any(v is not None for v in s["prompts"].values()):
         lines.append("prompts      " + ", ".join(f"{k} {v}" for k, v in s["prompts"].items()))
+    for r in s.get("rounds") or []:
+        kl = r.get("heldout_kl")
+        lines.append(f"round {r['round']:<6} {100 * r['target']:.1f}% aimed, "
+                     f"{100 * r['removed_fraction']:.1f}% removed (cut {', '.join(r['cut']) or 'nothing'}); held-out KL after recovery "
+                     + ("n/a" if kl is None else f"{kl:.4f}"))
+    if s.get("recovered"):
+        lines.append(f"recovered    {s['recovered']}  ({s['recover']})")
     lines.append(f"report       {s['report']}")
     if s.get("executable"):
         lines.append(f"executable   {s['executable']}  (run it, then open http://127.0.0.1:8080/)")

@@ -348,8 +348,6 @@ def _prune_neurons(w: _Work, stats: Mapping[str, np.ndarray], o: PlanOptions, pr
 def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected: set[int],
                  fingerprint: str) -> list[str]:
     s = w.shape
-    attn_p, mlp_p = s.attn_params(), s.mlp_params()
-    layer_p = attn_p + mlp_p
 
     def current() -> Plan:
         return w.to_plan(fingerprint, {"quant": o.quant})
@@ -395,12 +393,18 @@ def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected:
         if i in protected or not w.alive(i):
             continue
         e = layers.get(i, {})
-        if "layer" in o.units and e.get("kl") is not None:
-            units.append((float(e["kl"]) / layer_p, "layer", i, float(e["kl"])))
+        # what each unit removes now: a base plan may have cut this layer's attention, MLP, heads or neurons
+        attn_p = 0 if i in w.attn_removed else s.attn_params(*_head_counts(s, w.heads.get(i)))
+        mlp_p = 0 if i in w.mlp_removed else s.mlp_params(len(w.neurons.get(i, range(s.n_ff))))
+        if "layer" in o.units and e.get("kl") is not None and attn_p + mlp_p:
+            units.append((float(e["kl"]) / (attn_p + mlp_p), "layer", i, float(e["kl"])))
         if "attn" in o.units and e.get("attn_kl") is not None and i not in w.attn_removed:
             units.append((float(e["attn_kl"]) / attn_p, "attn", i, float(e["attn_kl"])))
         if "mlp" in o.units and e.get("mlp_kl") is not None and i not in w.mlp_removed:
             units.append((float(e["mlp_kl"]) / mlp_p, "mlp", i, float(e["mlp_kl"])))
+    if not units and not any(w.alive(i) and i not in protected for i in range(s.n_layer)):
+        return [f"the budget cannot be met: every layer left is protected (protect_first={o.protect_first}, "
+                f"protect_last={o.protect_last} of {s.n_layer} layers)"]
     if not units:
         return ["the budget needs layer or sub-block KL scores (or a greedy run) in the scores"]
     for per_param, kind, i, kl in sorted(units):
@@ -411,6 +415,13 @@ def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected:
         {"layer": w.remove_layer, "attn": w.remove_attn, "mlp": w.remove_mlp}[kind](i)
         w.note(i, **{f"{kind}_removed_by": "budget/kl-per-param", f"{kind}_kl": kl})
     return [] if met() else ["the budget cannot be met without cutting protected layers"]
+
+
+def _head_counts(s: ModelShape, heads: tuple[int, ...] | None) -> tuple[int, int]:
+    """(query heads, KV groups) kept, for attn_params."""
+    if heads is None:
+        return s.n_head, s.n_head_kv
+    return len(heads), len({h // s.group_size for h in heads})
 
 
 # ------------------------------------------------------------------- explain
@@ -484,6 +495,33 @@ def _human(n: int) -> str:
     if n >= 1e3:
         return f"{n / 1e3:.1f}K"
     return str(n)
+
+
+def revived(before: Plan, after: Plan) -> list[str]:
+    """What ``after`` keeps that ``before`` removed (a layer, an attention or MLP sub-block, a head, a
+    neuron), one line each; [] when ``after`` only cuts more. Patches are ignored: they stand in for
+    removed parts, they do not keep them."""
+    s = before.shape
+    out = []
+    for b, a in zip(before.layers, after.layers):
+        i = b.index
+        if b.removed:
+            if not a.removed:
+                out.append(f"layer {i} is removed before and kept after")
+            continue
+        if a.removed:
+            continue
+        back_h = sorted(set(a.kept_heads(s)) - set(b.kept_heads(s)))
+        if b.attention_removed and back_h:
+            out.append(f"layer {i}: attention removed before and kept after")
+        elif back_h:
+            out.append(f"layer {i}: query heads {ranges(back_h)} removed before and kept after")
+        back_n = sorted(set(a.kept_neurons(s)) - set(b.kept_neurons(s)))
+        if b.mlp_removed and back_n:
+            out.append(f"layer {i}: MLP removed before and kept after")
+        elif back_n:
+            out.append(f"layer {i}: {len(back_n)} MLP neuron(s) removed before and kept after")
+    return out
 
 
 def make_plan(scores_path: Path, out: Path, options: PlanOptions) -> Plan:

@@ -30,7 +30,8 @@ The recover directory (the hand-off to ``gguf-prune prune --recovered DIR``)::
                             model.layers.{i}.patch.weight (n_embd, n_embd) and, after
                             fine-tuning, the changed weights in their unsliced shapes
     recover.json            what was done, the figures, and the hashes that tie the
-                            three files to each other and to the checkpoint
+                            three files to each other and to the checkpoint (and, for a
+                            round of iterative pruning, the ``start`` directory it went on from)
 
 ``recover.json`` is written last: a directory without it is not a recover directory.
 """
@@ -423,11 +424,15 @@ def _pruned_layers(model, cut: Plan) -> list:
 
 
 def fit_patches(model, plan: Plan, cal: Calibration, heldout: set[int], fit: str = "pruned",
-                weighting: str = "rms", seqs_per_batch: int = 8) -> tuple[dict[str, torch.Tensor], dict]:
+                weighting: str = "rms", seqs_per_batch: int = 8,
+                pruned_from=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Fit every patch of ``plan`` on ``cal`` (sequences in ``heldout`` choose the ridge and are scored).
 
     Returns ``{model.layers.{i}.patch.weight: W}`` and statistics, with the held-out KL of the cut alone
     and of the cut with its patches (PyTorch, per real token).
+
+    ``model`` is the unpruned model (the target). ``pruned_from``: a model of the same shape whose layers
+    the pruned path runs instead of ``model``'s (the weights an earlier recovery left); default ``model``.
 
     ``weighting="rms"`` weighs each token by 1/mean(h_out²): the next layer sees rmsnorm(h), so an error
     matters relative to the size of the state (without it the few huge "attention sink" states dominate).
@@ -439,8 +444,9 @@ def fit_patches(model, plan: Plan, cal: Calibration, heldout: set[int], fit: str
     t0 = time.time()
     eps = float(getattr(model.config, "rms_norm_eps", 1e-6))
     cut = plan.without_patches()
-    full_e, pr_e = Engine(model), Engine(model)
-    pr_e.layers = _pruned_layers(model, cut)
+    src = model if pruned_from is None else pruned_from
+    full_e, pr_e = Engine(model), Engine(src)
+    pr_e.layers = _pruned_layers(src, cut)
     pr_e.n_layer = len(pr_e.layers)
     pos = {layer.source_index: k for k, layer in enumerate(pr_e.layers)}
     spans = patch_spans(plan)
@@ -580,8 +586,15 @@ def _check_output(out: Path) -> None:
                                "empty or new directory, or an earlier recover directory to replace")
 
 
-def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions = RecoverOptions()) -> RecoverResult:
+def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions = RecoverOptions(),
+            start: Path | None = None) -> RecoverResult:
     """Fit patches and/or fine-tune the pruned model; write the recover directory ``out``.
+
+    ``start``: a recover directory of the same checkpoint whose cut ``plan`` contains (an earlier round of
+    iterative pruning). Its tensors are the starting point: what ``plan`` still keeps of them is loaded
+    before patches are fitted (on the pruned model with those weights) and before fine-tuning, and is
+    written into ``out`` with what this recovery changes. Its patches are not carried: the cut has
+    changed, so every patch of ``plan`` is fitted afresh. The teacher is always the unpruned checkpoint.
 
     Every input is checked before anything is written; the files in ``out`` are replaced one by one
     (each atomically), ``recover.json`` last.
@@ -611,6 +624,8 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     target = mark_patches(cut) if o.patch else cut
     if o.patch and not target.patches():
         log.warning("the plan removes no layer and no attention sub-block: there is nothing to patch")
+    tied = bool(hfmodel.read_config(hf_dir).get("tie_word_embeddings", False))
+    start_rec = None if start is None else _check_start(Path(start), shape, fp, cut, tied, out)
     _check_output(out)
     cal_path, kind = check_calibration_file(o.calibration, o.calibration_kind)
     device = resolve_device(o.device)
@@ -623,7 +638,6 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     if o.finetune:
         check_data(cal, heldout, fto)  # before any model is loaded or any file written
     model = hfmodel.load_model(hf_dir)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     weights: dict[str, torch.Tensor] = {}
     manifest: dict[str, Any] = {
@@ -632,8 +646,19 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
         "calibration": cal.to_dict() | {"heldout_sequences": sorted(heldout)},
         "heldout_kl": {},
     }
+    if start_rec is not None:
+        weights = carry_weights(start_rec.weights(), cut, tied)
+        manifest["start"] = {"path": str(start_rec.path), "plan_digest": start_rec.plan.digest(),
+                             "tensors_sha256": start_rec.manifest["tensors"]["sha256"],
+                             "carried": sorted(weights)}
+        log.info("starting from %s: %d of its %d tensors still fit the cut", start_rec.path, len(weights),
+                 len(start_rec.shapes))
     if target.patches():
-        weights, pstats = fit_patches(model, target, cal, heldout, fit=o.patch_fit, weighting=o.patch_weighting)
+        src = _with_weights(model, weights) if weights else None
+        pw, pstats = fit_patches(model, target, cal, heldout, fit=o.patch_fit, weighting=o.patch_weighting,
+                                 pruned_from=src)
+        del src
+        weights.update(pw)
         manifest["patch"] = pstats
         if "heldout_kl" in pstats:
             manifest["heldout_kl"].update(cut=pstats["heldout_kl"]["cut"], patched=pstats["heldout_kl"]["patched"])
@@ -664,6 +689,53 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     log.info("recover directory written: %s (%.0f s)", out, time.time() - t0)
     return RecoverResult(path=out, plan=target, manifest=manifest)
+
+
+def _check_start(start: Path, shape: ModelShape, fp: str, cut: Plan, tied: bool, out: Path) -> Recovered:
+    """Open ``start`` (an earlier round's recover directory) and check that ``cut`` only cuts more."""
+    from .planner import revived
+
+    if start.resolve() == out.resolve():
+        raise RecoverError(f"the start directory {start} is also the output: write the new recovery elsewhere "
+                           "(the start is an input and is never overwritten)")
+    rec = open_recovered(start, shape, fp, tied=tied)
+    back = revived(rec.plan.without_patches(), cut)
+    if back:
+        raise RecoverError(f"the plan keeps parts that the start directory {start} removed (a later round "
+                           "may only cut more):\n  - " + "\n  - ".join(back))
+    return rec
+
+
+def carry_weights(weights: Mapping[str, torch.Tensor], cut: Plan, tied: bool | None = None) -> dict:
+    """The recovered tensors of an earlier round that ``cut`` still uses (patch matrices are not carried:
+    a changed cut needs its patches fitted afresh)."""
+    s = cut.shape
+    by_index = {lp.index: lp for lp in cut.layers}
+    keep = {}
+    for name, w in weights.items():
+        if name.endswith(".patch.weight") or check_names({name: tuple(w.shape)}, cut.without_patches(), tied):
+            continue
+        layer, suffix = split_hf_name(name)
+        lp = by_index.get(layer)
+        if lp is not None and suffix == "self_attn.o_proj.weight" and lp.heads is not None:
+            w = w.clone()  # (n_embd, n_head*head_dim): zero the columns of heads this cut removes, as training does
+            for h in sorted(set(range(s.n_head)) - set(lp.heads)):
+                w[:, h * s.head_dim:(h + 1) * s.head_dim] = 0
+        if lp is not None and suffix == "mlp.down_proj.weight" and lp.neurons is not None:
+            w = w.clone()  # (n_embd, n_ff): zero the columns of removed neurons
+            w[:, sorted(set(range(s.n_ff)) - set(lp.neurons))] = 0
+        keep[name] = w
+    return keep
+
+
+def _with_weights(model, weights: Mapping[str, torch.Tensor]):
+    """A copy of ``model`` with ``weights`` (source names, full shapes) loaded over its own."""
+    m = copy.deepcopy(model)
+    state = m.state_dict()
+    with torch.no_grad():
+        for name, w in weights.items():
+            state[name].copy_(w.to(state[name].dtype))
+    return m
 
 
 def _digest_tensors(weights: Mapping[str, torch.Tensor]) -> str:
