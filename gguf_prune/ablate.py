@@ -679,3 +679,17 @@ def naive_divergence(model, groups: Sequence[tuple[torch.Tensor, torch.Tensor]],
                 timing["body"] = timing.get("body", 0.0) + t1 - t0
                 timing["vocab"] = timing.get("vocab", 0.0) + time.perf_counter() - t1
     return kl / n_real, nll / max(1, n_tgt), n_real, n_tgt
+
+
+def taylor_per_head(attn, n_head: int, n_head_kv: int, head_dim: int) -> torch.Tensor:
+    """Σ |g ⊙ w| of an attention module's projections per query head, from the gradients that
+    a backward pass left on its weights: the head's q_proj rows and o_proj columns, plus its
+    share (1/group size) of its KV head's k_proj and v_proj rows. Returns (n_head,) float32."""
+    gw = {n: (getattr(attn, n).weight.grad.float() * getattr(attn, n).weight.detach().float()).abs()
+          for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    gs = n_head // n_head_kv
+    q = gw["q_proj"].view(n_head, head_dim, -1).sum((1, 2))  # q_proj: (n_head*hd, d) rows per head
+    o = gw["o_proj"].view(-1, n_head, head_dim).sum((0, 2))  # o_proj: (d, n_head*hd) columns per head
+    k = gw["k_proj"].view(n_head_kv, head_dim, -1).sum((1, 2))  # (n_kv*hd, d) rows per KV head
+    v = gw["v_proj"].view(n_head_kv, head_dim, -1).sum((1, 2))
+    return q + o + ((k + v) / gs).repeat_interleave(gs)  # each query head's share of its KV head

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import Calibration
+from . import hfmodel
 from .hfmodel import PatchLayer, _ZeroAttention, _ZeroMLP
 from .plan import Plan
 
@@ -85,14 +86,7 @@ class FinetuneResult:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FinetuneError(f"--device {device}: no CUDA device is available to torch {torch.__version__}; "
-                            "use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FinetuneError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
-    return device
+    return hfmodel.resolve_device(device, FinetuneError)
 
 
 def check_options(o: FinetuneOptions) -> None:

@@ -32,6 +32,18 @@ class WeightsError(ValueError):
 PATCH_NAME = "model.layers.{}.patch.weight"  # a patch's matrix (n_embd, n_embd) in HF terms, source layer index
 
 
+def resolve_device(device: str, error: type[Exception] = ValueError) -> str:
+    """``--device`` (auto, cpu, cuda, cuda:N) → a torch device string; ``error`` names a bad choice."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"--device {device}: no CUDA device is available to torch {torch.__version__}; "
+                    "use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise error(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    return device
+
+
 def read_config(hf_dir: Path) -> dict[str, Any]:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():

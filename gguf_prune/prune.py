@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import hfmodel, llamacpp, toolchain
-from .gguf_io import default_file_mode, fsync_path
+from .gguf_io import fsync_path
 from .plan import Plan, validate, write_text_atomic
 from .quantize import QuantizeError, check_quant_type, quantize
 from .recover import open_recovered
@@ -161,7 +161,6 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
         shutil.rmtree(tmpdir, ignore_errors=True)
     plan_path = plan_path_for(out)
     write_text_atomic(plan_path, the_plan.to_json())
-    os.chmod(plan_path, default_file_mode())  # write_text_atomic leaves mkstemp's 0600
     result = PruneResult(path=out, plan_path=plan_path, base_gguf=base, quant=q, outtype=outtype,
                          architecture=architecture, plan_digest=the_plan.digest(), bytes_base=base.stat().st_size,
                          bytes_pruned=bytes_pruned, bytes_out=out.stat().st_size, fallbacks=fallbacks, dims=dims,

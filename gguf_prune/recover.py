@@ -42,7 +42,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -55,7 +54,7 @@ import torch
 
 from . import hfmodel
 from .calibration import Calibration, check_calibration_file, load_calibration
-from .plan import ModelShape, Plan, validate, write_text_atomic
+from .plan import ModelShape, Plan, save_tensors_atomic, validate, write_text_atomic
 from .rewrite import Override
 
 log = logging.getLogger(__name__)
@@ -747,17 +746,10 @@ def _digest_tensors(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def _write(out: Path, plan: Plan, weights: Mapping[str, torch.Tensor], manifest: dict, seconds: float) -> dict:
-    from safetensors.torch import save_file
-
-    from .gguf_io import default_file_mode
-
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the new manifest lands
-    tmp = out / f".{TENSORS}.partial"
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in sorted(weights.items())}
-    save_file(tensors, str(tmp), metadata={"format": "pt", "gguf_prune.plan_digest": plan.digest()})
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, out / TENSORS)
+    save_tensors_atomic(out / TENSORS, tensors, {"format": "pt", "gguf_prune.plan_digest": plan.digest()})
     plan.save(out / PLAN_FILE)
     manifest = dict(manifest)
     manifest["plan_digest"] = plan.digest()
@@ -768,8 +760,6 @@ def _write(out: Path, plan: Plan, weights: Mapping[str, torch.Tensor], manifest:
                            "sha256": _sha256(out / TENSORS), "names": sorted(tensors)}
     manifest["seconds"] = round(seconds, 2)
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, default=_jsonable) + "\n")
-    for name in (PLAN_FILE, MANIFEST):
-        os.chmod(out / name, default_file_mode())
     return manifest
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ablate, scores as scores_io
+from . import ablate, hfmodel, scores as scores_io
 from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file,
                           load_calibration)
 from .hfmodel import ModelDirError, apply_plan, check_model_dir, fingerprint, load_model
-from .plan import ModelShape, Plan, validate
+from .plan import ModelShape, Plan, save_tensors_atomic, validate
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,7 @@ def parse_layers(spec: str, n_layer: int, what: str = "--head-layers") -> list[i
 
 
 def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ScoreError(f"--device {device}: no CUDA device is available to torch {torch.__version__}; "
-                         "use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ScoreError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
-    return device
+    return hfmodel.resolve_device(device, ScoreError)
 
 
 def _check_options(o: ScoreOptions) -> None:
@@ -393,19 +386,8 @@ def _progress(o: ScoreOptions, total: int, desc: str, unit: str):
                 mininterval=1.0)
 
 
-def _chmod_like_umask(path: Path) -> None:
-    """Files written through a private temporary name get the permissions a plain open() would give."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sources: list[int], n_real: int,
                    tau: float) -> dict:
-    from safetensors.torch import save_file
-
     tensors = {}
     for p, s in enumerate(sources):
         if p not in res.ff_count:
@@ -417,12 +399,7 @@ def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sou
         tensors[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
         tensors[f"wxa.{s}"] = torch.from_numpy((col_norm * mean_abs).astype(np.float32))
     name = scores_io.neurons_file_name(out)
-    path = out.parent / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name}.partial")
-    save_file(tensors, str(tmp), metadata={"tau": str(tau), "n_tokens": str(n_real)})
-    _chmod_like_umask(tmp)
-    tmp.replace(path)
+    save_tensors_atomic(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
     return {"file": name, "tau": tau, "stats": list(scores_io.NEURON_STATS),
             "layers": sorted(int(k.split(".")[1]) for k in tensors if k.startswith("freq."))}
 
@@ -438,7 +415,6 @@ def head_taylor(model, cal: Calibration, positions: list[int], removed_heads: di
     cfg = model.config
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    gs = nh // nkv
     layers = model.model.layers
     params = [m.weight for p in positions for m in (layers[p].self_attn.q_proj, layers[p].self_attn.k_proj,
                                                      layers[p].self_attn.v_proj, layers[p].self_attn.o_proj)]
@@ -462,15 +438,7 @@ def head_taylor(model, cal: Calibration, positions: list[int], removed_heads: di
                 del logits, lp, nll
         out = {}
         for p in positions:
-            att = layers[p].self_attn
-            gw = {k: (getattr(att, k).weight.grad.float() * getattr(att, k).weight.detach().float()).abs()
-                  for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            q = gw["q_proj"].view(nh, hd, -1).sum((1, 2))  # q_proj: (n_head*hd, d) rows per head
-            o = gw["o_proj"].view(-1, nh, hd).sum((0, 2))  # o_proj: (d, n_head*hd) columns per head
-            k = gw["k_proj"].view(nkv, hd, -1).sum((1, 2))  # (n_kv*hd, d) rows per KV head
-            v = gw["v_proj"].view(nkv, hd, -1).sum((1, 2))
-            kv = ((k + v) / gs).repeat_interleave(gs)  # each query head's share of its KV head
-            t = (q + o + kv).double().cpu().numpy()
+            t = ablate.taylor_per_head(layers[p].self_attn, nh, nkv, hd).double().cpu().numpy()
             for h in removed_heads.get(p, ()):
                 t[h] = np.nan
             out[p] = t

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ablate, scores as scores_io
+from .plan import save_tensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -693,7 +694,6 @@ def taylor_streamed(eng: StreamEngine, micro: Sequence[tuple[torch.Tensor, torch
     if not want:
         return {}
     L, nh, nkv, hd = eng.n_layer, eng.n_head, eng.n_head_kv, eng.head_dim
-    gs = nh // nkv
     store = "cpu"
     n_tgt = sum(int((m[:, :-1] & m[:, 1:]).sum()) for _, m in micro)
     ctxs = [eng.context(ids, mask) for ids, mask in micro]
@@ -734,15 +734,7 @@ def taylor_streamed(eng: StreamEngine, micro: Sequence[tuple[torch.Tensor, torch
                 grads[k] = x.grad.detach()
                 hs[k][j + 1] = None
         if j in want:
-            att = layer.self_attn
-            gw = {n: (getattr(att, n).weight.grad.float() * getattr(att, n).weight.detach().float()).abs()
-                  for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            q = gw["q_proj"].view(nh, hd, -1).sum((1, 2))  # q_proj: (n_head*hd, d) rows per head
-            o = gw["o_proj"].view(-1, nh, hd).sum((0, 2))  # o_proj: (d, n_head*hd) columns per head
-            kk = gw["k_proj"].view(nkv, hd, -1).sum((1, 2))  # (n_kv*hd, d) rows per KV head
-            vv = gw["v_proj"].view(nkv, hd, -1).sum((1, 2))
-            kv = ((kk + vv) / gs).repeat_interleave(gs)  # each query head's share of its KV head
-            out[j] = (q + o + kv).double().cpu().numpy()
+            out[j] = ablate.taylor_per_head(layer.self_attn, nh, nkv, hd).double().cpu().numpy()
         del layer
         if bar is not None:
             bar.update(1)
@@ -763,27 +755,6 @@ class StreamChoice:
     reason: str
 
 
-def _save_tensors(path: Path, tensors: dict, metadata: dict) -> None:
-    """A safetensors file written through a temporary name in the same directory, then renamed."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the user's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _neurons_entry(name: str, tau: float, tensors: dict) -> dict:
     return {"file": name, "tau": tau, "stats": ["freq", "mean_abs", "wxa"],
             "layers": sorted(int(k.split(".")[1]) for k in tensors if k.startswith("freq."))}
@@ -799,7 +770,7 @@ def _write_neurons(out: Path, res: StreamResult, n_real: int, tau: float) -> dic
         tensors[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
         tensors[f"wxa.{s}"] = torch.from_numpy((res.col_norm[s] * mean_abs).astype(np.float32))
     name = scores_io.neurons_file_name(out)
-    _save_tensors(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
+    save_tensors_atomic(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
     return _neurons_entry(name, tau, tensors)
 
 
@@ -952,7 +923,7 @@ def merge_slices(paths: Sequence[Path], out: Path) -> dict:
             tensors.update({k: v for k, v in t.items() if k.rsplit(".", 1)[1] == str(i)})
         name = scores_io.neurons_file_name(out)
         tau = first["neurons"]["tau"]
-        _save_tensors(out.parent / name, dict(sorted(tensors.items())),
+        save_tensors_atomic(out.parent / name, dict(sorted(tensors.items())),
                       {"tau": str(tau), "n_tokens": str(first["calibration"]["n_tokens"])})
         merged["neurons"] = _neurons_entry(name, tau, tensors)
     secs: dict[str, float] = {}
