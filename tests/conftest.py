@@ -33,3 +33,15 @@ def demo_model() -> Path:
     from gguf_prune.demo import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The fixture models are tiny: intra-op threads only add contention on a shared machine (2-4x slower).
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

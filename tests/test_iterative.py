@@ -28,6 +28,8 @@ from gguf_prune.recover import (RecoverError, RecoverOptions, _with_weights, car
                                 load_recovered_model, open_recovered, recover)
 from gguf_prune.score import ScoreOptions, score_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread is faster
+
 log = logging.getLogger(__name__)
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1998, 42 engineers measured what every layer of the "

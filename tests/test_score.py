@@ -24,14 +24,7 @@ TOL = 1e-5
 SMALL = dict(seq_len=16, samples=3, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The fixture models are tiny: intra-op threads only add contention on a shared machine (2-4x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

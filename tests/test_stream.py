@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch, save_file
@@ -26,13 +25,7 @@ SMALL = dict(seq_len=16, samples=3, progress=False, plots=False)
 FULL = dict(SMALL, heads=True, head_layers="1,3", ppl=True)  # layers, sub-blocks, heads, KV groups, neurons
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The fixture models are tiny: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
