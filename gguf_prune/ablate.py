@@ -50,7 +50,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MODES = ("full", "attn", "mlp", "layer")
-Unit = tuple  # ("layer"|"attn"|"mlp", pos) or ("heads", pos, (h, ...))
+Unit = tuple  # ("layer"|"attn"|"mlp", pos), ("heads", pos, (h, ...)) or ("neurons", pos, (j, ...))
 
 
 def combine(mode: str, kind: str) -> str:
@@ -341,6 +341,8 @@ class ScanSpec:
     removed_heads: dict = field(default_factory=dict)  # pos → query heads a base plan already zeroed (not scored)
     neurons: bool = False
     tau: float = 0.05
+    width_drops: tuple[int, ...] = ()  # width variants: this many MLP neurons zeroed (ascending counts)
+    width_order: dict = field(default_factory=dict)  # pos → neuron indices, least important first
 
 
 @dataclass
@@ -363,6 +365,8 @@ class ScanResult:
     head_norm: dict = field(default_factory=dict)  # pos → (n_head,)
     ff_count: dict = field(default_factory=dict)  # pos → (n_ff,) tokens with |a| > tau
     ff_abs: dict = field(default_factory=dict)  # pos → (n_ff,) Σ|a|
+    ff_sq: dict = field(default_factory=dict)  # pos → (n_ff,) Σa²
+    width_kl: dict = field(default_factory=dict)  # pos → (len(width_drops),) first neurons of width_order zeroed
     seconds: dict = field(default_factory=dict)  # walk / layers / heads
 
 
@@ -428,6 +432,26 @@ def _layer_variants(engine: Engine, i: int, h, h_mid, ctx: Context, ref: Referen
         r.mlp_kl[i] = np.nan
 
 
+def _width_variants(engine: Engine, i: int, h_mid, ff, ctx: Context, ref: Reference, drops: Sequence[int],
+                    order: np.ndarray, r: ScanResult) -> None:
+    """Layer i's MLP narrowed: the first ``d`` neurons of ``order`` zeroed, for each d in ``drops``; one stacked
+    batch (chunked) through layers i+1…"""
+    down = engine.layers[i].mlp.down_proj
+    idx = torch.as_tensor(np.asarray(order, dtype=np.int64), device=ff.device)
+    n_all = len(drops)
+    drops = [d for d in drops if d < len(order)]  # at least one live neuron stays (else: the MLP's own KL)
+
+    def states(v0: int, v1: int) -> torch.Tensor:
+        x = ff.repeat(v1 - v0, 1, 1).view(v1 - v0, *ff.shape)  # (V, b, T, n_ff)
+        for k, d in enumerate(drops[v0:v1]):
+            x[k, ..., idx[:d]] = 0
+        return h_mid.repeat(v1 - v0, 1, 1) + down(x.view((v1 - v0) * ff.shape[0], *ff.shape[1:]))
+
+    kl, _ = engine.run_variants(i + 1, states, len(drops), ctx, ref)
+    r.width_kl[i][:len(drops)] += kl
+    r.width_kl[i][len(drops):n_all] = np.nan
+
+
 def _head_variants(engine: Engine, i: int, h, o_in, ctx: Context, ref: Reference, removed: set,
                    r: ScanResult) -> None:
     """Each query head of layer i zeroed, then each KV group: one stacked batch (chunked) through layers i…"""
@@ -471,6 +495,9 @@ def scan(engine: Engine, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], re
                    attn_kl=np.zeros(L), mlp_kl=np.zeros(L))
     for i in spec.head_layers:
         r.head_kl[i], r.kv_kl[i], r.head_norm[i] = np.zeros(nh), np.zeros(nkv), np.zeros(nh)
+    drops = tuple(int(d) for d in spec.width_drops)
+    for i in (spec.width_order if drops else ()):
+        r.width_kl[i] = np.zeros(len(drops))
     clock = _Clock(r.seconds)
     heads = set(spec.head_layers)
     for (ids, mask), ref in zip(groups, refs):
@@ -480,7 +507,7 @@ def scan(engine: Engine, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], re
         h = engine.embed(ids)
         for i in range(L):
             with clock("walk"):
-                want = (["o_in"] if i in heads else []) + (["ff"] if spec.neurons else [])
+                want = (["o_in"] if i in heads else []) + (["ff"] if spec.neurons or i in r.width_kl else [])
                 with engine.capture(i, want) as cap:
                     h_mid = h + engine.attn(i, h, ctx)
                     h_out = h_mid + engine.mlp(i, h_mid)
@@ -488,13 +515,17 @@ def scan(engine: Engine, groups: Sequence[tuple[torch.Tensor, torch.Tensor]], re
                 r.bi[i] += _one_minus_cos(h, h_out, rr)
                 r.attn_bi[i] += _one_minus_cos(h, h_mid, rr)
                 r.mlp_bi[i] += _one_minus_cos(h_mid, h_out, rr)
-                if "ff" in cap:
+                if "ff" in cap and spec.neurons:
                     a = cap["ff"][rr].float().abs()  # (n_real, n_ff)
                     r.ff_count[i] = r.ff_count.get(i, 0) + (a > spec.tau).sum(0, dtype=torch.float64).cpu().numpy()
                     r.ff_abs[i] = r.ff_abs.get(i, 0) + a.sum(0, dtype=torch.float64).cpu().numpy()
+                    r.ff_sq[i] = r.ff_sq.get(i, 0) + a.double().pow(2).sum(0).cpu().numpy()
             if spec.layers:
                 with clock("layers"):
                     _layer_variants(engine, i, h, h_mid, ctx, ref, spec.sublayers, r)
+            if i in r.width_kl:
+                with clock("width"):
+                    _width_variants(engine, i, h_mid, cap["ff"], ctx, ref, drops, spec.width_order[i], r)
             if "o_in" in cap:
                 with clock("heads"):
                     _head_variants(engine, i, h, cap["o_in"], ctx, ref, set(spec.removed_heads.get(i, ())), r)
@@ -637,6 +668,12 @@ def _bypass_hooks(model, units: Iterable[Unit]) -> list:
                 x[..., cols] = 0  # o_proj input columns of the removed heads
                 return (x,) + tuple(args[1:])
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
+        elif kind == "neurons":
+            def pre_ff(mod, args, cols=list(u[2])):
+                x = args[0].clone()
+                x[..., cols] = 0  # down_proj input columns of the removed neurons
+                return (x,) + tuple(args[1:])
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(pre_ff))
         else:
             raise ValueError(f"unknown unit kind {kind!r}")
     return handles

@@ -71,7 +71,8 @@ def doctor() -> None:
               help="Budget: fraction of transformer-block parameters to remove, cheapest units first.")
 @click.option("--target-size", type=int, default=None, help="Budget: predicted quantized file size in bytes.")
 @click.option("--units", default="layer,attn,mlp", show_default=True,
-              help="Unit kinds the budget may take (without a greedy run).")
+              help="Unit kinds the budget may take (without a greedy run): layer, attn, mlp, width "
+                   "(MLP neurons, priced by `score --width`).")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Target type, for predicted sizes.")
 def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     """Turn SCORES (scores.json) into plan.json, or --explain an existing plan."""
@@ -261,6 +262,11 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
               help="Neuron statistics (activation frequency, mean |a|, weight x activation).")
 @click.option("--tau", type=float, default=0.05, show_default=True,
               help="A neuron counts as active on a token when |act(gate)*up| > tau (absolute).")
+@click.option("--width", "width_spec", default=None,
+              help="Width KL: each MLP with these fractions of its lowest-energy neurons removed, e.g. "
+                   "0.17,0.33,0.5 (what `plan --units width` cuts by).")
+@click.option("--width-align", type=int, default=256, show_default=True,
+              help="Removed-neuron counts for --width are multiples of this (k-quants need ffn_down rows of 256).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score on top of this plan.json's cuts (KL stays relative to the unpruned model).")
 @click.option("--greedy", type=int, default=0, show_default=True, help="Greedy removal steps to run.")
@@ -286,7 +292,7 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
                    "like 0-9; join the slices with --merge. Implies --stream.")
 @click.option("--merge", "merge", is_flag=True,
               help="Join --units slices: gguf-prune score --merge a.json b.json ... -o scores.json")
-def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, **kw) -> None:
+def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, width_spec, **kw) -> None:
     """Measure what every layer, sub-block, head and neuron of HF_DIR does; write scores.json.
 
     With --merge, the arguments are scores slices (from --units) to join into -o.
@@ -309,7 +315,12 @@ def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, **kw) ->
     hf_dir = inputs[0]
     units = tuple(u.strip() for u in greedy_units.split(",") if u.strip())
     try:
-        out = score_model(hf_dir, output, ScoreOptions(plan=plan_path, greedy_units=units, plots=not no_plots, **kw))
+        width = tuple(float(x) for x in width_spec.split(",") if x.strip()) if width_spec else ()
+    except ValueError:
+        raise click.BadParameter(f"{width_spec!r}: give fractions like 0.17,0.33,0.5", param_hint="--width") from None
+    try:
+        out = score_model(hf_dir, output, ScoreOptions(plan=plan_path, greedy_units=units, plots=not no_plots,
+                                                       width=width, **kw))
     except (ModelDirError, CalibrationError, PlanError, ScoreError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(summary(out))

@@ -11,7 +11,10 @@ Strategies combine, applied in this order on top of the scores' base plan
    width rounded to ``align`` so k-quants apply to ffn_down;
 5. a budget (``target_params`` fraction of block parameters, or ``target_size`` bytes):
    cheapest units first — in greedy order when the scores came from a greedy run
-   (each step re-measured there), else by one-shot KL per parameter.
+   (each step re-measured there), else by one-shot KL per parameter. Units: whole
+   layers, attention / MLP sub-blocks and ``width`` cuts (an MLP narrowed to fewer of
+   its highest-energy neurons, priced by the width KL that ``score --width`` measured,
+   linear between the measured widths; kept widths stay multiples of the scores' align).
 
 Layers in the protected ranges are never cut.
 """
@@ -54,13 +57,16 @@ class PlanOptions:
     protect_last: int = 2
     target_params: float | None = None  # fraction of transformer-block parameters to remove
     target_size: int | None = None  # bytes of the quantized file
-    units: tuple[str, ...] = ("layer", "attn", "mlp")  # unit kinds the budget may take
+    units: tuple[str, ...] = ("layer", "attn", "mlp")  # unit kinds the budget may take (UNITS)
     quant: str = "Q4_K_M"  # for target_size and the predicted size
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["units"] = list(self.units)
         return d
+
+
+UNITS = ("layer", "attn", "mlp", "width")
 
 
 class ScoresNeeded(PlanError):
@@ -191,6 +197,9 @@ def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
     protected = _protected(shape, o)
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
     problems: list[str] = []
+    bad = [u for u in o.units if u not in UNITS]
+    if bad or not o.units:
+        raise PlanError([f"--units {','.join(o.units)!r}: use a comma list of {', '.join(UNITS)}"], "plan request")
 
     def candidates() -> list[int]:
         return [i for i in range(shape.n_layer) if w.alive(i) and i not in protected]
@@ -243,7 +252,8 @@ def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
 
     # 5. budget
     if o.target_params is not None or o.target_size is not None:
-        problems += _fill_budget(w, scores, o, protected, fingerprint)
+        problems += _fill_budget(w, scores, o, protected, fingerprint,
+                                 stats_loader=lambda: _neuron_stats(scores, scores_path))
 
     if problems:
         raise PlanError(problems, "plan request")
@@ -346,7 +356,7 @@ def _prune_neurons(w: _Work, stats: Mapping[str, np.ndarray], o: PlanOptions, pr
 
 
 def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected: set[int],
-                 fingerprint: str) -> list[str]:
+                 fingerprint: str, stats_loader=None) -> list[str]:
     s = w.shape
 
     def current() -> Plan:
@@ -386,35 +396,102 @@ def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected:
                     "re-run `gguf-prune score --greedy K` with a larger K"]
         log.warning("the greedy run (%d steps) does not reach the budget; the rest is taken by one-shot KL per "
                     "parameter (a larger `score --greedy K` re-measures further)", len(greedy["steps"]))
-    # one-shot: cheapest unit per parameter first
+    # one-shot: cheapest unit per parameter first, re-ranked after every cut (a cut changes what the units
+    # of its layer still remove); width cuts of one layer are taken in order, each to the level with the
+    # lowest KL per parameter from where the layer stands
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
-    units = []
-    for i in range(s.n_layer):
-        if i in protected or not w.alive(i):
-            continue
-        e = layers.get(i, {})
-        # what each unit removes now: a base plan may have cut this layer's attention, MLP, heads or neurons
-        attn_p = 0 if i in w.attn_removed else s.attn_params(*_head_counts(s, w.heads.get(i)))
-        mlp_p = 0 if i in w.mlp_removed else s.mlp_params(len(w.neurons.get(i, range(s.n_ff))))
-        if "layer" in o.units and e.get("kl") is not None and attn_p + mlp_p:
-            units.append((float(e["kl"]) / (attn_p + mlp_p), "layer", i, float(e["kl"])))
-        if "attn" in o.units and e.get("attn_kl") is not None and i not in w.attn_removed:
-            units.append((float(e["attn_kl"]) / attn_p, "attn", i, float(e["attn_kl"])))
-        if "mlp" in o.units and e.get("mlp_kl") is not None and i not in w.mlp_removed:
-            units.append((float(e["mlp_kl"]) / mlp_p, "mlp", i, float(e["mlp_kl"])))
-    if not units and not any(w.alive(i) and i not in protected for i in range(s.n_layer)):
+    width = _width_curves(scores, layers, o, stats_loader) if "width" in o.units else {}
+    if not width and o.units == ("width",):
+        return ["--units width needs width scores: run `gguf-prune score --width 0.17,0.33,0.5`"]
+
+    def options() -> list[tuple[float, str, int, float, int]]:
+        out = []
+        for i in range(s.n_layer):
+            if i in protected or not w.alive(i):
+                continue
+            e = layers.get(i, {})
+            # what each unit removes now: a base plan or an earlier cut may have taken part of this layer
+            attn_p = 0 if i in w.attn_removed else s.attn_params(*_head_counts(s, w.heads.get(i)))
+            n_ff = 0 if i in w.mlp_removed else len(w.neurons.get(i, range(s.n_ff)))
+            mlp_p = s.mlp_params(n_ff)
+            if "layer" in o.units and e.get("kl") is not None and attn_p + mlp_p:
+                out.append((float(e["kl"]) / (attn_p + mlp_p), "layer", i, float(e["kl"]), 0))
+            if "attn" in o.units and e.get("attn_kl") is not None and attn_p:
+                out.append((float(e["attn_kl"]) / attn_p, "attn", i, float(e["attn_kl"]), 0))
+            if "mlp" in o.units and e.get("mlp_kl") is not None and mlp_p:
+                out.append((float(e["mlp_kl"]) / mlp_p, "mlp", i, float(e["mlp_kl"]), 0))
+            if i in width and n_ff:
+                curve, order = width[i]
+                done = len(order) - n_ff  # neurons this plan already cut (in energy order)
+                base = _interp(curve, done)
+                best = None
+                for d, _ in curve:
+                    if d <= done or d >= len(order):
+                        continue
+                    dk = max(_interp(curve, d) - base, 0.0)
+                    ratio = dk / (s.mlp_params(n_ff) - s.mlp_params(len(order) - d))
+                    if best is None or ratio < best[0]:
+                        best = (ratio, "width", i, _interp(curve, d), d)
+                if best:
+                    out.append(best)
+        return sorted(out)
+
+    if not options() and not any(w.alive(i) and i not in protected for i in range(s.n_layer)):
         return [f"the budget cannot be met: every layer left is protected (protect_first={o.protect_first}, "
                 f"protect_last={o.protect_last} of {s.n_layer} layers)"]
-    if not units:
-        return ["the budget needs layer or sub-block KL scores (or a greedy run) in the scores"]
-    for per_param, kind, i, kl in sorted(units):
-        if met():
-            return []
-        if not w.alive(i):
+    if not options():
+        return ["the budget needs layer or sub-block KL scores, width scores or a greedy run in the scores"]
+    while not met():
+        opts = options()
+        if not opts:
+            break
+        _, kind, i, kl, d = opts[0]
+        if kind == "width":
+            order = width[i][1]
+            now = set(w.neurons.get(i, range(s.n_ff)))  # other neuron cuts (e.g. --prune-neurons) stay cut
+            keep = tuple(sorted(int(j) for j in order[d:] if int(j) in now))
+            w.neurons[i] = keep
+            w.note(i, width_removed_by="budget/width-kl-per-param", neurons_kept=len(keep), width_kl=kl)
             continue
         {"layer": w.remove_layer, "attn": w.remove_attn, "mlp": w.remove_mlp}[kind](i)
         w.note(i, **{f"{kind}_removed_by": "budget/kl-per-param", f"{kind}_kl": kl})
     return [] if met() else ["the budget cannot be met without cutting protected layers"]
+
+
+def _interp(curve: list[tuple[int, float]], d: int) -> float:
+    """KL of a width cut of ``d`` neurons, linear between the measured points (and 0 at 0)."""
+    xs = [0] + [c[0] for c in curve]
+    ys = [0.0] + [c[1] for c in curve]
+    return float(np.interp(d, xs, ys))
+
+
+def _width_curves(scores: Mapping[str, Any], layers: Mapping[int, Mapping[str, Any]], o: PlanOptions,
+                  stats_loader) -> dict[int, tuple[list[tuple[int, float]], np.ndarray]]:
+    """layer → (measured (removed neurons, KL) points, live neurons in energy order)."""
+    from .scores import energy_order
+
+    wd = scores.get("width")
+    if not wd:
+        return {}
+    stats = stats_loader()
+    base = scores.get("base_plan")
+    base_plan = Plan.from_dict(base["plan"]) if base else None
+    s = ModelShape(**scores["model"]["shape"])
+    out = {}
+    for i, e in layers.items():
+        kls = e.get("width_kl")
+        if not kls or f"energy.{i}" not in stats:
+            continue
+        curve = [(int(d), float(k)) for d, k in zip(wd["drops"], kls) if k is not None]
+        if not curve:
+            continue
+        gone = set()
+        if base_plan is not None:
+            gone = set(range(s.n_ff)) - set(base_plan.layers[i].kept_neurons(s))
+        # the order the scores measured: live neurons of the base plan, least energy first
+        order = energy_order(stats[f"energy.{i}"], gone)
+        out[i] = (curve, order)
+    return out
 
 
 def _head_counts(s: ModelShape, heads: tuple[int, ...] | None) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,8 @@ class ScoreOptions:
     head_layers: str | None = None  # "3,5-8" (source indices); None = every layer with attention
     neurons: bool = True  # activation frequency, mean |a|, weight × activation
     tau: float = DEFAULT_TAU  # |a| > tau counts a neuron as active
+    width: tuple[float, ...] = ()  # width KL: each layer's MLP with these fractions of its neurons removed
+    width_align: int = 256  # removed-neuron counts are multiples of this (k-quant rows of ffn_down)
     plan: Path | None = None  # score on top of this plan's cuts
     greedy: int = 0  # greedy removal steps
     greedy_units: tuple[str, ...] = ("layer",)
@@ -128,6 +130,12 @@ def _check_options(o: ScoreOptions) -> None:
         p.append(f"--tau {o.tau}: must be 0 or more")
     if o.batch_tokens is not None and o.batch_tokens < 1:
         p.append(f"--batch-tokens {o.batch_tokens}: must be positive")
+    if any(not 0 < f < 1 for f in o.width):
+        p.append(f"--width {','.join(map(str, o.width))}: fractions of each MLP's neurons, each between 0 and 1")
+    if o.width_align < 1:
+        p.append(f"--width-align {o.width_align}: must be 1 or more")
+    if o.width and o.stream:
+        p.append("--width is not available with --stream: width variants run on the in-memory engine")
     if p:
         raise ScoreError("invalid options: " + "; ".join(p))
 
@@ -201,6 +209,17 @@ def _load(hf_dir: Path, o: ScoreOptions, device: str):
     return model.eval()
 
 
+def width_drops(fractions, n_ff: int, align: int) -> tuple[int, ...]:
+    """Removed-neuron counts for width fractions: multiples of ``align``, at least one, fewer than n_ff."""
+    out = set()
+    for f in fractions:
+        d = int(round(f * n_ff / align)) * align
+        d = min(max(d, align), n_ff - 1)
+        if 0 < d < n_ff:
+            out.add(d)
+    return tuple(sorted(out))
+
+
 def _batch_tokens(model, shape: ModelShape, seq_len: int, budget_bytes: int) -> int:
     """Tokens in one forward that fit ``budget_bytes`` of activations (MLP, residual, attention)."""
     elt = 2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else 4
@@ -265,10 +284,28 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
                 removed_heads[pos_of[lp.index]] = set(range(shape.n_head)) - set(lp.heads)
     spec = ablate.ScanSpec(sublayers=o.sublayers, head_layers=tuple(pos_of[s] for s in inp.head_layers),
                            removed_heads=removed_heads, neurons=o.neurons, tau=o.tau)
+    drops = width_drops(o.width, shape.n_ff, o.width_align)
+    pre = None
+    if drops:  # width variants follow each layer's energy order, so the neuron statistics come first
+        with _progress(o, len(groups) * engine.n_layer, "neurons", "layer") as bar:
+            pre = ablate.scan(engine, groups, refs, ablate.ScanSpec(layers=False, neurons=True, tau=o.tau),
+                              progress=bar.update)
+        seconds["neuron_walk"] = sum(pre.seconds.values())
+        order = {}
+        for p, lay in enumerate(engine.layers):
+            if p not in pre.ff_count:
+                continue
+            cn = lay.mlp.down_proj.weight.detach().float().norm(dim=0).double().cpu().numpy()
+            lp = plan.layers[sources[p]] if plan is not None else None
+            gone = set(range(shape.n_ff)) - set(lp.kept_neurons(shape)) if lp is not None else set()
+            order[p] = scores_io.energy_order(cn ** 2 * pre.ff_sq[p], gone)
+        spec = replace(spec, neurons=False, width_drops=drops, width_order=order)
 
     with _progress(o, len(groups) * engine.n_layer, "score", "layer") as bar:
         res = ablate.scan(engine, groups, refs, spec, progress=bar.update)
     seconds.update(res.seconds)
+    if pre is not None:
+        res.ff_count, res.ff_abs, res.ff_sq = pre.ff_count, pre.ff_abs, pre.ff_sq
     n_real_scan = res.n_real
 
     taylor = None
@@ -310,6 +347,11 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
             "attn_bi": mean(res.attn_bi[p]) if ablate.has_attention(lay) else None,
             "mlp_bi": mean(res.mlp_bi[p]) if ablate.has_mlp(lay) else None,
         })
+        if drops:
+            w = res.width_kl.get(p)
+            live = len(spec.width_order.get(p, ()))
+            layers[-1]["width_kl"] = [mean(w[k]) if w is not None and d < live else None
+                                      for k, d in enumerate(drops)]
 
     heads = None
     if o.heads:
@@ -347,6 +389,8 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
         "greedy": greedy_out,
         "timing": {"seconds": seconds, "layer_evals": int(round(evals / cal.n_seq))},
     }
+    if drops:
+        doc["width"] = {"drops": list(drops), "order": "energy", "align": o.width_align}
     scores_io.save(out, doc)
     log.info("wrote %s (%.0f s, %d layer evaluations)", out, seconds["total"], doc["timing"]["layer_evals"])
     if o.plots:
@@ -388,16 +432,10 @@ def _progress(o: ScoreOptions, total: int, desc: str, unit: str):
 
 def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sources: list[int], n_real: int,
                    tau: float) -> dict:
-    tensors = {}
-    for p, s in enumerate(sources):
-        if p not in res.ff_count:
-            continue  # MLP removed by the base plan
-        down = engine.layers[p].mlp.down_proj.weight  # (n_embd, n_ff): column j is neuron j's output
-        col_norm = down.detach().float().norm(dim=0).cpu().numpy()  # (n_ff,)
-        mean_abs = res.ff_abs[p] / n_real
-        tensors[f"freq.{s}"] = torch.from_numpy((res.ff_count[p] / n_real).astype(np.float32))
-        tensors[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
-        tensors[f"wxa.{s}"] = torch.from_numpy((col_norm * mean_abs).astype(np.float32))
+    col_norm = {p: engine.layers[p].mlp.down_proj.weight.detach().float().norm(dim=0).cpu().numpy()
+                for p in res.ff_count}  # down_proj: (n_embd, n_ff), column j is neuron j's output
+    tensors = scores_io.neuron_tensors([(s, p) for p, s in enumerate(sources)], res.ff_count, res.ff_abs,
+                                       res.ff_sq, col_norm, n_real)
     name = scores_io.neurons_file_name(out)
     save_tensors_atomic(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
     return {"file": name, "tau": tau, "stats": list(scores_io.NEURON_STATS),

@@ -2,15 +2,19 @@
 
 A versioned JSON document (sorted keys, no NaN: a score that was not measured is
 ``null``) plus a side file ``<name>.neurons.safetensors`` with per-neuron
-statistics (``freq.{layer}``, ``mean_abs.{layer}``, ``wxa.{layer}``, each
-(n_ff,) float32, layer = source index). Layout::
+statistics (``freq.{layer}``, ``mean_abs.{layer}``, ``wxa.{layer}``, ``energy.{layer}``,
+each (n_ff,) float32, layer = source index; energy = ‖down column‖²·mean a², the neuron's
+mean squared contribution to the residual stream, is the order width cuts follow). Layout::
 
     {"schema": "gguf-prune/scores", "version": 1,
      "model": {"fingerprint", "shape", "path"},
      "calibration": {"fingerprint", "source", "kind", "n_seq", "seq_len", "n_tokens", "seed"},
      "settings": {...}, "base_plan": null | {"digest", "path", "plan", "kl", "nll", "ppl"},
      "full": {"nll", "ppl"},
-     "layers": [{"index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi"}, ...],
+     "layers": [{"index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi",
+                 "width_kl" (only with width scores)}, ...],
+     "width": null | {"drops": [d, ...], "order": "energy", "align"}: width_kl[k] is the KL with the
+              d_k lowest-energy live neurons of that layer's MLP zeroed (absent in older files),
      "heads": null | {"layers", "kl", "kv_kl", "norm", "taylor"},
      "neurons": null | {"file", "tau", "stats", "layers"},
      "greedy": null | {"units", "by", "steps": [{"kind", "layer", "kl", "delta_kl", "params_removed", "candidates"}]},
@@ -38,7 +42,7 @@ from .plan import ModelShape, write_text_atomic
 SCORES_SCHEMA = "gguf-prune/scores"
 SLICE_SCHEMA = "gguf-prune/scores-slice"  # one --units slice: only `score --merge` reads it
 SCORES_VERSION = 1
-NEURON_STATS = ("freq", "mean_abs", "wxa")
+NEURON_STATS = ("freq", "mean_abs", "wxa", "energy")
 LAYER_KEYS = ("index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi")
 STEP_KEYS = ("kind", "layer", "kl", "delta_kl", "params_removed", "candidates")
 TOP_KEYS = ("model", "calibration", "settings", "base_plan", "full", "layers", "heads", "neurons", "greedy", "timing")
@@ -163,6 +167,35 @@ def check_model(d: Mapping[str, Any], fingerprint: str, shape: ModelShape | None
     if got != fingerprint:
         raise ScoresError(f"{source} were measured on another checkpoint: fingerprint {got} in the scores, "
                           f"{fingerprint} for this one; re-run `gguf-prune score` on this checkpoint")
+
+
+def neuron_tensors(sources, ff_count: Mapping, ff_abs: Mapping, ff_sq: Mapping, col_norm: Mapping,
+                   n_real: int) -> dict:
+    """The side file's arrays for source layers ``sources`` (``(source, key)`` pairs; the dicts are keyed by
+    ``key``: a position or a source index), skipping layers without statistics (MLP removed)."""
+    import numpy as np
+    import torch
+
+    out = {}
+    for s, k in sources:
+        if k not in ff_count:
+            continue
+        mean_abs = ff_abs[k] / n_real
+        cn = np.asarray(col_norm[k], dtype=np.float64)
+        out[f"freq.{s}"] = torch.from_numpy((ff_count[k] / n_real).astype(np.float32))
+        out[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
+        out[f"wxa.{s}"] = torch.from_numpy((cn * mean_abs).astype(np.float32))
+        out[f"energy.{s}"] = torch.from_numpy((cn ** 2 * ff_sq[k] / n_real).astype(np.float32))
+    return out
+
+
+def energy_order(energy, removed=()) -> "np.ndarray":
+    """Live neurons (not in ``removed``) from the least to the most energy; ties by index."""
+    import numpy as np
+
+    order = np.argsort(np.asarray(energy, dtype=np.float64), kind="stable")
+    gone = set(int(j) for j in removed)
+    return np.array([int(j) for j in order if int(j) not in gone], dtype=np.int64)
 
 
 def load_neurons(scores_path: Path, d: Mapping[str, Any] | None = None) -> dict:

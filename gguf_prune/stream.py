@@ -635,6 +635,7 @@ def scan_streamed(eng: StreamEngine, groups: Sequence[tuple[torch.Tensor, torch.
                             a = got["ff"][rr].float().abs()  # (n_real, n_ff)
                             r.ff_count[j] = r.ff_count.get(j, 0) + (a > tau).sum(0, dtype=torch.float64).cpu().numpy()
                             r.ff_abs[j] = r.ff_abs.get(j, 0) + a.sum(0, dtype=torch.float64).cpu().numpy()
+                            r.ff_sq[j] = r.ff_sq.get(j, 0) + a.double().pow(2).sum(0).cpu().numpy()
                             if j not in out.col_norm:  # down_proj: (n_embd, n_ff), column j is neuron j's output
                                 out.col_norm[j] = layer.mlp.down_proj.weight.float().norm(dim=0).cpu().numpy()
                         if j in norm_layers and "o_in" in got:
@@ -756,19 +757,15 @@ class StreamChoice:
 
 
 def _neurons_entry(name: str, tau: float, tensors: dict) -> dict:
-    return {"file": name, "tau": tau, "stats": ["freq", "mean_abs", "wxa"],
+    return {"file": name, "tau": tau, "stats": list(scores_io.NEURON_STATS),
             "layers": sorted(int(k.split(".")[1]) for k in tensors if k.startswith("freq."))}
 
 
 def _write_neurons(out: Path, res: StreamResult, n_real: int, tau: float) -> dict:
-    """The neuron side file in the format of score._write_neurons (freq / mean_abs / wxa per source layer)."""
+    """The neuron side file in the format of score._write_neurons (one statistic per source layer)."""
     r = res.scan
-    tensors = {}
-    for s in sorted(r.ff_count):
-        mean_abs = r.ff_abs[s] / n_real
-        tensors[f"freq.{s}"] = torch.from_numpy((r.ff_count[s] / n_real).astype(np.float32))
-        tensors[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
-        tensors[f"wxa.{s}"] = torch.from_numpy((res.col_norm[s] * mean_abs).astype(np.float32))
+    tensors = scores_io.neuron_tensors([(s, s) for s in sorted(r.ff_count)], r.ff_count, r.ff_abs, r.ff_sq,
+                                       res.col_norm, n_real)
     name = scores_io.neurons_file_name(out)
     save_tensors_atomic(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
     return _neurons_entry(name, tau, tensors)

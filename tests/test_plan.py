@@ -231,3 +231,43 @@ def test_cli_plan_reports_bad_requests(tmp_path):
     assert r.exit_code != 0
     assert "re-run `gguf-prune score --heads`" in r.output
     assert not (tmp_path / "p.json").exists()
+
+
+def test_budget_by_width_takes_the_cheapest_width_cuts_in_energy_order(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    stats = {}
+    for i in range(SHAPE.n_layer):
+        for k in ("freq", "mean_abs", "wxa", "energy"):
+            stats[f"{k}.{i}"] = rng.uniform(0.1, 1, SHAPE.n_ff).astype(np.float32)
+    save_file(stats, str(tmp_path / "s.neurons.safetensors"))
+    s = _scores(neurons_file="s.neurons.safetensors")
+    s["neurons"]["stats"].append("energy")
+    s["width"] = {"drops": [256, 512], "order": "energy", "align": 256}
+    curves = {2: [0.01, 0.5], 3: [0.2, 0.25], 4: [0.05, 0.12], 5: [1.0, 2.0]}  # layer 3: the 2nd step is cheap
+    for e in s["layers"]:
+        e["width_kl"] = curves.get(e["index"], [0.5, 0.6])
+    (tmp_path / "scores.json").write_text(json.dumps(s))
+    step = SHAPE.mlp_params(SHAPE.n_ff) - SHAPE.mlp_params(SHAPE.n_ff - 256)
+    total = SHAPE.n_layer * SHAPE.layer_params()
+    plan = make_plan(tmp_path / "scores.json", tmp_path / "plan.json",
+                     PlanOptions(target_params=3.5 * step / total, units=("width",)))
+    # cheapest per parameter: layer 2's first step, layer 4's two, then layer 3 straight to 512 (0.125 a step)
+    kept = {lp.index: len(lp.kept_neurons(SHAPE)) for lp in plan.layers}
+    assert kept == {0: 768, 1: 768, 2: 512, 3: 256, 4: 256, 5: 768, 6: 768, 7: 768}
+    for i in (2, 3, 4):
+        energy = stats[f"energy.{i}"]
+        dropped = sorted(set(range(SHAPE.n_ff)) - set(plan.layers[i].kept_neurons(SHAPE)))
+        assert max(energy[dropped]) < min(energy[list(plan.layers[i].kept_neurons(SHAPE))])
+        assert plan.layers[i].why["width_removed_by"] == "budget/width-kl-per-param"
+    assert plan.removed_fraction() == pytest.approx(5 * step / total)
+    # width and whole units in one ranking: layer 5's MLP (0.01 for 768 neurons) beats every width step
+    s["layers"][5]["mlp_kl"] = 0.001
+    mixed = build_plan(s, PlanOptions(target_params=step / total, units=("mlp", "width")), tmp_path / "scores.json")
+    assert mixed.layers[5].mlp_removed and mixed.layers[2].untouched
+    with pytest.raises(PlanError, match="use a comma list of layer, attn, mlp, width"):
+        build_plan(s, PlanOptions(target_params=0.1, units=("neurons",)))
+    del s["width"]
+    with pytest.raises(PlanError, match="needs width scores"):
+        build_plan(s, PlanOptions(target_params=0.1, units=("width",)), tmp_path / "scores.json")

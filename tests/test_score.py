@@ -317,3 +317,44 @@ def test_device_map_and_bf16_paths_agree_with_float32(tiny_untied, tmp_path):
     kl16 = np.array([e["kl"] for e in bf["layers"]])
     assert np.abs(kl16 / kl32 - 1).max() < 0.1  # bf16 weights and states, float32 logits: close, not equal
     assert not np.array_equal(kl16, kl32)
+
+
+def test_width_scores_equal_the_naive_ablation_and_follow_the_energy_order(tiny_tied, tmp_path):
+    """score --width: KL with each MLP's d lowest-energy neurons zeroed, on top of a plan that already cut
+    neurons of layer 3 (the cut neurons are not counted again), equal to the naive hooked forward."""
+    shape = ModelShape.from_hf_dir(tiny_tied)  # n_ff 768
+    cut = tuple(range(0, 700))  # layer 3 keeps 700 neurons: the widths count live ones
+    plan = Plan.identity(shape, fingerprint=fingerprint(tiny_tied)).with_layer(LayerPlan(3, neurons=cut)) \
+        .with_layer(LayerPlan(4, removed=True))
+    plan_path = plan.save(tmp_path / "plan.json")
+    out = score_model(tiny_tied, tmp_path / "w.json",
+                      ScoreOptions(**SMALL, plan=plan_path, width=(0.25, 0.5, 0.95), width_align=64, plots=False))
+    d = json.loads(out.read_text())
+    assert d["width"] == {"drops": [192, 384, 704], "order": "energy", "align": 64}
+    assert d["layers"][4].get("width_kl") is None
+    assert d["layers"][3]["width_kl"][2] is None  # 704 of 700 live neurons: not a width cut
+    stats = load_file(str(out.parent / d["neurons"]["file"]))
+    assert set(d["neurons"]["stats"]) == {"freq", "mean_abs", "wxa", "energy"}
+    assert np.all(stats["energy.3"][list(range(700, 768))] == 0)  # cut neurons carry no energy
+    cal = _calibration(tiny_tied)
+    original, pruned = load_model(tiny_tied), apply_plan(load_model(tiny_tied), plan)
+    sets, want = [], []
+    for s, pos in ((0, 0), (3, 3), (5, 4)):
+        order = scores_io.energy_order(stats[f"energy.{s}"], set(range(700, 768)) if s == 3 else ())
+        for k, dd in enumerate((192, 384)):
+            sets.append([("neurons", pos, tuple(int(j) for j in order[:dd]))])
+            want.append(d["layers"][s]["width_kl"][k])
+    kl, _, _, _ = ablate.naive_divergence(pruned, list(cal.batches(3)), sets, reference_model=original)
+    assert np.allclose(kl, want, atol=TOL, rtol=0)
+    assert all(a < b for a, b in zip(want[0::2], want[1::2]))  # more neurons cut, more KL
+    assert d["layers"][0]["width_kl"][2] > d["layers"][0]["width_kl"][1]
+
+
+def test_width_option_errors(tiny_untied, tmp_path):
+    for kw, msg in ((dict(width=(0.0,)), "between 0 and 1"), (dict(width=(1.5,)), "between 0 and 1"),
+                    (dict(width=(0.5,), width_align=0), "--width-align"),
+                    (dict(width=(0.5,), stream=True), "not available with --stream")):
+        with pytest.raises(ScoreError, match=msg):
+            score_model(tiny_untied, tmp_path / "x.json", ScoreOptions(**SMALL, **kw))
+    r = CliRunner().invoke(main, ["score", str(tiny_untied), "--width", "half", "-o", str(tmp_path / "x.json")])
+    assert r.exit_code != 0 and "fractions like" in r.output and "Traceback" not in r.output
