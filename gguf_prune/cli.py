@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from .pipeline import STRATEGIES
+
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO
@@ -412,8 +414,10 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps,
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--budgets", default="0.1,0.2,0.3", show_default=True,
               help="Fractions of transformer-block parameters to remove.")
-@click.option("--strategies", default=",".join(("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed",
-                                               "greedy-mixed")), show_default=True)
+@click.option("--strategies", default=",".join(STRATEGIES), show_default=True,
+              help="bi-layers, kl-layers, greedy-layers (whole layers by Block Influence, one-shot KL, greedy KL); "
+                   "oneshot-mixed, greedy-mixed (layers and sub-blocks); width (MLP neurons by width KL); "
+                   "width-mixed (all of them in one ranking).")
 @click.option("--samples", type=int, default=16, show_default=True)
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--quant", default="F16", show_default=True, help="Type every model (and the base) is written in.")

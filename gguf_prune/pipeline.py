@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
 
-STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greedy-mixed")
+STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greedy-mixed", "width", "width-mixed")
+# Width KL levels scored for the width strategies: each MLP with 1/6, 1/3, 1/2 of its neurons removed
+# (on SmolLM2-135M with align 256: 256, 512 and 768 of 1,536).
+WIDTH_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)
 
 
 @dataclass
@@ -306,7 +309,33 @@ def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_
         return make_plan(scores_one, out, PlanOptions(target_params=budget, **p))
     if strategy == "greedy-mixed":
         return make_plan(scores_greedy_mixed, out, PlanOptions(target_params=budget, **p))
+    if strategy == "width":
+        return make_plan(scores_one, out, PlanOptions(target_params=budget, units=("width",), **p))
+    if strategy == "width-mixed":
+        return make_plan(scores_one, out, PlanOptions(target_params=budget, units=("layer", "attn", "mlp", "width"),
+                                                      **p))
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def _reusable(path: Path, common: dict, width: bool = False) -> bool:
+    """A scores file an earlier sweep into the same directory left, measured with the same calibration
+    settings (and with width scores if they are needed): scoring is the slow part, so it is not repeated."""
+    from .scores import ScoresError, load
+
+    if not path.exists():
+        return False
+    try:
+        d = load(path)
+    except (ScoresError, ValueError, OSError):
+        return False
+    st = d.get("settings", {})
+    same = all(str(st.get(k)) == str(v) for k, v in common.items() if k != "device")
+    ok = same and (not width or bool(d.get("width")))
+    if ok:
+        log.info("reusing %s (same calibration settings)", path)
+    else:
+        log.info("%s was measured with other settings: scoring again", path)
+    return ok
 
 
 def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any]:
@@ -327,19 +356,21 @@ def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any
     t0 = time.time()
     common = dict(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, device=o.device,
                   protect_first=o.protect_first, protect_last=o.protect_last)
-    need_layers = any(s in o.strategies for s in ("bi-layers", "kl-layers", "oneshot-mixed"))
+    need_width = any(s in o.strategies for s in ("width", "width-mixed"))
+    need_layers = need_width or any(s in o.strategies for s in ("bi-layers", "kl-layers", "oneshot-mixed"))
     need_gl = "greedy-layers" in o.strategies
     need_gm = "greedy-mixed" in o.strategies
     max_b = max(o.budgets)
     s_one, s_gl, s_gm = out / "scores.json", out / "scores-greedy-layers.json", out / "scores-greedy-mixed.json"
     log.info("== sweep: scoring %s", hf_dir)
-    if need_layers and not s_one.exists():
-        score_model(hf_dir, s_one, ScoreOptions(**common, neurons=False))
-    if need_gl and not s_gl.exists():
+    if need_layers and not _reusable(s_one, common, need_width):
+        score_model(hf_dir, s_one, ScoreOptions(**common, neurons=need_width,
+                                                width=WIDTH_FRACTIONS if need_width else ()))
+    if need_gl and not _reusable(s_gl, common):
         score_model(hf_dir, s_gl, ScoreOptions(**common, sublayers=False, neurons=False, plots=False,
                                                greedy=greedy_steps_for(max_b, shape.n_layer, ("layer",))))
     units = ("layer", "attn", "mlp")
-    if need_gm and not s_gm.exists():
+    if need_gm and not _reusable(s_gm, common):
         score_model(hf_dir, s_gm, ScoreOptions(**common, sublayers=False, neurons=False, plots=False,
                                                greedy=greedy_steps_for(max_b, shape.n_layer, units),
                                                greedy_units=units, greedy_by="kl-per-param",

@@ -32,15 +32,27 @@ def test_run_end_to_end_on_a_fixture(tiny_tied, tmp_path):
 
 
 def test_sweep_on_a_fixture_marks_the_best_strategy(tiny_untied, tmp_path):
-    r = sweep(tiny_untied, SweepOptions(budgets=(0.25,), strategies=("bi-layers", "kl-layers"), samples=4,
-                                        seq_len=32, quant="F16", eval_chunks=2, threads=2, bench=False,
-                                        out_dir=tmp_path / "sw", protect_first=1, protect_last=0))
-    assert len(r["runs"]) == 2 and all(m["quality"] for m in r["runs"])
+    opts = SweepOptions(budgets=(0.25,), strategies=("bi-layers", "kl-layers", "width"), samples=4, seq_len=32,
+                        quant="F16", eval_chunks=2, threads=2, bench=False, out_dir=tmp_path / "sw",
+                        protect_first=1, protect_last=0)
+    r = sweep(tiny_untied, opts)
+    assert len(r["runs"]) == 3 and all(m["quality"] for m in r["runs"])
     best = r["best"]["0.25"]
     kls = {m["label"]: m["quality"]["kl_mean"] for m in r["runs"]}
     assert kls[best] == min(kls.values())
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
     assert "**best**" in (tmp_path / "sw" / "sweep.md").read_text()
+    # width: no layer removed, MLPs narrowed to multiples of 256 (768 → 512 or 256), the budget met
+    plan = Plan.load(tmp_path / "sw" / "plans" / "width-25.json")
+    widths = [len(lp.kept_neurons(plan.shape)) for lp in plan.layers]
+    assert not any(lp.removed for lp in plan.layers) and plan.removed_fraction() >= 0.25
+    assert all(w % 256 == 0 for w in widths) and min(widths) < 768 and widths[0] == 768  # layer 0 protected
+    # a second sweep into the same directory with the same settings reuses the scores
+    stamp = (tmp_path / "sw" / "scores.json").stat().st_mtime_ns
+    sweep(tiny_untied, SweepOptions(**{**opts.__dict__, "strategies": ("width",)}))
+    assert (tmp_path / "sw" / "scores.json").stat().st_mtime_ns == stamp
+    sweep(tiny_untied, SweepOptions(**{**opts.__dict__, "strategies": ("width",), "samples": 3}))
+    assert (tmp_path / "sw" / "scores.json").stat().st_mtime_ns != stamp  # other calibration: scored again
 
 
 def test_greedy_steps_reach_the_budget():
