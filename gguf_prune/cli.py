@@ -361,7 +361,12 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--budget", type=float, default=0.2, show_default=True,
               help="Fraction of transformer-block parameters to remove.")
-@click.option("--greedy-steps", type=int, default=None, help="Greedy steps (default: enough for the budget).")
+@click.option("--strategy", type=click.Choice(["width-mixed", "greedy-mixed"]), default="width-mixed",
+              show_default=True,
+              help="width-mixed: layers, sub-blocks and MLP widths, each priced by its measured KL per parameter; "
+                   "greedy-mixed: layers and sub-blocks, re-measured after each cut.")
+@click.option("--greedy-steps", type=int, default=None,
+              help="Greedy steps for --strategy greedy-mixed (default: enough for the budget).")
 @click.option("--heads/--no-heads", default=False, show_default=True,
               help="Also score attention heads (KL per head and KV group; about 3x the scoring time on CPU).")
 @click.option("--greedy-pool", type=int, default=8, show_default=True,
@@ -386,14 +391,14 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
               help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @click.option("--finetune-steps", type=int, default=200, show_default=True,
               help="Fine-tuning steps (per round when iterating).")
-def run_cmd(model, out_dir, calibration, samples, seq_len, budget, greedy_steps, heads, greedy_pool, quant, text,
+def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, greedy_steps, heads, greedy_pool, quant, text,
             prompts, eval_chunks, threads, no_package, device, rounds, recover_mode, recover_samples,
             finetune_steps) -> None:
     """The main job: score, plan, [recover,] prune to Q4_K_M, evaluate against the uncut base, package."""
     from .pipeline import DEFAULT_PROMPTS, RunOptions, format_summary, run
 
     opts = RunOptions(model=model, out_dir=out_dir, calibration=calibration, samples=samples, seq_len=seq_len,
-                      budget=budget, greedy_steps=greedy_steps, heads=heads, greedy_pool=greedy_pool or None,
+                      budget=budget, strategy=strategy, greedy_steps=greedy_steps, heads=heads, greedy_pool=greedy_pool or None,
                       quant=quant, text=text,
                       prompts=prompts or DEFAULT_PROMPTS, eval_chunks=eval_chunks, threads=threads,
                       package=not no_package, device=device, rounds=rounds, recover=recover_mode,

@@ -32,6 +32,7 @@ STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greed
 # Width KL levels scored for the width strategies: each MLP with 1/6, 1/3, 1/2 of its neurons removed
 # (on SmolLM2-135M with align 256: 256, 512 and 768 of 1,536).
 WIDTH_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)
+RUN_STRATEGIES = ("width-mixed", "greedy-mixed")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RunOptions:
     samples: int = 16
     seq_len: int = 128
     budget: float = 0.2  # fraction of transformer-block parameters to remove
+    strategy: str = "width-mixed"  # RUN_STRATEGIES: one-shot layers, sub-blocks and MLP widths; or greedy-mixed
     greedy_steps: int | None = None  # None: enough for the budget
     greedy_pool: int | None = 8  # lazy greedy: re-measure the 8 cheapest candidates per step
     heads: bool = False  # head KL costs ~3x the rest of scoring on CPU; `--heads` turns it on
@@ -98,6 +100,8 @@ def _check_run(o: RunOptions) -> tuple[bool, str | None]:
         p.append(f"--rounds {o.rounds!r} must be a whole number, at least 1")
     if not 0 < o.budget < 1:
         p.append(f"--budget {o.budget} must be a fraction of the block parameters in (0, 1)")
+    if o.strategy not in RUN_STRATEGIES:
+        p.append(f"--strategy {o.strategy!r}: use one of {', '.join(RUN_STRATEGIES)}")
     try:
         patch, method = parse_recover(o.recover)
     except IterateError as e:
@@ -179,16 +183,26 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
         plan.save(out / "plan.json")
         timings["iterate"] = time.time() - t
     else:
-        t = stage("score", f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; "
-                           f"greedy {steps} steps over {'/'.join(units)}, re-measuring the {o.greedy_pool or 'all'} "
-                           "cheapest each step)")
-        scores = score_model(model, out / "scores.json", ScoreOptions(
-            calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads, neurons=True,
-            greedy=steps, greedy_units=units, greedy_by="kl-per-param", greedy_pool=o.greedy_pool, device=o.device))
+        if o.strategy == "greedy-mixed":
+            what = (f"greedy {steps} steps over {'/'.join(units)}, re-measuring the {o.greedy_pool or 'all'} "
+                    "cheapest each step")
+            sopts = ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads,
+                                 neurons=True, greedy=steps, greedy_units=units, greedy_by="kl-per-param",
+                                 greedy_pool=o.greedy_pool, device=o.device)
+            popts = PlanOptions(target_params=o.budget, quant=o.quant)
+            how = "cheapest first (greedy order)"
+        else:
+            what = "MLP widths " + "/".join(f"{f:.2f}" for f in WIDTH_FRACTIONS)
+            sopts = ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads,
+                                 neurons=True, width=WIDTH_FRACTIONS, device=o.device)
+            popts = PlanOptions(target_params=o.budget, quant=o.quant, units=("layer", "attn", "mlp", "width"))
+            how = "layers, sub-blocks and MLP widths by KL per parameter"
+        t = stage("score", f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; {what})")
+        scores = score_model(model, out / "scores.json", sopts)
         timings["score"] = time.time() - t
 
-        t = stage("plan", f"plan: remove {100 * o.budget:.0f}% of block parameters, cheapest first (greedy order)")
-        plan = make_plan(scores, out / "plan.json", PlanOptions(target_params=o.budget, quant=o.quant))
+        t = stage("plan", f"plan: remove {100 * o.budget:.0f}% of block parameters, {how}")
+        plan = make_plan(scores, out / "plan.json", popts)
         timings["plan"] = time.time() - t
 
         if recovering:

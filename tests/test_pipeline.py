@@ -63,3 +63,12 @@ def test_greedy_steps_reach_the_budget():
 def test_unknown_strategy_is_refused(tiny_untied, tmp_path):
     with pytest.raises(ValueError, match="unknown strategy 'magic'"):
         sweep(tiny_untied, SweepOptions(strategies=("magic",), out_dir=tmp_path))
+
+
+def test_run_refuses_bad_options_before_any_work(tmp_path):
+    with pytest.raises(ValueError) as e:
+        run(RunOptions(model=tmp_path / "nowhere", out_dir=tmp_path / "run", strategy="magic", budget=1.2))
+    assert str(e.value) == ("run options are invalid:\n"
+                            "  - --budget 1.2 must be a fraction of the block parameters in (0, 1)\n"
+                            "  - --strategy 'magic': use one of width-mixed, greedy-mixed")
+    assert not (tmp_path / "run").exists()
