@@ -9,8 +9,9 @@ the bypassed layer). This engine
   h_i (the input of layer i) forward, and for each unit at layer i starts the
   variant from h_i and runs only layers i+1… (L·(L−1)/2 layer evaluations for
   the layer ablation); only one layer's worth of cached state is held;
-* stacks the variants of one layer (the layer and its two sub-blocks; or every
-  query head and every KV group) along the batch dimension and sends them
+* stacks the variants of one layer (the layer and its two sub-blocks; every
+  query head and every KV group; or its MLP narrowed to fewer neurons, the
+  lowest-energy ones zeroed first) along the batch dimension and sends them
   through the rest of the model as one batch, in chunks of ``batch_tokens``;
 * computes the KL without materialising a log-softmax per variant. With
   z = W·ĥ the logits of the final normed state ĥ, p the reference
