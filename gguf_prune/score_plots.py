@@ -5,6 +5,7 @@
 ``<stem>.heads.png``      head and KV-group KL heatmaps (with --heads)
 ``<stem>.neurons.png``    activation-frequency histograms per layer (with neuron statistics)
 ``<stem>.greedy.png``     cumulative KL along the greedy removal order (with --greedy)
+``<stem>.width.png``      width KL per layer, one bar per measured width, with the MLP's own KL (with --width)
 """
 
 from __future__ import annotations
@@ -134,6 +135,24 @@ def plot_scores(scores_path: Path, out_dir: Path | None = None) -> list[Path]:
         ax.set_ylabel("KL vs the full model, nats/token")
         ax.set_title(f"{title}: greedy removal ({d['greedy']['by']})")
         written.append(_save(fig, plt, out_dir / f"{stem}.greedy.png"))
+
+    # 6. width
+    if d.get("width"):
+        drops = d["width"]["drops"]
+        n_ff = d["model"]["shape"]["n_ff"]
+        fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(layers) + 2), 4))
+        w = 0.8 / (len(drops) + 1)
+        for k, dd in enumerate(drops):
+            v = np.array([np.nan if not e.get("width_kl") or e["width_kl"][k] is None else e["width_kl"][k]
+                          for e in layers], dtype=float)
+            ax.bar(x + (k - len(drops) / 2) * w, v, w, label=f"{dd} of {n_ff} neurons removed")
+        ax.bar(x + (len(drops) / 2) * w, _vals(layers, "mlp_kl"), w, color="tab:gray", label="whole MLP")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("KL, nats/token")
+        ax.set_title(f"{title}: MLP width (lowest-energy neurons removed first)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, plt, out_dir / f"{stem}.width.png"))
     return written
 
 

@@ -331,6 +331,9 @@ def test_width_scores_equal_the_naive_ablation_and_follow_the_energy_order(tiny_
                       ScoreOptions(**SMALL, plan=plan_path, width=(0.25, 0.5, 0.95), width_align=64, plots=False))
     d = json.loads(out.read_text())
     assert d["width"] == {"drops": [192, 384, 704], "order": "energy", "align": 64}
+    from gguf_prune.score_plots import plot_scores
+
+    assert (tmp_path / "w.width.png") in plot_scores(out) and (tmp_path / "w.width.png").stat().st_size > 1000
     assert d["layers"][4].get("width_kl") is None
     assert d["layers"][3]["width_kl"][2] is None  # 704 of 700 live neurons: not a width cut
     stats = load_file(str(out.parent / d["neurons"]["file"]))
