@@ -364,7 +364,8 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @click.option("--strategy", type=click.Choice(["width-mixed", "greedy-mixed"]), default="width-mixed",
               show_default=True,
               help="width-mixed: layers, sub-blocks and MLP widths, each priced by its measured KL per parameter; "
-                   "greedy-mixed: layers and sub-blocks, re-measured after each cut.")
+                   "greedy-mixed: layers and sub-blocks, re-measured after each cut. With --rounds > 1 each round "
+                   "cuts layers and sub-blocks by one-shot KL instead.")
 @click.option("--greedy-steps", type=int, default=None,
               help="Greedy steps for --strategy greedy-mixed (default: enough for the budget).")
 @click.option("--heads/--no-heads", default=False, show_default=True,
