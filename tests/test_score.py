@@ -87,12 +87,22 @@ def test_layer_scores_equal_the_naive_ablation(scored, tiny_tied):
     assert d["layers"][2]["bi"] == pytest.approx(float((1 - cos).mean()), abs=1e-5)
 
 
-def test_neuron_side_file(scored):
+def test_neuron_side_file(scored, tiny_tied):
     d = json.loads(scored.read_text())
     assert d["neurons"]["file"] == "scores.neurons.safetensors" and d["neurons"]["tau"] == 0.05
-    assert d["neurons"]["stats"] == ["freq", "mean_abs", "wxa"]
+    assert d["neurons"]["stats"] == ["freq", "mean_abs", "wxa", "energy"]
     t = load_file(str(scored.parent / d["neurons"]["file"]))
-    assert set(t) == {f"{s}.{i}" for s in ("freq", "mean_abs", "wxa") for i in range(6)}
+    assert set(t) == {f"{s}.{i}" for s in ("freq", "mean_abs", "wxa", "energy") for i in range(6)}
+    # energy = ‖down_proj column‖² · mean a² over the real calibration tokens, from a plain hooked forward
+    model, cal = load_model(tiny_tied), _calibration(tiny_tied)
+    got = []
+    hook = model.model.layers[2].mlp.down_proj.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=cal.input_ids, attention_mask=cal.attention_mask.long())
+    hook.remove()
+    a2 = got[0][cal.attention_mask].double().pow(2).mean(0).numpy()
+    col2 = model.model.layers[2].mlp.down_proj.weight.double().pow(2).sum(0).detach().numpy()
+    np.testing.assert_allclose(t["energy.2"], col2 * a2, rtol=1e-4)
     for i in range(6):
         freq, mean_abs, wxa = t[f"freq.{i}"], t[f"mean_abs.{i}"], t[f"wxa.{i}"]
         assert freq.shape == mean_abs.shape == wxa.shape == (768,) and freq.dtype == np.float32
