@@ -8,8 +8,6 @@ from pathlib import Path
 
 import click
 
-from .pipeline import STRATEGIES
-
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO
@@ -420,10 +418,10 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--budgets", default="0.1,0.2,0.3", show_default=True,
               help="Fractions of transformer-block parameters to remove.")
-@click.option("--strategies", default=",".join(STRATEGIES), show_default=True,
+@click.option("--strategies", default=None,
               help="bi-layers, kl-layers, greedy-layers (whole layers by Block Influence, one-shot KL, greedy KL); "
                    "oneshot-mixed, greedy-mixed (layers and sub-blocks); width (MLP neurons by width KL); "
-                   "width-mixed (all of them in one ranking).")
+                   "width-mixed (all of them in one ranking).  [default: all of them]")
 @click.option("--samples", type=int, default=16, show_default=True)
 @click.option("--seq-len", type=int, default=128, show_default=True)
 @click.option("--quant", default="F16", show_default=True, help="Type every model (and the base) is written in.")
@@ -436,12 +434,13 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
 def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, quant, eval_chunks, threads,
               no_bench, out_dir, device) -> None:
     """Prune HF_DIR at several budgets with several strategies; evaluate all; draw quality vs size."""
-    from .pipeline import SweepOptions, sweep, sweep_markdown
+    from .pipeline import STRATEGIES, SweepOptions, sweep, sweep_markdown
 
     try:
         opts = SweepOptions(calibration=calibration, text=text,
                             budgets=tuple(float(b) for b in budgets.split(",") if b.strip()),
-                            strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                            strategies=tuple(s.strip() for s in strategies.split(",") if s.strip())
+                            if strategies else STRATEGIES,
                             samples=samples, seq_len=seq_len, quant=quant, eval_chunks=eval_chunks,
                             threads=threads, bench=not no_bench, out_dir=out_dir, device=device)
         result = sweep(hf_dir, opts)

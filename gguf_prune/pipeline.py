@@ -143,7 +143,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     from . import hfmodel
     from .demo import MODEL_NAME, ensure_demo_checkpoint
     from .package import PackageOptions, build_package
-    from .planner import PlanOptions, make_plan
+    from .planner import UNITS, PlanOptions, make_plan
     from .prune import prune
     from .score import ScoreOptions, score_model
 
@@ -195,7 +195,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
             what = "MLP widths " + "/".join(f"{f:.2f}" for f in WIDTH_FRACTIONS)
             sopts = ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads,
                                  neurons=True, width=WIDTH_FRACTIONS, device=o.device)
-            popts = PlanOptions(target_params=o.budget, quant=o.quant, units=("layer", "attn", "mlp", "width"))
+            popts = PlanOptions(target_params=o.budget, quant=o.quant, units=UNITS)
             how = "layers, sub-blocks and MLP widths by KL per parameter"
         t = stage("score", f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; {what})")
         scores = score_model(model, out / "scores.json", sopts)
@@ -309,7 +309,7 @@ class SweepOptions:
 
 def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_layers: Path,
                   scores_greedy_mixed: Path, n_layer: int, out: Path, protect: tuple[int, int] = (2, 2)) -> Plan:
-    from .planner import PlanOptions, make_plan
+    from .planner import UNITS, PlanOptions, make_plan
 
     n = max(1, math.ceil(budget * n_layer - 1e-9))
     p = dict(protect_first=protect[0], protect_last=protect[1])
@@ -326,8 +326,7 @@ def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_
     if strategy == "width":
         return make_plan(scores_one, out, PlanOptions(target_params=budget, units=("width",), **p))
     if strategy == "width-mixed":
-        return make_plan(scores_one, out, PlanOptions(target_params=budget, units=("layer", "attn", "mlp", "width"),
-                                                      **p))
+        return make_plan(scores_one, out, PlanOptions(target_params=budget, units=UNITS, **p))
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 

@@ -436,10 +436,11 @@ def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected:
                     out.append(best)
         return sorted(out)
 
-    if not options() and not any(w.alive(i) and i not in protected for i in range(s.n_layer)):
+    opts = options()
+    if not opts and not any(w.alive(i) and i not in protected for i in range(s.n_layer)):
         return [f"the budget cannot be met: every layer left is protected (protect_first={o.protect_first}, "
                 f"protect_last={o.protect_last} of {s.n_layer} layers)"]
-    if not options():
+    if not opts:
         return ["the budget needs layer or sub-block KL scores, width scores or a greedy run in the scores"]
     while not met():
         opts = options()
@@ -485,11 +486,8 @@ def _width_curves(scores: Mapping[str, Any], layers: Mapping[int, Mapping[str, A
         curve = [(int(d), float(k)) for d, k in zip(wd["drops"], kls) if k is not None]
         if not curve:
             continue
-        gone = set()
-        if base_plan is not None:
-            gone = set(range(s.n_ff)) - set(base_plan.layers[i].kept_neurons(s))
         # the order the scores measured: live neurons of the base plan, least energy first
-        order = energy_order(stats[f"energy.{i}"], gone)
+        order = energy_order(stats[f"energy.{i}"], base_plan.layers[i].kept_neurons(s) if base_plan else None)
         out[i] = (curve, order)
     return out
 

@@ -295,10 +295,9 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
         for p, lay in enumerate(engine.layers):
             if p not in pre.ff_count:
                 continue
-            cn = lay.mlp.down_proj.weight.detach().float().norm(dim=0).double().cpu().numpy()
-            lp = plan.layers[sources[p]] if plan is not None else None
-            gone = set(range(shape.n_ff)) - set(lp.kept_neurons(shape)) if lp is not None else set()
-            order[p] = scores_io.energy_order(cn ** 2 * pre.ff_sq[p], gone)
+            cn = lay.mlp.down_proj.weight.detach().float().norm(dim=0).cpu().numpy()
+            live = plan.layers[sources[p]].kept_neurons(shape) if plan is not None else None
+            order[p] = scores_io.energy_order(scores_io.neuron_energy(cn, pre.ff_sq[p], pre.n_real), live)
         spec = replace(spec, neurons=False, width_drops=drops, width_order=order)
 
     with _progress(o, len(groups) * engine.n_layer, "score", "layer") as bar:

@@ -185,17 +185,26 @@ def neuron_tensors(sources, ff_count: Mapping, ff_abs: Mapping, ff_sq: Mapping, 
         out[f"freq.{s}"] = torch.from_numpy((ff_count[k] / n_real).astype(np.float32))
         out[f"mean_abs.{s}"] = torch.from_numpy(mean_abs.astype(np.float32))
         out[f"wxa.{s}"] = torch.from_numpy((cn * mean_abs).astype(np.float32))
-        out[f"energy.{s}"] = torch.from_numpy((cn ** 2 * ff_sq[k] / n_real).astype(np.float32))
+        out[f"energy.{s}"] = torch.from_numpy(neuron_energy(cn, ff_sq[k], n_real).astype(np.float32))
     return out
 
 
-def energy_order(energy, removed=()) -> "np.ndarray":
-    """Live neurons (not in ``removed``) from the least to the most energy; ties by index."""
+def neuron_energy(col_norm, ff_sq, n_real: int):
+    """‖down_proj column‖² · mean a²: each neuron's mean squared contribution to the residual stream."""
+    import numpy as np
+
+    return np.asarray(col_norm, dtype=np.float64) ** 2 * np.asarray(ff_sq, dtype=np.float64) / n_real
+
+
+def energy_order(energy, live=None) -> "np.ndarray":
+    """Live neurons (``live``; None: all) from the least to the most energy; ties by index."""
     import numpy as np
 
     order = np.argsort(np.asarray(energy, dtype=np.float64), kind="stable")
-    gone = set(int(j) for j in removed)
-    return np.array([int(j) for j in order if int(j) not in gone], dtype=np.int64)
+    if live is None:
+        return order.astype(np.int64)
+    keep = set(int(j) for j in live)
+    return np.array([int(j) for j in order if int(j) in keep], dtype=np.int64)
 
 
 def load_neurons(scores_path: Path, d: Mapping[str, Any] | None = None) -> dict:
