@@ -361,7 +361,7 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
                  "taylor": {str(s): taylor[pos_of[s]] for s in inp.head_layers}}
 
     neurons = None
-    if o.neurons:
+    if o.neurons or drops:  # width cuts follow the energy order: `plan --units width` reads it from the side file
         neurons = _write_neurons(out, engine, res, sources, n_real, o.tau)
 
     base = None

@@ -18,6 +18,7 @@ from gguf_prune.calibration import CalibrationError, load_calibration
 from gguf_prune.cli import main
 from gguf_prune.hfmodel import ModelDirError, apply_plan, fingerprint, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
+from gguf_prune.planner import PlanOptions, build_plan
 from gguf_prune.score import ScoreError, ScoreOptions, parse_layers, score_model
 
 TOL = 1e-5
@@ -369,5 +370,11 @@ def test_width_option_errors(tiny_untied, tmp_path):
                     (dict(width=(0.5,), stream=True), "not available with --stream")):
         with pytest.raises(ScoreError, match=msg):
             score_model(tiny_untied, tmp_path / "x.json", ScoreOptions(**SMALL, **kw))
+    # width scores carry the neuron energies the plan needs, with --no-neurons too
+    out = score_model(tiny_untied, tmp_path / "nn.json",
+                      ScoreOptions(**SMALL, neurons=False, width=(0.5,), width_align=128, plots=False))
+    plan = build_plan(scores_io.load(out), PlanOptions(target_params=0.05, units=("width",), protect_first=1, protect_last=0),
+                      out)
+    assert any(len(lp.kept_neurons(plan.shape)) < 768 for lp in plan.layers)
     r = CliRunner().invoke(main, ["score", str(tiny_untied), "--width", "half", "-o", str(tmp_path / "x.json")])
     assert r.exit_code != 0 and "fractions like" in r.output and "Traceback" not in r.output
