@@ -63,6 +63,18 @@ def combine(mode: str, kind: str) -> str:
     return "layer"  # attention and MLP both bypassed
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
+
+
+def attention_kind(layer) -> str:
+    return getattr(layer, "attention_type", FULL)
+
+
+def has_sandwich_norms(layer) -> bool:
+    """Gemma's layers normalise each sub-block's output too (post_attention / post_feedforward norms)."""
+    return hasattr(layer, "pre_feedforward_layernorm")
+
+
 def has_attention(layer) -> bool:
     return hasattr(layer.self_attn, "o_proj")  # hfmodel._ZeroAttention has no weights
 
@@ -84,25 +96,31 @@ def _device(module) -> torch.device:
 
 @dataclass
 class Context:
-    """What every decoder layer needs for one micro-batch, per device and per batch repeat."""
+    """What every decoder layer needs for one micro-batch, per device, batch repeat and attention kind."""
 
     attention_mask: torch.Tensor | None  # (b, 1, T, T) bool from the model's own create_causal_mask, or None
     position_ids: torch.Tensor  # (1, T)
     cache_position: torch.Tensor  # (T,)
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, T, head_dim)
     batch: int
+    # sliding-window layers (Gemma 3's local attention): their own mask and, where the model has one, RoPE
+    sliding_mask: torch.Tensor | None = None
+    local_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     _cache: dict = field(default_factory=dict)
 
-    def on(self, device: torch.device, reps: int = 1) -> dict:
-        key = (str(device), reps)
+    def on(self, device: torch.device, reps: int = 1, kind: str = FULL) -> dict:
+        key = (str(device), reps, kind)
         if key not in self._cache:
-            mask = self.attention_mask
+            sliding = kind == SLIDING
+            mask = self.sliding_mask if sliding else self.attention_mask
             if mask is not None:
                 mask = mask.to(device)
                 if reps > 1 and mask.shape[0] > 1:
                     # (b, 1, T, T) → (reps·b, 1, T, T), variant-major like the stacked states (2-D masks alike)
                     mask = mask.repeat(reps, *([1] * (mask.dim() - 1)))
-            cos, sin = self.position_embeddings
+            pe = self.local_position_embeddings if sliding and self.local_position_embeddings else \
+                self.position_embeddings
+            cos, sin = pe
             self._cache[key] = dict(attention_mask=mask, position_ids=self.position_ids.to(device),
                                     cache_position=self.cache_position.to(device),
                                     position_embeddings=(cos.to(device), sin.to(device)))
@@ -142,6 +160,8 @@ class Engine:
         self.core = model.model
         self.layers = list(self.core.layers)
         self.n_layer = len(self.layers)
+        self.kinds = [attention_kind(layer) for layer in self.layers]
+        self.sandwich = [has_sandwich_norms(layer) for layer in self.layers]
         cfg = model.config
         self.n_head = int(cfg.num_attention_heads)
         self.n_head_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_head)
@@ -176,8 +196,17 @@ class Engine:
                                f"{type(attn_mask).__name__} mask; load the model with attn_implementation='sdpa' "
                                "or 'eager'")
         pe = self.core.rotary_emb(probe, position_ids)  # (cos, sin): (1, T, head_dim)
+        sliding_mask = local_pe = None
+        if SLIDING in self.kinds:
+            from transformers.masking_utils import create_sliding_window_causal_mask
+
+            sliding_mask = create_sliding_window_causal_mask(
+                config=self.model.config, input_embeds=probe, attention_mask=mask.to(dev).long(),
+                cache_position=cache_position, past_key_values=None, position_ids=position_ids)
+            local = getattr(self.core, "rotary_emb_local", None)  # Gemma 3: local layers have their own RoPE base
+            local_pe = local(probe, position_ids) if local is not None else None
         return Context(attention_mask=attn_mask, position_ids=position_ids, cache_position=cache_position,
-                       position_embeddings=pe, batch=b)
+                       position_embeddings=pe, batch=b, sliding_mask=sliding_mask, local_position_embeddings=local_pe)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.core.embed_tokens
@@ -185,9 +214,12 @@ class Engine:
 
     def layer(self, i: int, h: torch.Tensor, ctx: Context, reps: int = 1) -> torch.Tensor:
         layer = self.layers[i]
+        if self.sandwich[i]:  # composed from its sub-blocks: the same arithmetic as the module's forward
+            h_mid = h.to(_device(layer)) + self.attn(i, h, ctx, reps)
+            return h_mid + self.mlp(i, h_mid)
         dev = _device(layer)
         h = h.to(dev)
-        out = layer(h, past_key_values=None, use_cache=False, **ctx.on(dev, reps))
+        out = layer(h, past_key_values=None, use_cache=False, **ctx.on(dev, reps, self.kinds[i]))
         self.seq_layer_evals += h.shape[0]
         return out[0] if isinstance(out, tuple) else out
 
@@ -197,14 +229,26 @@ class Engine:
         dev = _device(layer)
         h = h.to(dev)
         self.seq_layer_evals += 0.5 * h.shape[0]
-        out = layer.self_attn(hidden_states=layer.input_layernorm(h), past_key_values=None, **ctx.on(dev, reps))
-        return out[0] if isinstance(out, tuple) else out
+        out = layer.self_attn(hidden_states=layer.input_layernorm(h), past_key_values=None,
+                              **ctx.on(dev, reps, self.kinds[i]))
+        return self.attn_out(i, out[0] if isinstance(out, tuple) else out)
+
+    def attn_out(self, i: int, a: torch.Tensor) -> torch.Tensor:
+        """What the residual stream receives from attention output ``a`` (o_proj's output) of layer i."""
+        return self.layers[i].post_attention_layernorm(a) if self.sandwich[i] else a
 
     def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """The MLP sub-block's contribution to the residual stream, from the state after attention."""
         layer = self.layers[i]
         self.seq_layer_evals += 0.5 * h.shape[0]
-        return layer.mlp(layer.post_attention_layernorm(h.to(_device(layer))))
+        h = h.to(_device(layer))
+        if self.sandwich[i]:
+            return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    def mlp_out(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """What the residual stream receives from MLP output ``y`` (down_proj's output) of layer i."""
+        return self.layers[i].post_feedforward_layernorm(y) if self.sandwich[i] else y
 
     def step(self, i: int, h: torch.Tensor, ctx: Context, mode: str = "full", reps: int = 1) -> torch.Tensor:
         if mode == "full":
@@ -446,7 +490,7 @@ def _width_variants(engine: Engine, i: int, h_mid, ff, ctx: Context, ref: Refere
         x = ff.repeat(v1 - v0, 1, 1).view(v1 - v0, *ff.shape)  # (V, b, T, n_ff)
         for k, d in enumerate(drops[v0:v1]):
             x[k, ..., idx[:d]] = 0
-        return h_mid.repeat(v1 - v0, 1, 1) + down(x.view((v1 - v0) * ff.shape[0], *ff.shape[1:]))
+        return h_mid.repeat(v1 - v0, 1, 1) + engine.mlp_out(i, down(x.view((v1 - v0) * ff.shape[0], *ff.shape[1:])))
 
     kl, _ = engine.run_variants(i + 1, states, len(drops), ctx, ref)
     r.width_kl[i][:len(drops)] += kl
@@ -469,6 +513,7 @@ def _head_variants(engine: Engine, i: int, h, o_in, ctx: Context, ref: Reference
         for k, (_, _, zs) in enumerate(zero_sets[v0:v1]):
             x[k, :, :, zs] = 0
         a_v = engine.layers[i].self_attn.o_proj(x.view((v1 - v0) * b, -1, nh * hd))  # (V·b, T, d)
+        a_v = engine.attn_out(i, a_v)
         hm = h.repeat(v1 - v0, 1, 1) + a_v  # (V·b, T, d)
         return hm + engine.mlp(i, hm)  # the input of layer i+1 in each variant
 

@@ -70,9 +70,12 @@ def doctor() -> None:
 @click.option("--target-params", type=float, default=None,
               help="Budget: fraction of transformer-block parameters to remove, cheapest units first.")
 @click.option("--target-size", type=int, default=None, help="Budget: predicted quantized file size in bytes.")
-@click.option("--units", default="layer,attn,mlp", show_default=True,
+@click.option("--units", default=None,
               help="Unit kinds the budget may take (without a greedy run): layer, attn, mlp, width "
-                   "(MLP neurons, priced by `score --width`).")
+                   "(MLP neurons, priced by `score --width`).  [default: layer,attn,mlp; uniform: layer,width]")
+@click.option("--uniform", is_flag=True,
+              help="One shape for every kept layer (one FFN width, one head count), so the file stays in the "
+                   "model's own architecture that every llama.cpp runtime loads. Always on for Qwen3 and Gemma 3.")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Target type, for predicted sizes.")
 def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     """Turn SCORES (scores.json) into plan.json, or --explain an existing plan."""
@@ -85,7 +88,7 @@ def plan_cmd(scores, output, explain_path, units, **kw) -> None:
             return
         if scores is None or output is None:
             raise click.UsageError("give SCORES and -o plan.json (or --explain plan.json)")
-        opts = PlanOptions(units=tuple(u.strip() for u in units.split(",") if u.strip()), **kw)
+        opts = PlanOptions(units=tuple(u.strip() for u in (units or "").split(",") if u.strip()), **kw)
         plan = make_plan(scores, output, opts)
     except PlanError as e:
         raise click.ClickException(str(e)) from None
@@ -390,9 +393,12 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
               help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @click.option("--finetune-steps", type=int, default=200, show_default=True,
               help="Fine-tuning steps (per round when iterating).")
+@click.option("--uniform", is_flag=True,
+              help="One shape for every kept layer, written in the model's own architecture (always on for "
+                   "Qwen3 and Gemma 3).")
 def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, greedy_steps, heads, greedy_pool, quant, text,
             prompts, eval_chunks, threads, no_package, device, rounds, recover_mode, recover_samples,
-            finetune_steps) -> None:
+            finetune_steps, uniform) -> None:
     """The main job: score, plan, [recover,] prune to Q4_K_M, evaluate against the uncut base, package."""
     from .pipeline import DEFAULT_PROMPTS, RunOptions, format_summary, run
 
@@ -401,7 +407,7 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
                       quant=quant, text=text,
                       prompts=prompts or DEFAULT_PROMPTS, eval_chunks=eval_chunks, threads=threads,
                       package=not no_package, device=device, rounds=rounds, recover=recover_mode,
-                      recover_samples=recover_samples, finetune_steps=finetune_steps)
+                      recover_samples=recover_samples, finetune_steps=finetune_steps, uniform=uniform)
     try:
         summary = run(opts)
     except Exception as e:  # every stage's error type is a ValueError/RuntimeError with a clear message

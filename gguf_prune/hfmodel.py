@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .plan import LLAMA_FAMILY, ModelShape, Plan
+from . import arch
+from .plan import ModelShape, Plan
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,10 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{cfg_path} is not valid JSON: {e}") from None
-    model_type = config.get("model_type")
-    if model_type not in LLAMA_FAMILY:
-        raise ModelDirError(
-            f"{hf_dir}: architecture {model_type!r} ({', '.join(config.get('architectures') or [])}) is not "
-            f"supported; supported: {', '.join(LLAMA_FAMILY)} (Llama 2/3, SmolLM/SmolLM2, TinyLlama and other "
-            "LlamaForCausalLM checkpoints)"
-        )
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ModelDirError(f"{hf_dir}: attention_bias / mlp_bias checkpoints are not supported yet")
+    try:
+        arch.family_of_config(config, where=str(hf_dir))
+    except arch.ArchError as e:
+        raise ModelDirError(str(e)) from None
     return config
 
 

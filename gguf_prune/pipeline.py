@@ -60,6 +60,7 @@ class RunOptions:
     recover_samples: int = 64  # calibration sequences for recovery (patch fit, fine-tuning, held-out split)
     finetune_steps: int = 200  # fine-tuning steps (per round when iterating)
     heldout: float = 0.1  # fraction of the recovery sequences held out (early stopping, round figures)
+    uniform: bool = False  # one shape for every kept layer: the model's own architecture (forced: Qwen3, Gemma 3)
 
 
 def _stage(n: int, total: int, what: str) -> float:
@@ -119,6 +120,27 @@ def _check_run(o: RunOptions) -> tuple[bool, str | None]:
     return patch, method
 
 
+def _check_family(o: RunOptions, shape) -> bool:
+    """Whether the run plans uniformly; options the model's family cannot take are refused before any work."""
+    from . import arch
+
+    fam = arch.family_of_arch(shape.architecture)
+    uniform = o.uniform or fam.uniform_only
+    p = []
+    why = fam.why_uniform if fam.uniform_only else "--uniform"
+    if uniform and o.strategy == "greedy-mixed":
+        p.append(f"--strategy greedy-mixed removes attention or MLP sub-blocks in some layers only, which a uniform "
+                 f"plan cannot hold ({why}); use --strategy width-mixed")
+    if uniform and o.rounds > 1:
+        p.append(f"--rounds > 1 cuts sub-blocks round by round, which a uniform plan cannot hold ({why})")
+    if o.recover != "none" and shape.architecture != "llama":
+        p.append(f"--recover {o.recover}: recovery writes llama-layout tensors and patches (deci); it supports "
+                 f"llama-family models (llama, mistral) only, not {shape.architecture}")
+    if p:
+        raise ValueError("run options do not fit this model:\n  - " + "\n  - ".join(p))
+    return uniform
+
+
 def _check_training_data(model: Path, ropts, fto) -> None:
     """Refuse training data shorter than one batch before scoring, not after it."""
     from transformers import AutoTokenizer
@@ -143,7 +165,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     from . import hfmodel
     from .demo import MODEL_NAME, ensure_demo_checkpoint
     from .package import PackageOptions, build_package
-    from .planner import UNITS, PlanOptions, make_plan
+    from .planner import UNIFORM_UNITS, UNITS, PlanOptions, make_plan
     from .prune import prune
     from .score import ScoreOptions, score_model
 
@@ -152,6 +174,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     patch, method = _check_run(o)
     model = Path(o.model) if o.model else ensure_demo_checkpoint()
     shape = hfmodel.check_model_dir(model)
+    uniform = _check_family(o, shape)
     name = MODEL_NAME if o.model is None else model.name
     out = Path(o.out_dir) if o.out_dir else Path("runs") / name
     out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +218,10 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
             what = "MLP widths " + "/".join(f"{f:.2f}" for f in WIDTH_FRACTIONS)
             sopts = ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads,
                                  neurons=True, width=WIDTH_FRACTIONS, device=o.device)
-            popts = PlanOptions(target_params=o.budget, quant=o.quant, units=UNITS)
-            how = "layers, sub-blocks and MLP widths by KL per parameter"
+            popts = PlanOptions(target_params=o.budget, quant=o.quant, units=UNIFORM_UNITS if uniform else UNITS,
+                                uniform=uniform)
+            how = ("whole layers and one MLP width for every kept layer (uniform), by KL per parameter" if uniform
+                   else "layers, sub-blocks and MLP widths by KL per parameter")
         t = stage("score", f"score {model} (layers, sub-blocks, {'heads, ' if o.heads else ''}neurons; {what})")
         scores = score_model(model, out / "scores.json", sopts)
         timings["score"] = time.time() - t

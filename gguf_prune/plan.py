@@ -35,12 +35,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from . import arch
 from .gguf_io import default_file_mode
 
 PLAN_SCHEMA = "gguf-prune/plan"
 PLAN_VERSION = 1
 
-LLAMA_FAMILY = ("llama",)  # HF model_type / GGUF general.architecture values we cut
 PATCH_KINDS = ("linear",)  # what may stand in for a removed layer run / attention sub-block
 
 
@@ -55,7 +55,8 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of an (unpruned) llama-family model that a plan refers to."""
+    """The dimensions of an (unpruned) model that a plan refers to. ``architecture`` is the llama.cpp
+    architecture its checkpoint converts to (``arch.Family.gguf_arch``: llama, qwen2, qwen3, gemma3)."""
 
     architecture: str
     n_layer: int
@@ -75,7 +76,7 @@ class ModelShape:
         n_head = int(config["num_attention_heads"])
         n_embd = int(config["hidden_size"])
         return cls(
-            architecture=str(config.get("model_type", "llama")),
+            architecture=arch.family_of_config(config).gguf_arch,
             n_layer=int(config["num_hidden_layers"]),
             n_embd=n_embd,
             n_head=n_head,
@@ -207,10 +208,18 @@ class Plan:
         return out
 
     def is_uniform(self) -> bool:
-        """True when every kept layer keeps the full, identical shape (the file can stay `llama`)."""
+        """True when every written layer keeps one shape and nothing is removed inside a layer."""
+        dims = self.dims()
+        inside = any(lp.attention_removed or lp.mlp_removed or lp.patch is not None for lp in self.layers)
+        return not inside and len({(d["n_head"], d["n_head_kv"], d["n_ff"]) for d in dims}) <= 1
+
+    def output_architecture(self) -> tuple[str | None, str]:
+        """The llama.cpp architecture the cut is written as, and why (None: no stock architecture loads it)."""
         s = self.shape
-        return all(d["n_head"] == s.n_head and d["n_head_kv"] == s.n_head_kv and d["n_ff"] == s.n_ff
-                   for d in self.dims())
+        shapes = {(d["n_head"], d["n_head_kv"], d["n_ff"]) for d in self.dims()}
+        inside = any(lp.attention_removed or lp.mlp_removed or lp.patch is not None for lp in self.layers)
+        return arch.output_architecture(arch.family_of_arch(s.architecture), shapes, inside,
+                                        (s.n_head, s.n_head_kv, s.n_ff))
 
     def block_params(self) -> tuple[int, int]:
         """Transformer-block parameters (before, after)."""
@@ -316,8 +325,9 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     if fingerprint and plan.fingerprint and fingerprint != plan.fingerprint:
         p.append(f"the plan was made for another model: fingerprint {plan.fingerprint} in the plan, "
                  f"{fingerprint} for this checkpoint")
-    if s.architecture not in LLAMA_FAMILY:
-        p.append(f"architecture {s.architecture!r} is not supported (supported: {', '.join(LLAMA_FAMILY)})")
+    if s.architecture not in arch.BY_GGUF_ARCH:
+        p.append(f"architecture {s.architecture!r} is not supported (supported: {', '.join(arch.BY_GGUF_ARCH)})")
+        raise PlanError(p, source)
     if s.n_head_kv <= 0 or s.n_head % s.n_head_kv:
         p.append(f"model shape: n_head {s.n_head} is not a multiple of n_head_kv {s.n_head_kv}")
         raise PlanError(p, source)
@@ -335,9 +345,11 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     protect_last = int(plan.settings.get("protect_last", 0))
     protected = set(range(min(protect_first, s.n_layer))) | set(range(max(0, s.n_layer - protect_last), s.n_layer))
 
+    uniform = bool(plan.settings.get("uniform"))  # a uniform plan narrows protected layers like every other
     for lp in plan.layers:
         where = f"layer {lp.index}"
-        if lp.index in protected and not lp.untouched:
+        removes = lp.removed or lp.attention_removed or lp.mlp_removed
+        if lp.index in protected and not lp.untouched and (removes or not uniform):
             p.append(f"{where} is protected (protect_first={protect_first}, protect_last={protect_last}) but the plan cuts it")
         if lp.heads is not None:
             bad = sorted(h for h in lp.heads if not 0 <= h < s.n_head)
@@ -373,6 +385,10 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
                          "FFN, so a removed MLP alone cannot carry one)")
     if plan.layers and all(lp.removed for lp in plan.layers):
         p.append("the plan removes every layer")
+    if not p:
+        out_arch, why = plan.output_architecture()
+        if out_arch is None:
+            p.append(f"no stock llama.cpp architecture loads this cut: {why}")
     if p:
         raise PlanError(p, source)
     return plan

@@ -16,7 +16,9 @@ Strategies combine, applied in this order on top of the scores' base plan
    its highest-energy neurons, priced by the width KL that ``score --width`` measured,
    linear between the measured widths; kept widths stay multiples of the scores' align).
 
-Layers in the protected ranges are never cut.
+Layers in the protected ranges are never cut. With ``uniform`` (``plan --uniform``, and always for
+families whose llama.cpp architecture loads nothing else: Qwen3, Gemma 3) steps 2–5 keep one shape for every
+kept layer, so the file stays in the model's own architecture; see :mod:`gguf_prune.uniform`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import arch, uniform
 from .plan import LayerPlan, ModelShape, Plan, PlanError, ranges, validate
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,9 @@ class PlanOptions:
     protect_last: int = 2
     target_params: float | None = None  # fraction of transformer-block parameters to remove
     target_size: int | None = None  # bytes of the quantized file
-    units: tuple[str, ...] = ("layer", "attn", "mlp")  # unit kinds the budget may take (UNITS)
+    units: tuple[str, ...] = ()  # unit kinds the budget may take (UNITS); () = DEFAULT_UNITS / UNIFORM_UNITS
     quant: str = "Q4_K_M"  # for target_size and the predicted size
+    uniform: bool = False  # one shape for every kept layer (forced for families that load nothing else)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -67,6 +71,8 @@ class PlanOptions:
 
 
 UNITS = ("layer", "attn", "mlp", "width")
+DEFAULT_UNITS = ("layer", "attn", "mlp")
+UNIFORM_UNITS = ("layer", "width")
 
 
 class ScoresNeeded(PlanError):
@@ -197,9 +203,17 @@ def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
     protected = _protected(shape, o)
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
     problems: list[str] = []
+    family = arch.family_of_arch(shape.architecture)
+    uniform_mode = o.uniform or family.uniform_only
+    o = replace(o, uniform=uniform_mode, units=tuple(o.units) or (UNIFORM_UNITS if uniform_mode else DEFAULT_UNITS))
     bad = [u for u in o.units if u not in UNITS]
-    if bad or not o.units:
+    if bad:
         raise PlanError([f"--units {','.join(o.units)!r}: use a comma list of {', '.join(UNITS)}"], "plan request")
+    if uniform_mode:
+        why = family.why_uniform if family.uniform_only else "--uniform"
+        refused = uniform.refusals(o, why)
+        if refused:
+            raise PlanError(refused, "plan request")
 
     def candidates() -> list[int]:
         return [i for i in range(shape.n_layer) if w.alive(i) and i not in protected]
@@ -244,14 +258,20 @@ def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
 
     # 3. heads
     if o.prune_heads:
-        problems += _prune_heads(w, scores, o, protected)
+        problems += uniform.prune_heads(w, scores, o) if uniform_mode else _prune_heads(w, scores, o, protected)
 
     # 4. neurons
     if o.prune_neurons:
-        problems += _prune_neurons(w, _neuron_stats(scores, scores_path), o, protected)
+        stats = _neuron_stats(scores, scores_path)
+        problems += (uniform.prune_neurons(w, stats, o, _align) if uniform_mode
+                     else _prune_neurons(w, stats, o, protected))
 
     # 5. budget
-    if o.target_params is not None or o.target_size is not None:
+    if (o.target_params is not None or o.target_size is not None) and uniform_mode:
+        curves = _width_curves(scores, layers, o, lambda: _neuron_stats(scores, scores_path)) \
+            if "width" in o.units else {}
+        problems += uniform.fill_budget(w, scores, o, protected, lambda: _met(w, o, fingerprint), curves, _interp)
+    elif o.target_params is not None or o.target_size is not None:
         problems += _fill_budget(w, scores, o, protected, fingerprint,
                                  stats_loader=lambda: _neuron_stats(scores, scores_path))
 
@@ -353,6 +373,16 @@ def _prune_neurons(w: _Work, stats: Mapping[str, np.ndarray], o: PlanOptions, pr
         w.note(i, neurons_kept=n_keep, neuron_metric=o.neuron_metric,
                neuron_cutoff=float(v[order[s.n_ff - n_keep - 1]]))
     return problems
+
+
+def _met(w: _Work, o: PlanOptions, fingerprint: str) -> bool:
+    """The budget (--target-params / --target-size) is reached by the plan as it stands."""
+    p = w.to_plan(fingerprint, {"quant": o.quant})
+    if o.target_params is not None and p.removed_fraction() < o.target_params - 1e-9:
+        return False
+    if o.target_size is not None and p.predicted["size_bytes_estimate_after"] > o.target_size:
+        return False
+    return True
 
 
 def _fill_budget(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected: set[int],
@@ -542,8 +572,9 @@ def explain(plan: Plan) -> str:
     pred = plan.predicted or predict(plan)
     lines.append("")
     lines.append(f"block parameters: {_human(tot_b)} → {_human(tot_a)} "
-                 f"({100 * (1 - tot_a / tot_b):.1f}% removed); {len(plan.kept_layers())}/{s.n_layer} layers kept; "
-                 f"writes {'llama' if plan.is_uniform() else 'deci'} architecture")
+                 f"({100 * (1 - tot_a / tot_b):.1f}% removed); {len(plan.kept_layers())}/{s.n_layer} layers kept")
+    out_arch, why = plan.output_architecture()
+    lines.append(f"output architecture: {out_arch or 'none'} ({why})")
     patches = plan.patches()
     if patches:
         lines.append(f"{len(patches)} {patches[0].patch} patch{'es' if len(patches) > 1 else ''} "

@@ -615,6 +615,10 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     if o.finetune:
         fto = replace(fto, method=o.finetune)
     shape = hfmodel.check_model_dir(hf_dir)
+    if shape.architecture != "llama":
+        raise RecoverError(f"{hf_dir}: recovery (linear patches, fine-tuning) writes llama-layout tensors into a "
+                           f"llama or deci GGUF; it supports llama-family models (llama, mistral), not "
+                           f"{shape.architecture} yet. Prune without --recovered.")
     fp = hfmodel.fingerprint(hf_dir)
     if not isinstance(plan, Plan):
         plan = Plan.load(Path(plan))

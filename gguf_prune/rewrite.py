@@ -130,7 +130,7 @@ class RewriteResult:
 
 
 def shape_from_gguf(gf: GGUFFile) -> ModelShape:
-    """The (unpruned) model shape a plan refers to, from a llama-family GGUF's metadata."""
+    """The (unpruned) model shape a plan refers to, from a converted GGUF's metadata."""
     path = gf.path
     arch_name = gf.architecture
     spec = archmod.get(arch_name)
@@ -172,8 +172,8 @@ def _open_base(base: Path) -> tuple[GGUFFile, archmod.ArchSpec, ModelShape]:
         if PLAN_KEY in gf.kv:
             hint = " (this file was already cut by gguf-prune; rewrite the GGUF of the original checkpoint)"
         raise RewriteError(f"{base}: architecture {arch_name!r} is not supported{hint}; supported: "
-                           f"{', '.join(archmod.ARCHITECTURES)} (llama-family checkpoints converted with "
-                           "convert_hf_to_gguf.py)")
+                           f"{', '.join(archmod.ARCHITECTURES)} (checkpoints of {archmod.supported_families()} "
+                           "converted with convert_hf_to_gguf.py)")
     quantized = [f"{t.name} ({t.ggml_type.name})" for t in gf.tensors if t.ggml_type not in SLICEABLE_TYPES]
     if quantized:
         more = f" and {len(quantized) - 3} more" if len(quantized) > 3 else ""
@@ -208,18 +208,13 @@ def layer_cuts(plan: Plan) -> list[LayerCut]:
     return cuts
 
 
-def output_architecture(cuts: list[LayerCut], spec: archmod.ArchSpec) -> str:
-    """``llama`` when one global n_head/n_head_kv/n_ff describes every layer, else the per-layer arch."""
-    shapes = {(c.n_head, c.n_head_kv, c.n_ff) for c in cuts}
-    inside = any(c.attention in ("removed", "inert", "linear", "patch") or c.mlp == "inert" for c in cuts)
-    return spec.name if len(shapes) == 1 and not inside else spec.per_layer_arch
-
-
-def _unit_indices(unit: str, kept: tuple[int, ...], head_dim: int) -> np.ndarray:
+def _unit_indices(unit: str, kept: tuple[int, ...], head_dim: int, rope_order: np.ndarray | None = None) -> np.ndarray:
+    """Rows (or columns) of the kept units; ``rope_order`` reorders the rows inside each head (NEOX → NORM)."""
     if unit == "neuron":
         return np.asarray(kept, dtype=np.int64)
     # a head is a contiguous block of head_dim rows/columns
-    return (np.asarray(kept, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+    within = np.arange(head_dim) if rope_order is None else rope_order
+    return (np.asarray(kept, dtype=np.int64)[:, None] * head_dim + within).reshape(-1)
 
 
 @dataclass
@@ -244,8 +239,11 @@ class _Job:
 
 
 def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSpec, s: ModelShape,
-               base: Path, overrides: Mapping[str, Override] | None = None) -> list[_Job]:
+               base: Path, overrides: Mapping[str, Override] | None = None, permute_rope: bool = False) -> list[_Job]:
+    """One job per output tensor. ``permute_rope``: q/k rows are rotate-half (NEOX) in the base and the output
+    architecture applies adjacent-pair (NORM) RoPE, so every head's rows are reordered (weights and biases)."""
     overrides = dict(overrides or {})
+    rope_order = archmod.neox_to_norm_rows(s.head_dim) if permute_rope else None
     used: set[str] = set()
     by_source = {c.source: c for c in cuts}
     unit_count = {"q_head": s.n_head, "kv_head": s.n_head_kv, "neuron": s.n_ff}
@@ -311,7 +309,13 @@ def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSp
                 else:
                     jobs.append(_Job(name, ref, shape, "copy", data=data))
             continue
-        if mode == "kept" or (role.unit is None and mode == "sliced"):
+        if role.rope and rope_order is not None and mode in ("kept", "sliced"):
+            kept = cut.q_heads if role.unit == "q_head" else cut.kv_heads
+            idx = _unit_indices(role.unit, kept, s.head_dim, rope_order)
+            out_shape = list(shape)
+            out_shape[role.axis] = len(idx)
+            jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx, data=data))
+        elif mode == "kept" or (role.unit is None and mode == "sliced"):
             jobs.append(_Job(name, ref, shape, "copy", data=data))
         elif mode == "inert":
             if role.unit is None:
@@ -325,10 +329,11 @@ def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSp
                 jobs.append(_Job(name, ref, tuple(out_shape), "zeros"))
         else:  # sliced, with a unit axis
             kept = {"q_head": cut.q_heads, "kv_head": cut.kv_heads, "neuron": cut.neurons}[role.unit]
-            if len(kept) == unit_count[role.unit]:
+            reorder = rope_order if role.rope else None
+            if len(kept) == unit_count[role.unit] and reorder is None:
                 jobs.append(_Job(name, ref, shape, "copy", data=data))
                 continue
-            idx = _unit_indices(role.unit, kept, s.head_dim)
+            idx = _unit_indices(role.unit, kept, s.head_dim, reorder)
             out_shape = list(shape)
             out_shape[role.axis] = len(idx)
             jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx, data=data))
@@ -361,6 +366,7 @@ def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, ar
     U32 = GGUFValueType.UINT32
     uniform = arch_out == spec.name
     first = cuts[0]
+    prefix_in = spec.name + "."
 
     def per_layer(attr: str):
         if uniform:
@@ -375,7 +381,10 @@ def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, ar
         spec.keys["key_length"]: (s.head_dim, U32, None),
         spec.keys["value_length"]: (s.head_dim, U32, None),
     }
-    prefix_in = spec.name + "."
+    swa = _swa_layers(gf, spec, s.n_layer)
+    if swa is not None:  # every kept layer keeps its kind (local sliding-window or global attention)
+        overrides[spec.keys["swa_pattern"]] = ([swa[c.source] for c in cuts], GGUFValueType.ARRAY,
+                                               GGUFValueType.BOOL)
     written = set()
     for key, kv in gf.kv.items():
         if key.startswith("gguf_prune."):
@@ -399,6 +408,22 @@ def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, ar
     writer.add_kv(PLAN_KEY, plan.to_json(), GGUFValueType.STRING)
     writer.add_kv(PLAN_DIGEST_KEY, plan.digest(), GGUFValueType.STRING)
     writer.add_kv(VERSION_KEY, _version(), GGUFValueType.STRING)
+
+
+def _swa_layers(gf: GGUFFile, spec: archmod.ArchSpec, n_layer: int) -> list[bool] | None:
+    """Which source layers use sliding-window attention, as llama.cpp reads it (``load_swa_pattern``: a per-layer
+    array, else every n-th layer global, n from the pattern key, 6 by default), or None without a window."""
+    window = gf.get(f"{spec.name}.attention.sliding_window")
+    if spec.name != "gemma3" or not window:
+        return None
+    key = f"{spec.name}.{spec.keys['swa_pattern']}"
+    if gf.is_array(key):
+        values = [bool(v) for v in gf.get(key)]
+        if len(values) != n_layer:
+            raise RewriteError(f"{gf.path}: {key} has {len(values)} entries for {n_layer} layers; re-convert")
+        return values
+    n = int(gf.get(key, 6))
+    return [n == 0 or i % n < n - 1 for i in range(n_layer)]
 
 
 def _version() -> str:
@@ -450,8 +475,9 @@ def _emit(writer: GGUFStreamWriter, fd: int, job: _Job) -> None:
                     sel = idx[(idx >= r0) & (idx < r1)]
                     if len(sel) == 0:
                         continue
-                    block = read_rows(fd, ref, int(sel[0]), int(sel[-1]) + 1)  # (rows, row_len)
-                    writer.write_array(block[sel - sel[0]])
+                    lo, hi = int(sel.min()), int(sel.max()) + 1  # rows may come reordered (RoPE permutation)
+                    block = read_rows(fd, ref, lo, hi)  # (rows, row_len)
+                    writer.write_array(block[sel - lo])
                 else:
                     block = read_rows(fd, ref, r0, r1)  # (rows, row_len)
                     writer.write_array(block[:, idx])  # keep columns
@@ -491,8 +517,11 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
     gf, spec, shape = _open_base(base)
     validate(plan, shape, source=f"plan for {base.name}")
     cuts = layer_cuts(plan)
-    arch_out = output_architecture(cuts, spec)
-    jobs = _plan_jobs(gf.tensors, cuts, spec, shape, base, overrides)
+    arch_out, why = plan.output_architecture()  # validate() refused a cut no architecture loads
+    log.info("output architecture %s: %s", arch_out, why)
+    family = archmod.family_of_arch(spec.name)
+    jobs = _plan_jobs(gf.tensors, cuts, spec, shape, base, overrides,
+                      permute_rope=family.neox_rope and arch_out == archmod.PER_LAYER_ARCH)
 
     if out.is_dir():
         raise RewriteError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")

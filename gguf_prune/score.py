@@ -630,6 +630,10 @@ def _stream_choice(hf_dir: Path, o: ScoreOptions, inp: _Inputs):
             return None
         reason = base + ": scoring layer-major from the shards instead (--stream)"
         log.info("%s", reason)
+    if inp.shape.architecture != "llama":
+        raise ScoreError(f"{reason}: the streamed engine runs llama decoder layers and supports llama-family "
+                         f"models (llama, mistral) only, not {inp.shape.architecture}; score in memory (drop --stream "
+                         "/ --units, or give --device-map auto to spread the model over devices)")
     bad = [x for x, on in (("--plan", o.plan is not None), ("--greedy", bool(o.greedy)),
                            ("--device-map", o.device_map is not None)) if on]
     if bad:
