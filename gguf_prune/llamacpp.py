@@ -93,10 +93,18 @@ def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: i
         ) from None
 
 
-def logits(path: Path, tokens: Sequence[int], *, n_threads: int | None = None) -> np.ndarray:
-    """Logits (n_tokens, n_vocab) float32 of llama.cpp for ``tokens`` as one sequence."""
+GGML_TYPE_F32 = 0
+
+
+def logits(path: Path, tokens: Sequence[int], *, n_threads: int | None = None, kv_f32: bool = True) -> np.ndarray:
+    """Logits (n_tokens, n_vocab) float32 of llama.cpp for ``tokens`` as one sequence.
+
+    ``kv_f32``: keep the KV cache in F32 (llama.cpp's default is F16, whose rounding of K shows as KL ~1e-4 once
+    attention is sharp), so that an F32 model is compared at F32 throughout.
+    """
     n = len(tokens)
-    llm = load(path, n_ctx=max(n, 8), logits_all=True, n_threads=n_threads, n_batch=max(n, 8))
+    kv = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if kv_f32 else {}
+    llm = load(path, n_ctx=max(n, 8), logits_all=True, n_threads=n_threads, n_batch=max(n, 8), **kv)
     try:
         llm.eval(list(tokens))
         return np.array(llm.scores[:n], dtype=np.float32)
