@@ -172,8 +172,7 @@ def _open_base(base: Path) -> tuple[GGUFFile, archmod.ArchSpec, ModelShape]:
         if PLAN_KEY in gf.kv:
             hint = " (this file was already cut by gguf-prune; rewrite the GGUF of the original checkpoint)"
         raise RewriteError(f"{base}: architecture {arch_name!r} is not supported{hint}; supported: "
-                           f"{', '.join(archmod.ARCHITECTURES)} (checkpoints of {archmod.supported_families()} "
-                           "converted with convert_hf_to_gguf.py)")
+                           f"{', '.join(archmod.ARCHITECTURES)} (checkpoints converted with convert_hf_to_gguf.py)")
     quantized = [f"{t.name} ({t.ggml_type.name})" for t in gf.tensors if t.ggml_type not in SLICEABLE_TYPES]
     if quantized:
         more = f" and {len(quantized) - 3} more" if len(quantized) > 3 else ""

@@ -308,3 +308,77 @@ def test_scores_equal_the_naive_ablation_on_every_family(family):
     fast = np.concatenate([r.kl, r.attn_kl, r.mlp_kl, r.head_kl[i], r.kv_kl[i], r.width_kl[i]]) / n_real
     assert np.abs(fast - kl).max() <= 1e-5, (family.name, np.abs(fast - kl).max())
     assert kl.min() > 1e-5  # every unit matters: the comparison is not between zeros
+
+
+# ----------------------------------------------------------------------------- planning and the main job
+
+
+def _scored(hf_dir: Path, out: Path, **kw) -> Path:
+    from gguf_prune.score import ScoreOptions, score_model
+
+    return score_model(hf_dir, out, ScoreOptions(samples=4, seq_len=32, heads=True, neurons=True,
+                                                 width=(0.17, 0.33, 0.5), protect_first=0, protect_last=0, **kw))
+
+
+@pytest.fixture(scope="module")
+def qwen2_scores(tmp_path_factory) -> tuple[Path, Path]:
+    d = make_tiny_model(tmp_path_factory.mktemp("qwen2-plan"), FAMILY_SPECS["qwen2"])
+    return d, _scored(d, tmp_path_factory.mktemp("qwen2-scores") / "scores.json")
+
+
+def test_uniform_plans_keep_one_shape_and_the_native_architecture(qwen2_scores, tmp_path):
+    """plan --uniform: layers by score, one FFN width for every kept layer (each its own neurons); Qwen2 with a
+    uniform width cut stays qwen2, and each layer keeps its highest-energy neurons."""
+    from gguf_prune.planner import PlanOptions, make_plan
+
+    hf_dir, scores = qwen2_scores
+    mixed = make_plan(scores, tmp_path / "mixed.json", PlanOptions(target_params=0.3, uniform=True))
+    assert mixed.is_uniform() and mixed.removed_fraction() >= 0.3 and mixed.output_architecture()[0] == "qwen2"
+    plan = make_plan(scores, tmp_path / "plan.json", PlanOptions(target_params=0.3, uniform=True, units=("width",)))
+    dims = {(d["n_head"], d["n_head_kv"], d["n_ff"]) for d in plan.dims()}
+    assert len(dims) == 1 and plan.removed_fraction() >= 0.3 and len(plan.kept_layers()) == plan.shape.n_layer
+    assert plan.output_architecture()[0] == "qwen2"
+    kept = {lp.neurons for lp in plan.kept_layers() if lp.neurons is not None}
+    assert len(kept) > 1  # one width, but each layer keeps its own neurons
+    assert all(len(n) % 256 == 0 for n in kept)
+    # a per-layer cut of the same model needs deci
+    per_layer = make_plan(scores, tmp_path / "p2.json", PlanOptions(drop_attn=1, protect_first=0, protect_last=0))
+    assert not per_layer.is_uniform() and per_layer.output_architecture()[0] == "deci"
+    # heads: the same count in every layer, as whole KV groups first
+    heads = make_plan(scores, tmp_path / "p3.json", PlanOptions(prune_heads=0.5, uniform=True))
+    assert {(d["n_head"], d["n_head_kv"]) for d in heads.dims()} == {(4, 1)}
+    assert heads.output_architecture()[0] == "deci"  # qwen2 cannot lose query heads natively
+
+
+def test_qwen3_plans_are_uniform_and_per_layer_options_are_refused(tmp_path_factory, tmp_path):
+    from gguf_prune.planner import PlanOptions, make_plan
+
+    d = make_tiny_model(tmp_path_factory.mktemp("qwen3-plan"), FAMILY_SPECS["qwen3"])
+    scores = _scored(d, tmp_path / "scores.json")
+    plan = make_plan(scores, tmp_path / "plan.json", PlanOptions(target_params=0.25))  # uniform without asking
+    assert plan.settings["uniform"] and plan.is_uniform() and plan.output_architecture()[0] == "qwen3"
+    for bad, says in ((PlanOptions(drop_attn=1), "--drop-attn / --drop-mlp remove a sub-block in some layers only"),
+                      (PlanOptions(target_params=0.2, units=("layer", "mlp")), "--units mlp"),
+                      (PlanOptions(prune_neurons=True, neuron_threshold=0.01), "--neuron-threshold keeps a different")):
+        with pytest.raises(PlanError) as e:
+            make_plan(scores, tmp_path / "bad.json", bad)
+        assert says in str(e.value) and "deci (per-layer shapes) has no per-head q/k norms" in str(e.value)
+    assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_run_end_to_end_on_a_realistic_qwen(name, tmp_path):
+    """gguf-prune run on a random Qwen2 / Qwen3 of realistic shape ratios (hidden 512, 8 query heads in 2 KV
+    groups, FFN 1536, tied): scored, planned (Qwen3 uniformly), cut, quantized, evaluated, packaged."""
+    from gguf_prune.pipeline import RunOptions, run
+
+    spec = TinySpec(family=name, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, head_dim=64,
+                    init_std=0.05, seed=21)
+    d = make_tiny_model(tmp_path / f"{name}-ckpt", spec)
+    s = run(RunOptions(model=d, out_dir=tmp_path / "run", samples=4, seq_len=32, eval_chunks=2, threads=2,
+                       prompts=None, bench=False, budget=0.2))
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert plan.removed_fraction() >= 0.2
+    assert s["pruned"]["architecture"] == {"qwen2": plan.output_architecture()[0], "qwen3": "qwen3"}[name]
+    assert s["pruned"]["bytes_out"] < s["base"]["bytes_out"] and s["quality"]["kl_mean"] > 0
+    assert Path(s["executable"]).exists()

@@ -359,7 +359,7 @@ def test_an_architecture_outside_the_llama_family(existing_out, tmp_path):
     base = tmp_path / "gpt2.gguf"
     shape = write_small_llama(base, arch="gpt2")
     _expect_failure(base, Plan.identity(shape), existing_out, RewriteError,
-                    f"{base}: architecture 'gpt2' is not supported; supported: llama (llama-family checkpoints "
+                    f"{base}: architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3, gemma3 (checkpoints "
                     "converted with convert_hf_to_gguf.py)")
 
 
@@ -367,8 +367,8 @@ def test_a_file_already_cut(tied_f32, tied_shape, existing_out, tmp_path):
     cut = rewrite(tied_f32, mixed_plan(tied_shape), tmp_path / "cut.gguf").path
     _expect_failure(cut, Plan.identity(tied_shape), existing_out, RewriteError,
                     f"{cut}: architecture 'deci' is not supported (this file was already cut by gguf-prune; rewrite "
-                    "the GGUF of the original checkpoint); supported: llama (llama-family checkpoints converted with "
-                    "convert_hf_to_gguf.py)")
+                    "the GGUF of the original checkpoint); supported: llama, qwen2, qwen3, gemma3 (checkpoints converted "
+                    "with convert_hf_to_gguf.py)")
 
 
 def test_a_quantized_input(existing_out, tmp_path):
