@@ -216,7 +216,7 @@ def test_unsupported_architecture_and_incomplete_model_dirs(tiny_untied, tmp_pat
     shutil.copytree(tiny_untied, gpt)
     cfg = json.loads((gpt / "config.json").read_text())
     (gpt / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ModelDirError, match=r"architecture 'gpt2' \(GPT2LMHeadModel\) is not supported"):
+    with pytest.raises(ModelDirError, match=r"model_type 'gpt2' \(GPT2LMHeadModel\) is not supported"):
         _score(gpt, tmp_path)
     (gpt / "config.json").unlink()
     with pytest.raises(ModelDirError, match="has no config.json; pass a Hugging Face checkpoint directory"):
