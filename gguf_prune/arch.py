@@ -33,8 +33,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import GgufPruneError
 
-class ArchError(ValueError):
+
+class ArchError(GgufPruneError, ValueError):
     """A model of an architecture, or with a tensor, that gguf-prune cannot cut."""
 
 

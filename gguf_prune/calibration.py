@@ -36,6 +36,8 @@ from typing import Iterator
 
 import torch
 
+from .errors import GgufPruneError
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -46,7 +48,7 @@ DEFAULT_SEED = 0
 KINDS = ("auto", "text", "chat")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(GgufPruneError, ValueError):
     """Calibration data that cannot be used: what is wrong and what to do."""
 
 

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from .toolchain import cache_root
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-class DemoModelError(RuntimeError):
+class DemoModelError(GgufPruneError, RuntimeError):
     pass
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from . import llamacpp
 from .llamacpp import LlamaCppError
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TEXT = DATA_DIR / "heldout_stdlib_docs.txt"
 
 
-class EvalError(ValueError):
+class EvalError(GgufPruneError, ValueError):
     """Bad evaluation input: what is wrong and what to do."""
 
 

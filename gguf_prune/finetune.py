@@ -40,6 +40,7 @@ from .calibration import Calibration
 from . import hfmodel
 from .hfmodel import PatchLayer, _ZeroAttention, _ZeroMLP
 from .plan import Plan
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
 
-class FinetuneError(ValueError):
+class FinetuneError(GgufPruneError, ValueError):
     """A fine-tuning request that cannot run: what, where, what to do."""
 
 

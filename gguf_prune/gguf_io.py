@@ -31,6 +31,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
+from .errors import GgufPruneError
+
 log = logging.getLogger(__name__)
 
 # Tensor types whose rows can be sliced element by element (and the numpy dtype of one element).
@@ -44,11 +46,11 @@ SLICEABLE_TYPES: dict[GGMLQuantizationType, np.dtype] = {
 CHUNK_BYTES = 16 << 20  # rows are read in chunks of about this size when a tensor is sliced
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(GgufPruneError, ValueError):
     """A file that is not a readable GGUF: what is wrong, where, and what to do."""
 
 
-class OutOfSpaceError(OSError):
+class OutOfSpaceError(GgufPruneError, OSError):
     """The output disk filled up; the partial output was removed."""
 
 

@@ -18,15 +18,16 @@ import torch
 
 from . import arch
 from .plan import ModelShape, Plan
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
 
-class ModelDirError(ValueError):
+class ModelDirError(GgufPruneError, ValueError):
     """A model directory that cannot be used: what is wrong and what to do."""
 
 
-class WeightsError(ValueError):
+class WeightsError(GgufPruneError, ValueError):
     """Recovered weights (fine-tuned tensors, patch matrices) that do not fit the model or the plan."""
 
 

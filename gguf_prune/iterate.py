@@ -63,6 +63,7 @@ from . import ablate, hfmodel
 from . import scores as scores_io
 from .calibration import Calibration, check_calibration_file, load_calibration
 from .plan import Plan, write_text_atomic
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ ITERATE_VERSION = 1
 UNITS = ("layer", "attn", "mlp")
 
 
-class IterateError(ValueError):
+class IterateError(GgufPruneError, ValueError):
     """An iterative-pruning request that cannot run: what, where, what to do."""
 
 

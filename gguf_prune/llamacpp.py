@@ -17,11 +17,12 @@ from typing import Sequence
 import numpy as np
 
 from . import toolchain
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
 
-class LlamaCppError(RuntimeError):
+class LlamaCppError(GgufPruneError, RuntimeError):
     """llama.cpp refused a file or a tool failed."""
 
 

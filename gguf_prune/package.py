@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import llamacpp, toolchain
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ GLIBC = ("linux-vdso", "libc.so", "libm.so", "libpthread.so", "libdl.so", "librt
          "libresolv.so", "libutil.so")
 
 
-class PackageError(ValueError):
+class PackageError(GgufPruneError, ValueError):
     pass
 
 

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping
 
 from . import arch
 from .gguf_io import default_file_mode
+from .errors import GgufPruneError
 
 PLAN_SCHEMA = "gguf-prune/plan"
 PLAN_VERSION = 1
@@ -44,7 +45,7 @@ PLAN_VERSION = 1
 PATCH_KINDS = ("linear",)  # what may stand in for a removed layer run / attention sub-block
 
 
-class PlanError(ValueError):
+class PlanError(GgufPruneError, ValueError):
     """A plan that cannot be applied; the message lists every problem found."""
 
     def __init__(self, problems: list[str], source: str = "plan"):

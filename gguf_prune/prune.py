@@ -27,6 +27,7 @@ from .plan import Plan, validate, write_text_atomic
 from .quantize import QuantizeError, check_quant_type, quantize
 from .recover import open_recovered
 from .rewrite import rewrite
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ OUTTYPES = ("f16", "bf16", "f32")
 NO_QUANT = "NONE"
 
 
-class PruneError(ValueError):
+class PruneError(GgufPruneError, ValueError):
     """A prune request that cannot be carried out: what, where, what to do."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import llamacpp
 from .gguf_io import GGUFFormatError, default_file_mode, fsync_path, read_gguf
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _FALLBACK = re.compile(
 _FALLBACK_COUNT = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
 
 
-class QuantizeError(ValueError):
+class QuantizeError(GgufPruneError, ValueError):
     """A quantization that cannot be done as asked: what, where, what to do."""
 
 

@@ -56,6 +56,7 @@ from . import hfmodel
 from .calibration import Calibration, check_calibration_file, load_calibration
 from .plan import ModelShape, Plan, save_tensors_atomic, validate, write_text_atomic
 from .rewrite import Override
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ PATCH_FITS = ("pruned", "full")
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × mean diagonal of XᵀX
 
 
-class RecoverError(ValueError):
+class RecoverError(GgufPruneError, ValueError):
     """A recovery request, or a recover directory, that cannot be used: what, where, what to do."""
 
 

@@ -56,6 +56,7 @@ from . import arch as archmod
 from .gguf_io import (CHUNK_BYTES, SLICEABLE_TYPES, GGUFFile, GGUFFormatError, GGUFStreamWriter, OutOfSpaceError,
                       TensorRef, atomic_output, read_gguf, read_rows)
 from .plan import ModelShape, Plan, validate
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ VERSION_KEY = "gguf_prune.version"
 PROGRESS_SECONDS = 5.0  # long rewrites log their progress this often
 
 
-class RewriteError(ValueError):
+class RewriteError(GgufPruneError, ValueError):
     """A GGUF that cannot be rewritten (or an output that cannot be written): what, where, what to do."""
 
 

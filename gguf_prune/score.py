@@ -26,6 +26,7 @@ from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibr
                           load_calibration)
 from .hfmodel import ModelDirError, apply_plan, check_model_dir, fingerprint, load_model
 from .plan import ModelShape, Plan, save_tensors_atomic, validate
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ GREEDY_BY = ("kl", "kl-per-param")
 DEFAULT_TAU = 0.05
 
 
-class ScoreError(ValueError):
+class ScoreError(GgufPruneError, ValueError):
     """Options that cannot be scored: what is wrong and what to do."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .plan import ModelShape, write_text_atomic
+from .errors import GgufPruneError
 
 SCORES_SCHEMA = "gguf-prune/scores"
 SLICE_SCHEMA = "gguf-prune/scores-slice"  # one --units slice: only `score --merge` reads it
@@ -48,7 +49,7 @@ STEP_KEYS = ("kind", "layer", "kl", "delta_kl", "params_removed", "candidates")
 TOP_KEYS = ("model", "calibration", "settings", "base_plan", "full", "layers", "heads", "neurons", "greedy", "timing")
 
 
-class ScoresError(ValueError):
+class ScoresError(GgufPruneError, ValueError):
     """A scores file that cannot be used: what is wrong and what to do."""
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from . import ablate, scores as scores_io
 from .plan import save_tensors_atomic
+from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class StreamError(ValueError):
+class StreamError(GgufPruneError, ValueError):
     """A checkpoint or memory budget the streamed engine cannot work with: what is wrong and what to do."""
 
 

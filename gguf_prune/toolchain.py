@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import GgufPruneError
+
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -63,7 +65,7 @@ CMAKE_FLAGS = (
 )
 
 
-class ToolchainError(RuntimeError):
+class ToolchainError(GgufPruneError, RuntimeError):
     """The pinned llama.cpp is missing, incomplete or cannot be built."""
 
 
