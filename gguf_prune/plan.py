@@ -174,6 +174,7 @@ class Plan:
     shape: ModelShape
     layers: tuple[LayerPlan, ...]
     fingerprint: str = ""  # content fingerprint of the source checkpoint ("" = not known)
+    gguf: str = ""  # identity of the GGUF the plan was applied to (rewrite.gguf_identity; "" = none yet)
     settings: Mapping[str, Any] = field(default_factory=dict)
     predicted: Mapping[str, Any] = field(default_factory=dict)
 
@@ -239,7 +240,8 @@ class Plan:
         return {
             "schema": PLAN_SCHEMA,
             "version": PLAN_VERSION,
-            "model": {"fingerprint": self.fingerprint, "shape": self.shape.to_dict()},
+            "model": {"fingerprint": self.fingerprint, "shape": self.shape.to_dict()}
+                     | ({"gguf": self.gguf} if self.gguf else {}),
             "settings": dict(self.settings),
             "predicted": dict(self.predicted),
             "layers": [lp.to_dict() for lp in self.layers],
@@ -292,6 +294,7 @@ class Plan:
         if problems:
             raise PlanError(problems, source)
         return cls(shape=shape, layers=tuple(layers), fingerprint=str(d["model"].get("fingerprint", "")),
+                   gguf=str(d["model"].get("gguf", "")),
                    settings=dict(d.get("settings") or {}), predicted=dict(d.get("predicted") or {}))
 
     @classmethod
@@ -315,8 +318,9 @@ class Plan:
 
 
 def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | None = None,
-             source: str = "plan") -> Plan:
-    """Check ``plan`` (against the model it will be applied to); raise one PlanError naming every problem."""
+             source: str = "plan", gguf: str | None = None) -> Plan:
+    """Check ``plan`` (against the model it will be applied to: its shape, its checkpoint ``fingerprint`` or
+    the ``gguf`` identity of the file it will cut); raise one PlanError naming every problem."""
     p: list[str] = []
     s = plan.shape
     if shape is not None and shape != s:
@@ -326,6 +330,10 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     if fingerprint and plan.fingerprint and fingerprint != plan.fingerprint:
         p.append(f"the plan was made for another model: fingerprint {plan.fingerprint} in the plan, "
                  f"{fingerprint} for this checkpoint")
+    if gguf and plan.gguf and gguf != plan.gguf:
+        p.append(f"the plan was applied to another GGUF (identity {plan.gguf}; this file is {gguf}): the same "
+                 "shape, other weights. Cut the GGUF it was made for, or remove \"gguf\" from the plan's "
+                 "\"model\" if you mean to apply it to this one")
     if s.architecture not in arch.BY_GGUF_ARCH:
         p.append(f"architecture {s.architecture!r} is not supported (supported: {', '.join(arch.BY_GGUF_ARCH)})")
         raise PlanError(p, source)

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import hfmodel, llamacpp, toolchain
@@ -141,8 +141,11 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
     try:
         staged = tmpdir / f"model-{outtype}.gguf"
         if plan is not None:
-            rw = rewrite(base, plan, staged, fsync=False, overrides=overrides)  # flushed below if it is the result
+            # the checkpoint's fingerprint was checked above; the plan's GGUF identity (if it was applied to a
+            # conversion in another type before) is replaced by the one of this conversion
+            rw = rewrite(base, replace(plan, gguf=""), staged, fsync=False, overrides=overrides)
             architecture, dims, bytes_pruned = rw.architecture, rw.layers, rw.bytes_out
+            the_plan = replace(the_plan, gguf=rw.base_identity)
         else:
             if q == NO_QUANT:
                 shutil.copyfile(base, staged)

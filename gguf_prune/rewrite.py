@@ -41,6 +41,7 @@ complete; the input is only read.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -120,6 +121,7 @@ class RewriteResult:
     bytes_out: int = 0
     seconds: float = 0.0
     plan_digest: str = ""
+    base_identity: str = ""  # gguf_identity of the input: recorded in the plan written next to the output
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -128,6 +130,25 @@ class RewriteResult:
 
 
 # ------------------------------------------------------------------------- reading the base
+
+
+def gguf_identity(gf: GGUFFile, sample: int = 256) -> str:
+    """Which GGUF this is, cheaply: every tensor's name, type and shape, and ``sample`` bytes at the start,
+    middle and end of its data (a few hundred reads, whatever the file's size). Two conversions of one
+    checkpoint in one type agree; another model of the same shape, or another type, does not."""
+    h = hashlib.sha256()
+    with open(gf.path, "rb") as f:
+        for t in gf.tensors:
+            h.update(f"{t.name}:{int(t.ggml_type)}:{t.ne}".encode())
+            for at in sorted({0, max(0, t.nbytes // 2 - sample // 2), max(0, t.nbytes - sample)}):
+                n = min(sample, t.nbytes - at)
+                f.seek(t.offset + at)
+                chunk = f.read(n)
+                if len(chunk) != n:
+                    raise GGUFFormatError(f"{gf.path}: tensor {t.name} runs past the end of the file "
+                                          "(truncated?); convert the checkpoint again")
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def shape_from_gguf(gf: GGUFFile) -> ModelShape:
@@ -361,8 +382,20 @@ def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSp
 # ------------------------------------------------------------------------- writing
 
 
+def _general(gf: GGUFFile, plan: Plan, n_params: int) -> dict[str, str]:
+    """general.name and general.size_label of the pruned model, so llama-server and its web UI show what is
+    served: "<source name> pruned 20%" and the parameter count it now has ("113M")."""
+    from gguf.utility import size_label
+
+    name = str(gf.get("general.name") or gf.path.stem)
+    pct = round(100 * plan.removed_fraction())
+    if pct:
+        name = f"{name} pruned {pct}%"
+    return {"general.name": name, "general.size_label": size_label(n_params, 0, 0, 0)}
+
+
 def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, arch_out: str,
-              cuts: list[LayerCut], s: ModelShape, plan: Plan) -> None:
+              cuts: list[LayerCut], s: ModelShape, plan: Plan, n_params: int) -> None:
     U32 = GGUFValueType.UINT32
     uniform = arch_out == spec.name
     first = cuts[0]
@@ -385,12 +418,16 @@ def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, ar
     if swa is not None:  # every kept layer keeps its kind (local sliding-window or global attention)
         overrides[spec.keys["swa_pattern"]] = ([swa[c.source] for c in cuts], GGUFValueType.ARRAY,
                                                GGUFValueType.BOOL)
+    general = _general(gf, plan, n_params)
     written = set()
     for key, kv in gf.kv.items():
         if key.startswith("gguf_prune."):
             continue
         if key == "general.architecture":
             writer.add_kv(key, arch_out, GGUFValueType.STRING)
+            continue
+        if key in general:
+            writer.add_kv(key, general.pop(key), GGUFValueType.STRING)
             continue
         if key.startswith(prefix_in):
             suffix = key[len(prefix_in):]
@@ -405,6 +442,8 @@ def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, ar
     for suffix, value in overrides.items():
         if suffix not in written:
             writer.add_kv(f"{arch_out}.{suffix}", *value)
+    for key, value in general.items():
+        writer.add_kv(key, value, GGUFValueType.STRING)
     writer.add_kv(PLAN_KEY, plan.to_json(), GGUFValueType.STRING)
     writer.add_kv(PLAN_DIGEST_KEY, plan.digest(), GGUFValueType.STRING)
     writer.add_kv(VERSION_KEY, _version(), GGUFValueType.STRING)
@@ -515,7 +554,8 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
         raise RewriteError(f"output {out} is the input GGUF; write the pruned model to another path "
                            "(the input is never overwritten)")
     gf, spec, shape = _open_base(base)
-    validate(plan, shape, source=f"plan for {base.name}")
+    identity = gguf_identity(gf)
+    validate(plan, shape, source=f"plan for {base.name}", gguf=identity)
     cuts = layer_cuts(plan)
     arch_out, why = plan.output_architecture()  # validate() refused a cut no architecture loads
     log.info("output architecture %s: %s", arch_out, why)
@@ -531,7 +571,8 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
     try:
         with atomic_output(out, fsync=fsync) as out_fd:
             writer = GGUFStreamWriter(out_fd, alignment=gf.alignment)
-            _metadata(writer, gf, spec, arch_out, cuts, shape, plan)
+            _metadata(writer, gf, spec, arch_out, cuts, shape, plan,
+                      n_params=sum(int(np.prod(job.ne)) for job in jobs))
             for job in jobs:
                 writer.add_tensor(job.name, job.ne, job.src.ggml_type, job.nbytes)
             writer.write_header()
@@ -555,7 +596,7 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
         os.close(src_fd)
     result = RewriteResult(path=out, architecture=arch_out, n_layer=len(cuts), layers=[c.dims() for c in cuts],
                            n_tensors=len(jobs), bytes_in=base.stat().st_size, bytes_out=bytes_out,
-                           seconds=round(time.time() - t0, 3), plan_digest=plan.digest())
+                           seconds=round(time.time() - t0, 3), plan_digest=plan.digest(), base_identity=identity)
     log.info("wrote %s: %s, %d layers, %.1f MB → %.1f MB in %.1f s", out.name, arch_out, len(cuts),
              result.bytes_in / 1e6, result.bytes_out / 1e6, result.seconds)
     return result

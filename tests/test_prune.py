@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from gguf_prune.gguf_io import read_gguf
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
 from gguf_prune.prune import PruneError, plan_path_for, prune
 from gguf_prune.quantize import QUANT_TYPES, QuantizeError
-from gguf_prune.rewrite import PLAN_DIGEST_KEY
+from gguf_prune.rewrite import PLAN_DIGEST_KEY, gguf_identity
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +42,19 @@ def test_prune_converts_cuts_quantizes_and_writes_the_plan(tiny_untied, converte
         (d["n_head"], d["n_head_kv"], d["n_ff"]) for d in plan.dims()]
     assert {f["tensor"] for f in r.fallbacks} == {"blk.1.attn_output.weight"}  # 4 heads: ne0 128
     assert r.plan_path == plan_path_for(out) == tmp_path / "untied-pruned.gguf.plan.json"
-    assert Plan.load(r.plan_path) == plan
-    assert r.plan_path.read_text() == plan.to_json()
+    # the plan written next to it names the GGUF it cut (so `rewrite` refuses it for another of the same shape)
+    recorded = replace(plan, gguf=gguf_identity(read_gguf(r.base_gguf)))
+    assert Plan.load(r.plan_path) == recorded and recorded.gguf
+    assert r.plan_path.read_text() == recorded.to_json()
     meta = read_gguf(out)
     assert meta.get(PLAN_DIGEST_KEY) == plan.digest() == r.plan_digest
     assert meta.get("deci.attention.head_count") == [8, 4, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["untied-pruned.gguf", "untied-pruned.gguf.plan.json"]
     assert json.loads(json.dumps(r.to_dict()))["n_fallback"] == 1
+    # prune checks the checkpoint's fingerprint instead: the recorded plan cuts another conversion of it
+    r32 = prune(tiny_untied, r.plan_path, tmp_path / "f32" / "m.gguf", quant="none", outtype="f32",
+                cache_dir=converted)
+    assert Plan.load(r32.plan_path).gguf == gguf_identity(read_gguf(r32.base_gguf)) != recorded.gguf
 
 
 def test_without_a_plan_prune_makes_the_uncut_base_from_the_cached_conversion(tiny_untied, converted, tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -156,8 +157,13 @@ def test_metadata_is_per_layer_deci_and_everything_else_is_kept(tied_f32, tied_s
     assert dst.get("deci.attention.key_length") == 32 and dst.get("deci.attention.value_length") == 32
     changed = {"block_count", "attention.head_count", "attention.head_count_kv", "feed_forward_length",
                "attention.key_length", "attention.value_length"}
+    # the pruned model says what it is: its name and its own parameter count (counted here from the tensors)
+    pct = round(100 * plan.removed_fraction())
+    assert dst.get("general.name") == f"{src.get('general.name')} pruned {pct}%" and pct > 0
+    n_params = sum(int(np.prod(t.ne)) for t in dst.tensors)
+    assert dst.get("general.size_label") == gguf.size_label(n_params, 0, 0, 0) != src.get("general.size_label")
     for key, kv in src.kv.items():
-        if key == "general.architecture":
+        if key in ("general.architecture", "general.name", "general.size_label"):
             continue
         if key.startswith("llama."):
             if key[len("llama."):] not in changed:
@@ -386,6 +392,25 @@ def test_a_plan_for_another_model(tied_f32, tiny_untied, existing_out):
     _expect_failure(tied_f32, other, existing_out, PlanError,
                     f"plan for {tied_f32.name} is invalid (1 problem):\n"
                     "  - the plan was made for another model: n_layer 4 in the plan vs 6 in the model")
+
+
+def test_a_plan_applied_to_one_gguf_is_refused_for_another_of_the_same_shape(tied_f32, tied_shape, converted,
+                                                                             tmp_path_factory, tmp_path):
+    """Same shape, other weights (another seed): the identity recorded in the plan tells them apart."""
+    from gguf_prune.testing import TinySpec, make_tiny_llama
+
+    twin = convert_cached(make_tiny_llama(tmp_path_factory.mktemp("twin"), TinySpec(tie_word_embeddings=True, seed=7)),
+                          "f32", cache_dir=converted)
+    plan = mixed_plan(tied_shape)
+    made = rewrite(tied_f32, plan, tmp_path / "a.gguf")
+    recorded = replace(plan, gguf=made.base_identity)
+    assert Plan.from_dict(json.loads(recorded.to_json())).gguf == made.base_identity
+    assert rewrite(tied_f32, recorded, tmp_path / "b.gguf").base_identity == made.base_identity  # same file: fine
+    with pytest.raises(PlanError, match=f"the plan was applied to another GGUF \\(identity {made.base_identity}; "
+                                        "this file is [0-9a-f]{16}\\): the same shape, other weights"):
+        rewrite(twin, recorded, tmp_path / "c.gguf")
+    assert not (tmp_path / "c.gguf").exists()
+    assert rewrite(twin, plan, tmp_path / "d.gguf")  # a plan without an identity applies to any file of its shape
 
 
 def test_a_plan_that_breaks_gqa(tied_f32, tied_shape, existing_out):
