@@ -47,7 +47,6 @@ def test_report_files_and_quality_ordering(report):
     assert (out / "quality_vs_size_speed.png").stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["models"][1]["name"] == "tiny-q8_0"
     base, q8, q4 = result["models"]
-    assert base["quality"]["kl_mean"] == 0.0
     # Q8_0 is closer to F16 than Q4_K_M, and both are smaller
     assert 0 < q8["quality"]["kl_mean"] < q4["quality"]["kl_mean"]
     assert q4["size_ratio"] < q8["size_ratio"] < 1.0
@@ -57,7 +56,6 @@ def test_report_files_and_quality_ordering(report):
     assert len(base["facts"]["params_per_layer"]) == 6
     for e in (base, q8, q4):
         assert e["speed"]["pp_ts"] > 0 and e["speed"]["tg_ts"] > 0
-    assert base["speed"]["tg_ratio"] == pytest.approx(1.0)
     assert result["hardware"]["threads"] == 2
 
 
@@ -71,9 +69,10 @@ def test_prompts_are_run_through_the_chat_template_and_checked(report):
         assert isinstance(pr["results"][0]["output"], str)
 
 
-def test_numbers_agree_with_llama_perplexity_run_by_hand(report, tmp_path):
+@pytest.mark.parametrize("which", [1, 2])  # Q8_0, Q4_K_M
+def test_numbers_agree_with_llama_perplexity_run_by_hand(report, which, tmp_path):
     result, _ = report
-    q4 = result["models"][2]
+    q4 = result["models"][which]
     # re-run the recorded commands ourselves: base logits, then the model's KL
     base_cmd = shlex.split(result["models"][0]["commands"]["perplexity"])
     kld = tmp_path / "by-hand.kld"
@@ -98,6 +97,10 @@ def test_bench_agrees_with_llama_bench_by_hand(report):
         tg = [r["avg_ts"] for r in raw if r["model_filename"] == path and r["n_gen"] == 32 and not r["n_prompt"]]
         pp = [r["avg_ts"] for r in raw if r["model_filename"] == path and r["n_prompt"] == 128 and not r["n_gen"]]
         assert e["speed"]["tg_ts"] == tg[0] and e["speed"]["pp_ts"] == pp[0]
+    # each ratio is against the base measured in the same run, from llama-bench's own rows
+    base_tg = result["models"][0]["speed"]["tg_ts"]
+    for e in result["models"][1:]:
+        assert e["speed"]["tg_ratio"] == pytest.approx(e["speed"]["tg_ts"] / base_tg, rel=1e-3)
     # the recorded command is what a user re-runs by hand: same models, tests, repetitions, threads
     cmd = shlex.split(result["models"][0]["commands"]["bench"])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
