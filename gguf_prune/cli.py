@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +32,125 @@ class _Commands(click.Group):
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(describe_os_error(e)) from None
+
+
+# ------------------------------------------------------------------ option types: every value in its range
+
+
+class _Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which compare false with every bound, so pass it)."""
+
+    def convert(self, value, param, ctx):
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number in the range {self._describe_range()}.", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+COUNT = click.IntRange(min=0)  # how many of something to remove or keep
+POSITIVE = click.IntRange(min=1)  # sizes, steps, threads, chunks
+SEQ_LEN = click.IntRange(min=2)  # next-token KL and loss need two tokens in a sequence
+SEED = click.IntRange(min=0)  # numpy's generators take no negative seeds
+FRACTION = _Finite(0, 1, max_open=True)  # a fraction of something to remove: [0, 1)
+OPEN_FRACTION = _Finite(0, 1, min_open=True, max_open=True)  # a budget, a width level: (0, 1)
+NONNEG = _Finite(min=0)
+PORT = click.IntRange(1, 65535)
+
+
+class _Align(click.ParamType):
+    """A row-length multiple for kept FFN widths: a positive multiple of 32 (every quantized type's block along a
+    row is 32 or 256 values), or 1 for no rounding (F16/BF16/F32 files only)."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        n = click.INT.convert(value, param, ctx)
+        if n != 1 and (n < 32 or n % 32):
+            self.fail(f"{n} is not a positive multiple of 32 (256 for k-quants; 1: no rounding, for F16/BF16/F32 "
+                      "files only).", param, ctx)
+        return n
+
+
+class _Names(click.ParamType):
+    """A comma list of names from a fixed set (given as a function, so the CLI imports no stage at start-up);
+    each bad item named, no item twice."""
+
+    name = "LIST"
+
+    def __init__(self, choices, example: str):
+        self.choices, self.example = choices, example
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        known = tuple(self.choices())
+        items = [x.strip() for x in str(value).split(",")]
+        for x in items:
+            if x not in known:
+                self.fail(f"{x!r} is not one of {', '.join(known)} (give a comma list like {self.example}).",
+                          param, ctx)
+        dup = next((x for k, x in enumerate(items) if x in items[:k]), None)
+        if dup is not None:
+            self.fail(f"{dup!r} is given twice.", param, ctx)
+        return tuple(items)
+
+
+class _Fractions(click.ParamType):
+    """A comma list of fractions, each in (0, 1), none twice."""
+
+    name = "LIST"
+
+    def __init__(self, example: str):
+        self.example = example
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for x in (x.strip() for x in str(value).split(",")):
+            try:
+                f = float(x)
+            except ValueError:
+                self.fail(f"{x!r} is not a number; give fractions like {self.example}.", param, ctx)
+            if not 0 < f < 1:  # nan fails this too
+                self.fail(f"{x} is not in the range 0<x<1; give fractions like {self.example}.", param, ctx)
+            if f in out:
+                self.fail(f"{x} is given twice.", param, ctx)
+            out.append(f)
+        return tuple(out)
+
+
+class _Layers(click.ParamType):
+    """Layer indices and ranges, 3,5-8 (the model's own count is checked by the stage, which knows it)."""
+
+    name = "LAYERS"
+
+    def convert(self, value, param, ctx):
+        for x in str(value).split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", x)
+            if not m:
+                self.fail(f"{x!r} is not a layer index or range; use indices and ranges like 3,5-8.", param, ctx)
+            if m.group(2) is not None and int(m.group(2)) < int(m.group(1)):
+                self.fail(f"{x!r} is a range that runs backwards; write it low-high, like 5-8.", param, ctx)
+        return str(value)
+
+
+def _plan_units():
+    from .planner import UNITS
+
+    return UNITS
+
+
+def _greedy_units():
+    from .score import GREEDY_UNITS
+
+    return GREEDY_UNITS
+
+
+def _strategies():
+    from .pipeline import STRATEGIES
+
+    return STRATEGIES
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,28 +185,30 @@ def doctor() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="plan.json to write.")
 @click.option("--explain", "explain_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Print what an existing plan.json removes and why, then exit.")
-@click.option("--drop-layers", type=int, default=0, show_default=True, help="Whole layers to remove.")
+@click.option("--drop-layers", type=COUNT, default=0, show_default=True,
+              help="Whole layers to remove (at most the unprotected ones).")
 @click.option("--metric", type=click.Choice(["kl", "bi", "greedy"]), default="kl", show_default=True,
               help="Layer ranking: causal ablation KL, Block Influence, or the greedy run's order.")
-@click.option("--drop-attn", type=int, default=0, show_default=True, help="Attention sub-blocks to remove.")
-@click.option("--drop-mlp", type=int, default=0, show_default=True, help="MLP sub-blocks to remove.")
-@click.option("--prune-heads", type=float, default=0.0, show_default=True,
+@click.option("--drop-attn", type=COUNT, default=0, show_default=True, help="Attention sub-blocks to remove.")
+@click.option("--drop-mlp", type=COUNT, default=0, show_default=True, help="MLP sub-blocks to remove.")
+@click.option("--prune-heads", type=FRACTION, default=0.0, show_default=True,
               help="Fraction of query heads to remove (global ranking, GQA-consistent per layer).")
 @click.option("--head-metric", type=click.Choice(["kl", "norm", "taylor"]), default="kl", show_default=True)
-@click.option("--min-heads", type=int, default=1, show_default=True, help="Query heads every layer keeps.")
+@click.option("--min-heads", type=POSITIVE, default=1, show_default=True, help="Query heads every layer keeps.")
 @click.option("--prune-neurons", is_flag=True, help="Remove MLP neurons (with --neuron-threshold or -fraction).")
 @click.option("--neuron-metric", type=click.Choice(["freq", "mean_abs", "wxa"]), default="freq", show_default=True)
-@click.option("--neuron-threshold", type=float, default=None,
+@click.option("--neuron-threshold", type=NONNEG, default=None,
               help="Remove neurons whose statistic is below this (e.g. 0.005 activation frequency).")
-@click.option("--neuron-fraction", type=float, default=None, help="Remove this fraction of neurons per layer.")
-@click.option("--align", type=int, default=256, show_default=True,
-              help="Kept FFN width is rounded to a multiple of this (256 for k-quants, at least 32).")
-@click.option("--protect-first", type=int, default=2, show_default=True)
-@click.option("--protect-last", type=int, default=2, show_default=True)
-@click.option("--target-params", type=float, default=None,
+@click.option("--neuron-fraction", type=FRACTION, default=None, help="Remove this fraction of neurons per layer.")
+@click.option("--align", type=_Align(), default=256, show_default=True,
+              help="Kept FFN width is rounded to a multiple of this: a multiple of 32 (256 for k-quants), "
+                   "or 1 for none (F16/BF16/F32 only).")
+@click.option("--protect-first", type=COUNT, default=2, show_default=True)
+@click.option("--protect-last", type=COUNT, default=2, show_default=True)
+@click.option("--target-params", type=OPEN_FRACTION, default=None,
               help="Budget: fraction of transformer-block parameters to remove, cheapest units first.")
-@click.option("--target-size", type=int, default=None, help="Budget: predicted quantized file size in bytes.")
-@click.option("--units", default=None,
+@click.option("--target-size", type=POSITIVE, default=None, help="Budget: predicted quantized file size in bytes.")
+@click.option("--units", type=_Names(_plan_units, "layer,width"), default=None,
               help="Unit kinds the budget may take (without a greedy run): layer, attn, mlp, width "
                    "(MLP neurons, priced by `score --width`).  [default: layer,attn,mlp; uniform: layer,width]")
 @click.option("--uniform", is_flag=True,
@@ -103,7 +226,7 @@ def plan_cmd(scores, output, explain_path, units, **kw) -> None:
             return
         if scores is None or output is None:
             raise click.UsageError("give SCORES and -o plan.json (or --explain plan.json)")
-        opts = PlanOptions(units=tuple(u.strip() for u in (units or "").split(",") if u.strip()), **kw)
+        opts = PlanOptions(units=units or (), **kw)
         plan = make_plan(scores, output, opts)
     except PlanError as e:
         raise click.ClickException(str(e)) from None
@@ -120,11 +243,12 @@ def plan_cmd(scores, output, explain_path, units, **kw) -> None:
               help="JSONL task prompts with checks (contains, not_contains, regex, min_len, max_len).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=Path("report"),
               show_default=True, help="Report directory.")
-@click.option("--ctx", type=int, default=512, show_default=True, help="Context size for perplexity/KL.")
-@click.option("--chunks", type=int, default=None, help="Limit the number of chunks (default: all).")
-@click.option("--threads", type=int, default=None, help="Threads for llama.cpp (default: its own choice).")
+@click.option("--ctx", type=click.IntRange(min=3), default=512, show_default=True,
+              help="Context size for perplexity/KL (each window scores its second half, so at least 3).")
+@click.option("--chunks", type=POSITIVE, default=None, help="Limit the number of chunks (default: all).")
+@click.option("--threads", type=POSITIVE, default=None, help="Threads for llama.cpp (default: its own choice).")
 @click.option("--no-bench", is_flag=True, help="Skip llama-bench.")
-@click.option("--bench-reps", type=int, default=3, show_default=True)
+@click.option("--bench-reps", type=POSITIVE, default=3, show_default=True)
 @click.option("--label", "labels", multiple=True, help="Names for BASE and MODELS in order.")
 def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench, bench_reps, labels) -> None:
     """Evaluate pruned GGUFs against BASE in llama.cpp: PPL, KL, top-1, speed, size, prompts."""
@@ -210,11 +334,11 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Text file, or .jsonl of chats: patch fit and training data (default: bundled English text).")
 @click.option("--calibration-kind", type=click.Choice(["auto", "text", "chat"]), default="auto", show_default=True)
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
-@click.option("--samples", type=int, default=64, show_default=True, help="Sequences (patch fit and training).")
-@click.option("--heldout", type=float, default=0.1, show_default=True,
+@click.option("--seq-len", type=SEQ_LEN, default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--samples", type=POSITIVE, default=64, show_default=True, help="Sequences (patch fit and training).")
+@click.option("--heldout", type=FRACTION, default=0.1, show_default=True,
               help="Fraction of sequences held out: ridge choice, early stopping, reported KL.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--patch", is_flag=True,
               help="Fit a linear patch (n_embd² parameters) for every run of removed layers and removed attention.")
 @click.option("--patch-fit", type=click.Choice(["pruned", "full"]), default="pruned", show_default=True,
@@ -223,16 +347,17 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
               help="Fine-tune the pruned (and patched) model; LoRA is merged before writing.")
 @click.option("--loss", type=click.Choice(["distill", "nexttoken"]), default="distill", show_default=True,
               help="distill: KL to the unpruned model's logits; nexttoken: the data's own next tokens.")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: 2e-4 LoRA, 2e-5 full).")
-@click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up, as a fraction of the steps.")
-@click.option("--lora-rank", type=int, default=16, show_default=True)
-@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
-@click.option("--eval-every", type=int, default=25, show_default=True, help="Steps between held-out evaluations.")
-@click.option("--patience", type=int, default=4, show_default=True,
+@click.option("--steps", type=POSITIVE, default=200, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per step.")
+@click.option("--lr", type=_Finite(min=0, min_open=True), default=None,
+              help="Peak learning rate (default: 2e-4 LoRA, 2e-5 full).")
+@click.option("--warmup", type=FRACTION, default=0.05, show_default=True, help="Warm-up, as a fraction of the steps.")
+@click.option("--lora-rank", type=POSITIVE, default=16, show_default=True)
+@click.option("--lora-alpha", type=_Finite(min=0, min_open=True), default=32.0, show_default=True)
+@click.option("--eval-every", type=POSITIVE, default=25, show_default=True, help="Steps between held-out evaluations.")
+@click.option("--patience", type=POSITIVE, default=4, show_default=True,
               help="Stop after this many evaluations without improvement.")
-@click.option("--checkpoint-every", type=int, default=25, show_default=True,
+@click.option("--checkpoint-every", type=POSITIVE, default=25, show_default=True,
               help="Steps between checkpoints (an interrupted run started again resumes).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_len, samples, heldout, seed, patch,
@@ -268,36 +393,38 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
               help="auto: .jsonl is chat, anything else text.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("scores.json"),
               show_default=True, help="scores.json to write (plus <name>.neurons.safetensors and PNG plots).")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing the sequences.")
+@click.option("--seq-len", type=SEQ_LEN, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--samples", type=POSITIVE, default=32, show_default=True, help="Calibration sequences.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for choosing the sequences.")
 @click.option("--sublayers/--no-sublayers", default=True, show_default=True,
               help="Also score the attention and MLP sub-blocks of every layer.")
 @click.option("--ppl", is_flag=True, help="Also measure perplexity with each layer removed.")
 @click.option("--heads", is_flag=True, help="Score query heads and KV groups (KL, output norm, Taylor).")
-@click.option("--head-layers", default=None, help="Layers for --heads, e.g. 3,5-8 (default: all).")
+@click.option("--head-layers", type=_Layers(), default=None, help="Layers for --heads, e.g. 3,5-8 (default: all).")
 @click.option("--neurons/--no-neurons", default=True, show_default=True,
               help="Neuron statistics (activation frequency, mean |a|, weight x activation).")
-@click.option("--tau", type=float, default=0.05, show_default=True,
+@click.option("--tau", type=NONNEG, default=0.05, show_default=True,
               help="A neuron counts as active on a token when |act(gate)*up| > tau (absolute).")
-@click.option("--width", "width_spec", default=None,
+@click.option("--width", "width_spec", type=_Fractions("0.17,0.33,0.5"), default=None,
               help="Width KL: each MLP with these fractions of its lowest-energy neurons removed, e.g. "
                    "0.17,0.33,0.5 (what `plan --units width` cuts by).")
-@click.option("--width-align", type=int, default=256, show_default=True,
+@click.option("--width-align", type=_Align(), default=256, show_default=True,
               help="Removed-neuron counts for --width are multiples of this (k-quants need ffn_down rows of 256).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score on top of this plan.json's cuts (KL stays relative to the unpruned model).")
-@click.option("--greedy", type=int, default=0, show_default=True, help="Greedy removal steps to run.")
-@click.option("--greedy-units", default="layer", show_default=True, help="layer, or a comma list of layer,attn,mlp.")
+@click.option("--greedy", type=COUNT, default=0, show_default=True, help="Greedy removal steps to run.")
+@click.option("--greedy-units", type=_Names(_greedy_units, "layer,attn,mlp"), default="layer", show_default=True,
+              help="layer, or a comma list of layer,attn,mlp.")
 @click.option("--greedy-by", type=click.Choice(["kl", "kl-per-param"]), default="kl", show_default=True)
-@click.option("--greedy-pool", type=int, default=None,
+@click.option("--greedy-pool", type=POSITIVE, default=None,
               help="Lazy greedy: after the first step re-measure only this many cheapest candidates per step.")
-@click.option("--protect-first", type=int, default=2, show_default=True, help="First layers greedy never removes.")
-@click.option("--protect-last", type=int, default=2, show_default=True, help="Last layers greedy never removes.")
+@click.option("--protect-first", type=COUNT, default=2, show_default=True, help="First layers greedy never removes.")
+@click.option("--protect-last", type=COUNT, default=2, show_default=True, help="Last layers greedy never removes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True)
 @click.option("--device-map", default=None, help="accelerate device_map (e.g. auto) for models larger than one device.")
-@click.option("--batch-tokens", type=int, default=None, help="Max tokens per forward (default: from a memory budget).")
+@click.option("--batch-tokens", type=POSITIVE, default=None,
+              help="Max tokens per forward (default: from a memory budget).")
 @click.option("--no-plots", is_flag=True, help="Do not draw PNG plots.")
 @click.option("--stream", is_flag=True,
               help="Layer-major from the safetensors shards: one layer in memory at a time (chosen automatically, "
@@ -331,14 +458,9 @@ def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, width_sp
     if len(inputs) != 1:
         raise click.UsageError(f"give one HF_DIR (got {len(inputs)} arguments); to join scores slices use --merge")
     hf_dir = inputs[0]
-    units = tuple(u.strip() for u in greedy_units.split(",") if u.strip())
     try:
-        width = tuple(float(x) for x in width_spec.split(",") if x.strip()) if width_spec else ()
-    except ValueError:
-        raise click.BadParameter(f"{width_spec!r}: give fractions like 0.17,0.33,0.5", param_hint="--width") from None
-    try:
-        out = score_model(hf_dir, output, ScoreOptions(plan=plan_path, greedy_units=units, plots=not no_plots,
-                                                       width=width, **kw))
+        out = score_model(hf_dir, output, ScoreOptions(plan=plan_path, greedy_units=greedy_units, plots=not no_plots,
+                                                       width=width_spec or (), **kw))
     except (ModelDirError, CalibrationError, PlanError, ScoreError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(summary(out))
@@ -350,9 +472,9 @@ def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, width_sp
               help="The executable to write.")
 @click.option("--name", default=None, help="Name shown by the server (default: the file name).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--ctx", type=int, default=4096, show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--port", type=PORT, default=8080, show_default=True)
+@click.option("--ctx", type=COUNT, default=4096, show_default=True, help="Context size (0: the model's own).")
+@click.option("--threads", type=POSITIVE, default=None)
 @click.option("--system-prompt", default=None, help="Used when a chat has no system message of its own.")
 def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) -> None:
     """Pack MODEL with llama-server and its web UI into one executable file."""
@@ -373,28 +495,28 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
               help="Where every stage writes its files (default: runs/<model>).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text or chat JSONL (default: bundled text).")
-@click.option("--samples", type=int, default=16, show_default=True)
-@click.option("--seq-len", type=int, default=128, show_default=True)
-@click.option("--budget", type=float, default=0.2, show_default=True,
+@click.option("--samples", type=POSITIVE, default=16, show_default=True)
+@click.option("--seq-len", type=SEQ_LEN, default=128, show_default=True)
+@click.option("--budget", type=OPEN_FRACTION, default=0.2, show_default=True,
               help="Fraction of transformer-block parameters to remove.")
 @click.option("--strategy", type=click.Choice(["width-mixed", "greedy-mixed"]), default="width-mixed",
               show_default=True,
               help="width-mixed: layers, sub-blocks and MLP widths, each priced by its measured KL per parameter; "
                    "greedy-mixed: layers and sub-blocks, re-measured after each cut. With --rounds > 1 each round "
                    "cuts layers and sub-blocks by one-shot KL instead.")
-@click.option("--greedy-steps", type=int, default=None,
+@click.option("--greedy-steps", type=POSITIVE, default=None,
               help="Greedy steps for --strategy greedy-mixed (default: enough for the budget).")
 @click.option("--heads/--no-heads", default=False, show_default=True,
               help="Also score attention heads (KL per head and KV group; about 3x the scoring time on CPU).")
-@click.option("--greedy-pool", type=int, default=8, show_default=True,
+@click.option("--greedy-pool", type=COUNT, default=8, show_default=True,
               help="Lazy greedy: re-measure only this many cheapest candidates per step (0: all).")
 @click.option("--quant", default="Q4_K_M", show_default=True)
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Held-out evaluation text (default: bundled, distinct from the calibration text).")
 @click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Task prompts JSONL (default: bundled simple prompts).")
-@click.option("--eval-chunks", type=int, default=24, show_default=True, help="Perplexity chunks to evaluate.")
-@click.option("--threads", type=int, default=None)
+@click.option("--eval-chunks", type=POSITIVE, default=24, show_default=True, help="Perplexity chunks to evaluate.")
+@click.option("--threads", type=POSITIVE, default=None)
 @click.option("--no-package", is_flag=True, help="Skip building the executable.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
@@ -404,9 +526,9 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
               show_default=True,
               help="Recovery after cutting (every round when iterating): linear patches, LoRA or full fine-tuning "
                    "by distillation, or both; the pruned GGUF is written from the recovered weights.")
-@click.option("--recover-samples", type=int, default=64, show_default=True,
+@click.option("--recover-samples", type=click.IntRange(min=2), default=64, show_default=True,
               help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
-@click.option("--finetune-steps", type=int, default=200, show_default=True,
+@click.option("--finetune-steps", type=POSITIVE, default=200, show_default=True,
               help="Fine-tuning steps (per round when iterating).")
 @click.option("--uniform", is_flag=True,
               help="One shape for every kept layer, written in the model's own architecture (always on for "
@@ -437,17 +559,17 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
 @click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--text", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--budgets", default="0.1,0.2,0.3", show_default=True,
+@click.option("--budgets", type=_Fractions("0.1,0.2,0.3"), default="0.1,0.2,0.3", show_default=True,
               help="Fractions of transformer-block parameters to remove.")
-@click.option("--strategies", default=None,
+@click.option("--strategies", type=_Names(_strategies, "width,kl-layers"), default=None,
               help="bi-layers, kl-layers, greedy-layers (whole layers by Block Influence, one-shot KL, greedy KL); "
                    "oneshot-mixed, greedy-mixed (layers and sub-blocks); width (MLP neurons by width KL); "
                    "width-mixed (all of them in one ranking).  [default: all of them]")
-@click.option("--samples", type=int, default=16, show_default=True)
-@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--samples", type=POSITIVE, default=16, show_default=True)
+@click.option("--seq-len", type=SEQ_LEN, default=128, show_default=True)
 @click.option("--quant", default="F16", show_default=True, help="Type every model (and the base) is written in.")
-@click.option("--eval-chunks", type=int, default=24, show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--eval-chunks", type=POSITIVE, default=24, show_default=True)
+@click.option("--threads", type=POSITIVE, default=None)
 @click.option("--no-bench", is_flag=True)
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("sweep"),
               show_default=True)
@@ -458,10 +580,7 @@ def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, 
     from .pipeline import STRATEGIES, SweepOptions, sweep, sweep_markdown
 
     try:
-        opts = SweepOptions(calibration=calibration, text=text,
-                            budgets=tuple(float(b) for b in budgets.split(",") if b.strip()),
-                            strategies=tuple(s.strip() for s in strategies.split(",") if s.strip())
-                            if strategies else STRATEGIES,
+        opts = SweepOptions(calibration=calibration, text=text, budgets=budgets, strategies=strategies or STRATEGIES,
                             samples=samples, seq_len=seq_len, quant=quant, eval_chunks=eval_chunks,
                             threads=threads, bench=not no_bench, out_dir=out_dir, device=device)
         result = sweep(hf_dir, opts)

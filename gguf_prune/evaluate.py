@@ -58,6 +58,22 @@ class EvalOptions:
     max_tokens: int = 128
     labels: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # llama-perplexity scores tokens n_ctx/2 .. n_ctx-2 of each window: none below a context of 3
+        p = []
+        for flag, v, lo, optional in (("--ctx", self.ctx, 3, False), ("--chunks", self.chunks, 1, True),
+                                      ("--threads", self.threads, 1, True),
+                                      ("bench_prompt", self.bench_prompt, 1, False),
+                                      ("bench_gen", self.bench_gen, 1, False),
+                                      ("--bench-reps", self.bench_reps, 1, False),
+                                      ("max_tokens", self.max_tokens, 1, False)):
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                p.append(f"{flag} {v!r}: must be a whole number, {lo} or more")
+        if p:
+            raise EvalError("invalid eval options: " + "; ".join(p))
+
 
 # ------------------------------------------------------------------ GGUF facts
 

@@ -48,6 +48,22 @@ class PackageOptions:
     threads: int | None = None
     system_prompt: str | None = None
 
+    def __post_init__(self) -> None:
+        # refused when the options are made, for an API user as for the CLI (ctx 0: llama-server takes the
+        # model's own context length)
+        p = []
+        for flag, v, lo, hi in (("--port", self.port, 1, 65535), ("--ctx", self.ctx, 0, None),
+                                ("--threads", self.threads, 1, None)):
+            if v is None and flag == "--threads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                p.append(f"{flag} {v!r}: must be a whole number, {lo}..{hi}" if hi else
+                         f"{flag} {v!r}: must be a whole number, {lo} or more")
+        if not isinstance(self.host, str) or not self.host.strip():
+            p.append(f"--host {self.host!r}: give an address to listen on, such as 127.0.0.1")
+        if p:
+            raise PackageError("invalid package options: " + "; ".join(p))
+
 
 def shared_libraries(binary: Path) -> list[Path]:
     """Resolved non-glibc shared libraries ``binary`` loads, from ldd."""

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .plan import Plan, write_text_atomic
+from .errors import GgufPruneError
+from .plan import Plan, ranges, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,76 @@ STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greed
 # (on SmolLM2-135M with align 256: 256, 512 and 768 of 1,536).
 WIDTH_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)
 RUN_STRATEGIES = ("width-mixed", "greedy-mixed")
+# The keys a task prompt line may have (evaluate.run_prompts / check_output read them); anything else is a typo
+# that would silently check nothing.
+PROMPT_KEYS = {"prompt": "a string", "system": "a string", "max_tokens": "a whole number, 1 or more",
+               "contains": "a list of strings", "not_contains": "a list of strings",
+               "regex": "a regular expression, or a list of them", "min_len": "a whole number, 0 or more",
+               "max_len": "a whole number, 0 or more", "no_repeat": "true or false"}
+
+
+class RunError(GgufPruneError, ValueError):
+    """Options or inputs of `run` / `sweep` that cannot work, each named; refused before the first stage."""
+
+
+def _refuse(what: str, problems: list[str]) -> None:
+    """Raise RunError for ``problems``: one line for one, a list for more."""
+    if len(problems) == 1:
+        raise RunError(f"{what}: {problems[0]}")
+    if problems:
+        raise RunError(f"{what}:\n  - " + "\n  - ".join(problems))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count_problems(o: Any, fields: tuple[tuple[str, str, int, bool], ...]) -> list[str]:
+    """(attribute, option, minimum, None allowed) → a message for each value that is not a whole number >= min."""
+    p = []
+    for attr, flag, lo, optional in fields:
+        v = getattr(o, attr)
+        if v is None and optional:
+            continue
+        if not _is_int(v) or v < lo:
+            p.append(f"{flag} {v!r} must be a whole number, {lo} or more")
+    return p
+
+
+def _quant_problem(quant: Any) -> list[str]:
+    from .quantize import QUANT_TYPES
+
+    if str(quant).strip().upper() in QUANT_TYPES + ("NONE",):
+        return []
+    return [f"--quant {quant!r} is not a llama-quantize type; use one of {', '.join(QUANT_TYPES)}, or none"]
+
+
+def _run_option_problems(o: "RunOptions") -> list[str]:
+    """Every option of a run outside its range (no file is read): what RunOptions refuses on construction."""
+    from .iterate import RECOVER_MODES
+
+    p = []
+    if not _is_int(o.rounds) or o.rounds < 1:
+        p.append(f"--rounds {o.rounds!r} must be a whole number, at least 1")
+    if not _is_real(o.budget) or not 0 < o.budget < 1:
+        p.append(f"--budget {o.budget} must be a fraction of the block parameters in (0, 1)")
+    if o.strategy not in RUN_STRATEGIES:
+        p.append(f"--strategy {o.strategy!r}: use one of {', '.join(RUN_STRATEGIES)}")
+    if o.recover not in RECOVER_MODES:
+        p.append(f"--recover {o.recover!r} is not one of {', '.join(RECOVER_MODES)}")
+    if not _is_real(o.heldout) or not 0 <= o.heldout < 1:
+        p.append(f"heldout {o.heldout} must be in [0, 1)")
+    p += _count_problems(o, (("samples", "--samples", 1, False), ("seq_len", "--seq-len", 2, False),
+                             ("greedy_steps", "--greedy-steps", 1, True), ("greedy_pool", "--greedy-pool", 1, True),
+                             ("eval_chunks", "--eval-chunks", 1, True), ("threads", "--threads", 1, True),
+                             ("recover_samples", "--recover-samples", 2, False),
+                             ("finetune_steps", "--finetune-steps", 1, False)))
+    p += _quant_problem(o.quant)
+    return p
 
 
 @dataclass
@@ -61,6 +132,9 @@ class RunOptions:
     finetune_steps: int = 200  # fine-tuning steps (per round when iterating)
     heldout: float = 0.1  # fraction of the recovery sequences held out (early stopping, round figures)
     uniform: bool = False  # one shape for every kept layer: the model's own architecture (forced: Qwen3, Gemma 3)
+
+    def __post_init__(self) -> None:
+        _refuse("run options are invalid", _run_option_problems(self))
 
 
 def _stage(n: int, total: int, what: str) -> float:
@@ -92,36 +166,39 @@ def _recovery_options(o: RunOptions, patch: bool, method: str | None):
 
 
 def _check_run(o: RunOptions) -> tuple[bool, str | None]:
-    """Options that would fail late (after scoring): refuse them before any work."""
+    """Options that would fail late (after scoring): refuse them before any work. (RunOptions checks its ranges
+    when it is made; they are checked again here because its fields can be changed after.)"""
     from .finetune import check_options
-    from .iterate import IterateError, parse_recover
+    from .iterate import parse_recover
 
-    p = []
-    if not isinstance(o.rounds, int) or o.rounds < 1:
-        p.append(f"--rounds {o.rounds!r} must be a whole number, at least 1")
-    if not 0 < o.budget < 1:
-        p.append(f"--budget {o.budget} must be a fraction of the block parameters in (0, 1)")
-    if o.strategy not in RUN_STRATEGIES:
-        p.append(f"--strategy {o.strategy!r}: use one of {', '.join(RUN_STRATEGIES)}")
-    try:
-        patch, method = parse_recover(o.recover)
-    except IterateError as e:
-        p.append(str(e))
-        patch, method = False, None
-    if o.recover != "none" and o.recover_samples < 2:
-        p.append(f"--recover-samples {o.recover_samples} must be at least 2")
-    if not 0 <= o.heldout < 1:
-        p.append(f"heldout {o.heldout} must be in [0, 1)")
-    if p:
-        raise ValueError("run options are invalid:\n  - " + "\n  - ".join(p))
+    _refuse("run options are invalid", _run_option_problems(o))
+    patch, method = parse_recover(o.recover)
     fto, _ = _recovery_options(o, patch, method)
     if fto is not None:
         check_options(fto)
     return patch, method
 
 
+def _max_removable(shape, uniform: bool) -> tuple[float, list[int]]:
+    """The largest fraction of block parameters a run's plan can remove (an upper bound), and the layers it may
+    remove: every layer outside the protected ones (the planner's defaults), plus, uniform, the widest width cut
+    scored (WIDTH_FRACTIONS) of the protected layers' MLPs."""
+    from .planner import PlanOptions
+    from .score import ScoreOptions, width_drops
+
+    d = PlanOptions()
+    n = shape.n_layer
+    free = [i for i in range(n) if d.protect_first <= i < n - d.protect_last]
+    removable = len(free) * shape.layer_params()
+    if uniform:
+        drop = max(width_drops(WIDTH_FRACTIONS, shape.n_ff, ScoreOptions().width_align), default=0)
+        removable += (n - len(free)) * (shape.mlp_params() - shape.mlp_params(shape.n_ff - drop))
+    return removable / (n * shape.layer_params()), free
+
+
 def _check_family(o: RunOptions, shape) -> bool:
-    """Whether the run plans uniformly; options the model's family cannot take are refused before any work."""
+    """Whether the run plans uniformly; options the model's family or size cannot take are refused before any
+    work."""
     from . import arch
 
     fam = arch.family_of_arch(shape.architecture)
@@ -136,9 +213,125 @@ def _check_family(o: RunOptions, shape) -> bool:
     if o.recover != "none" and shape.architecture != "llama":
         p.append(f"--recover {o.recover}: recovery writes llama-layout tensors and patches (deci); it supports "
                  f"llama-family models (llama, mistral) only, not {shape.architecture}")
-    if p:
-        raise ValueError("run options do not fit this model:\n  - " + "\n  - ".join(p))
+    most, free = _max_removable(shape, uniform)
+    if o.budget > most + 1e-9:
+        p.append(f"--budget {o.budget}: at most {most:.3f} of this model's block parameters can be removed (the "
+                 f"first 2 and last 2 of its {shape.n_layer} layers are kept; layers {ranges(free) or 'none'} may go)")
+    _refuse("run options do not fit this model", p)
     return uniform
+
+
+def check_prompts(path: Path) -> list[str]:
+    """Every problem of a task-prompts JSONL file (one message each, naming the line), without running it."""
+    import re
+
+    path = Path(path)
+    if not path.is_file():
+        return [f"--prompts {path}: {'is not a file' if path.exists() else 'no such file'}"]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        return [f"--prompts {path} is not UTF-8 text (byte {e.start})"]
+    p, n_prompts = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--prompts {path}:{n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            p.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
+            p.append(f'{where}: each line must be an object with a "prompt" string')
+            continue
+        n_prompts += 1
+        for k, v in d.items():
+            if k not in PROMPT_KEYS:
+                p.append(f"{where}: unknown key {k!r}; the known ones are {', '.join(PROMPT_KEYS)}")
+                continue
+            if k in ("prompt", "system"):
+                ok = isinstance(v, str)
+            elif k in ("contains", "not_contains"):
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            elif k == "regex":
+                pats = [v] if isinstance(v, str) else v
+                ok = isinstance(pats, list) and all(isinstance(x, str) for x in pats)
+                for pat in pats if ok else []:
+                    try:
+                        re.compile(pat)
+                    except re.error as e:
+                        p.append(f"{where}: regex {pat!r} does not compile ({e})")
+            elif k == "no_repeat":
+                ok = isinstance(v, bool)
+            else:  # min_len, max_len, max_tokens
+                ok = _is_int(v) and v >= (1 if k == "max_tokens" else 0)
+            if not ok:
+                p.append(f"{where}: {k!r} must be {PROMPT_KEYS[k]}, not {json.dumps(v)}")
+    if not p and not n_prompts:
+        p.append(f'--prompts {path} has no prompts: write one JSON object per line, {{"prompt": "...", '
+                 '"contains": [...], "not_contains": [...], "regex": "...", "min_len": N, "max_len": N}')
+    return p
+
+
+def _check_text(text: Path | None, tokenizer, ctx: int) -> list[str]:
+    """The held-out text exists and holds the 2 × ctx tokens llama-perplexity needs (counted with the
+    checkpoint's own tokenizer, which the GGUF carries)."""
+    from .evaluate import DEFAULT_TEXT
+
+    path = Path(text) if text else DEFAULT_TEXT
+    if not path.is_file():
+        return [f"--text {path}: {'is not a file' if path.exists() else 'no such file'}"]
+    body = path.read_text(encoding="utf-8", errors="replace")
+    if not body.strip():
+        return [f"--text {path} is empty; give a held-out text of at least {2 * ctx} tokens"]
+    head = body[:64 * ctx]  # enough characters for 2 × ctx tokens of any real text; all of it when short
+    n = len(tokenizer(head, add_special_tokens=True)["input_ids"])
+    if n < 2 * ctx and len(head) < len(body):
+        n = len(tokenizer(body, add_special_tokens=True)["input_ids"])
+    if n < 2 * ctx:
+        return [f"--text {path} has {n} tokens; llama-perplexity needs at least {2 * ctx} (twice its context of "
+                f"{ctx}): give a longer text"]
+    return []
+
+
+def _check_inputs(model: Path, out: Path, calibration: Path | None, text: Path | None, prompts: Path | None,
+                  device: str, tools: tuple[str, ...]) -> list[str]:
+    """Every input of every stage that can be checked before the first starts: the output directory, the
+    calibration file, the tokenizer, the held-out text, the prompts, the device and the llama.cpp tools."""
+    from . import hfmodel, toolchain
+    from .calibration import check_calibration_file
+    from .evaluate import EvalOptions
+
+    p = []
+    if out.exists() and not out.is_dir():
+        p.append(f"-o/--out-dir {out} is a file; pass a directory (it is created if missing)")
+    try:
+        check_calibration_file(calibration)
+    except GgufPruneError as e:
+        p.append(f"--calibration: {e}")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    except (OSError, ValueError) as e:
+        p.append(f"{model}: cannot load its tokenizer ({str(e).splitlines()[0]}); the checkpoint directory needs "
+                 "tokenizer.json / tokenizer_config.json")
+    else:
+        p += _check_text(text, tokenizer, EvalOptions().ctx)
+    if prompts is not None:
+        p += check_prompts(prompts)
+    try:
+        hfmodel.resolve_device(device, RunError)
+    except RunError as e:
+        p.append(str(e))
+    try:
+        tc = toolchain.find()
+        for name in tools:
+            tc.tool(name)
+    except GgufPruneError as e:
+        p.append(str(e))
+    return p
 
 
 def _check_training_data(model: Path, ropts, fto) -> None:
@@ -154,7 +347,7 @@ def _check_training_data(model: Path, ropts, fto) -> None:
     check_data(cal, split_heldout(cal.n_seq, ropts.heldout, ropts.seed), fto)
 
 
-def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run(options: RunOptions | None = None) -> dict[str, Any]:
     """The main job: score → plan → [recover] → prune (base and pruned) → eval → package → summary.
 
     ``rounds`` > 1: score → plan → recover is repeated, each round cutting on top of the last and
@@ -169,7 +362,7 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     from .prune import prune
     from .score import ScoreOptions, score_model
 
-    o = options
+    o = options if options is not None else RunOptions()
     t_start = time.time()
     patch, method = _check_run(o)
     model = Path(o.model) if o.model else ensure_demo_checkpoint()
@@ -177,6 +370,9 @@ def run(options: RunOptions = RunOptions()) -> dict[str, Any]:
     uniform = _check_family(o, shape)
     name = MODEL_NAME if o.model is None else model.name
     out = Path(o.out_dir) if o.out_dir else Path("runs") / name
+    _refuse("run inputs are invalid", _check_inputs(
+        model, out, o.calibration, o.text, o.prompts, o.device,
+        ("llama-quantize", "llama-perplexity") + (("llama-bench",) if o.bench else ())))
     out.mkdir(parents=True, exist_ok=True)
     units = ("layer", "attn", "mlp")
     steps = o.greedy_steps or greedy_steps_for(o.budget, shape.n_layer, units)
@@ -331,6 +527,34 @@ class SweepOptions:
     protect_first: int = 2
     protect_last: int = 2
 
+    def __post_init__(self) -> None:
+        _refuse("sweep options are invalid", _sweep_option_problems(self))
+
+
+def _sweep_option_problems(o: SweepOptions) -> list[str]:
+    p = []
+    budgets, strategies = tuple(o.budgets), tuple(o.strategies)
+    if not budgets:
+        p.append("--budgets names no budget; give fractions like 0.1,0.2,0.3")
+    for b in budgets:
+        if not _is_real(b) or not 0 < b < 1:
+            p.append(f"--budgets: {b!r} is not a fraction of the block parameters in (0, 1)")
+    if len(set(budgets)) < len(budgets):
+        p.append(f"--budgets {','.join(map(str, budgets))}: a budget is given twice")
+    if not strategies:
+        p.append(f"--strategies names no strategy; choose from {', '.join(STRATEGIES)}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            p.append(f"--strategies: unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
+    if len(set(strategies)) < len(strategies):
+        p.append(f"--strategies {','.join(strategies)}: a strategy is given twice")
+    p += _count_problems(o, (("samples", "--samples", 1, False), ("seq_len", "--seq-len", 2, False),
+                             ("greedy_pool", "--greedy-pool", 1, True), ("eval_chunks", "--eval-chunks", 1, True),
+                             ("threads", "--threads", 1, True), ("protect_first", "--protect-first", 0, False),
+                             ("protect_last", "--protect-last", 0, False)))
+    p += _quant_problem(o.quant)
+    return p
+
 
 def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_layers: Path,
                   scores_greedy_mixed: Path, n_layer: int, out: Path, protect: tuple[int, int] = (2, 2)) -> Plan:
@@ -376,20 +600,21 @@ def _reusable(path: Path, common: dict, width: bool = False) -> bool:
     return ok
 
 
-def sweep(hf_dir: Path, options: SweepOptions = SweepOptions()) -> dict[str, Any]:
+def sweep(hf_dir: Path, options: SweepOptions | None = None) -> dict[str, Any]:
     """Build a pruned GGUF per (strategy, budget), evaluate all against the base in one run, draw the curve."""
     from . import evaluate as ev
     from . import hfmodel
     from .prune import prune
     from .score import ScoreOptions, score_model
 
-    o = options
+    o = options if options is not None else SweepOptions()
     hf_dir = Path(hf_dir)
+    _refuse("sweep options are invalid", _sweep_option_problems(o))
     shape = hfmodel.check_model_dir(hf_dir)
-    for s in o.strategies:
-        if s not in STRATEGIES:
-            raise ValueError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
     out = Path(o.out_dir)
+    _refuse("sweep inputs are invalid", _check_inputs(
+        hf_dir, out, o.calibration, o.text, None, o.device,
+        ("llama-quantize", "llama-perplexity") + (("llama-bench",) if o.bench else ())))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     common = dict(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, device=o.device,

@@ -539,6 +539,23 @@ class RecoverOptions:
     finetune_options: Any = None  # finetune.FinetuneOptions (defaults when None)
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        # ranges refused when the options are made, for an API user as for the CLI; recover() checks the rest
+        p = []
+        for flag, v, lo in (("--seq-len", self.seq_len, 2), ("--samples", self.samples, 1), ("--seed", self.seed, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                p.append(f"{flag} {v!r}: must be a whole number, {lo} or more")
+        if isinstance(self.heldout, bool) or not isinstance(self.heldout, (int, float)) or not 0 <= self.heldout < 1:
+            p.append(f"--heldout {self.heldout!r}: must be a fraction of the sequences in [0, 1)")
+        if self.calibration_kind not in ("auto", "text", "chat"):
+            p.append(f"--calibration-kind {self.calibration_kind!r}: use auto, text or chat")
+        if self.patch_fit not in PATCH_FITS:
+            p.append(f"--patch-fit {self.patch_fit!r} is not one of {', '.join(PATCH_FITS)}")
+        if self.finetune not in (None, "lora", "full"):
+            p.append(f"--finetune {self.finetune!r} is not one of lora, full")
+        if p:
+            raise RecoverError("invalid recover options: " + "; ".join(p))
+
 
 @dataclass(frozen=True)
 class RecoverResult:

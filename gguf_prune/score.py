@@ -75,6 +75,25 @@ class ScoreOptions:
     max_memory: str | None = None  # memory budget, e.g. "24GB" (default: what the device has free)
     units: str | None = None  # a slice of the ablation units: "K/N" (0-based) or layers "3,5-8"; implies stream
 
+    def __post_init__(self) -> None:
+        # the same refusals for an API user as for the CLI, when the options are made (score_model checks again)
+        _check_options(self)
+        p = []
+        if self.calibration_kind not in ("auto", "text", "chat"):
+            p.append(f"--calibration-kind {self.calibration_kind!r}: use auto, text or chat")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            p.append(f"--seed {self.seed!r}: must be a whole number, 0 or more")
+        if self.greedy_pool is not None and (isinstance(self.greedy_pool, bool) or not isinstance(self.greedy_pool, int)
+                                             or self.greedy_pool < 1):
+            p.append(f"--greedy-pool {self.greedy_pool!r}: must be a whole number, 1 or more")
+        if not math.isfinite(self.tau):
+            p.append(f"--tau {self.tau}: must be a finite number, 0 or more")
+        if self.width_align != 1 and (self.width_align < 32 or self.width_align % 32):
+            p.append(f"--width-align {self.width_align}: must be a positive multiple of 32 (256 for k-quants), or 1 "
+                     "for no rounding (F16/BF16/F32 files only)")
+        if p:
+            raise ScoreError("invalid options: " + "; ".join(p))
+
 
 # ----------------------------------------------------------------------------- checks
 
