@@ -302,7 +302,10 @@ def rewrite_cmd(base, plan_path, output) -> None:
 @click.option("--recovered", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory from `gguf-prune recover`: write its patches and fine-tuned weights "
                    "(its plan.json is used; a --plan given too must make the same cut).")
-def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered) -> None:
+@click.option("--verify-cache", is_flag=True,
+              help="Hash every byte of the weights to pick the cached conversion (a full read), instead of "
+                   "trusting their size, time stamps and inode.")
+def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered, verify_cache) -> None:
     """Convert HF_DIR, cut it as plan.json says, quantize, and check llama.cpp loads it."""
     from .hfmodel import ModelDirError
     from .llamacpp import LlamaCppError
@@ -314,7 +317,7 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 
     try:
         r = prune(hf_dir, plan_path, output, quant=quant, outtype=outtype, imatrix_text=imatrix_text,
-                  recovered=recovered)
+                  recovered=recovered, verify_cache=verify_cache)
     except (ModelDirError, PlanError, PruneError, QuantizeError, RewriteError, LlamaCppError, RecoverError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {r.path}: {r.architecture}, {len(r.dims)} layers, {r.quant}, {r.bytes_out / 1e6:.1f} MB "

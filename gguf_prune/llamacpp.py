@@ -7,10 +7,13 @@ from the middle of the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -54,7 +57,9 @@ def command_line(name: str, args: Sequence[str | os.PathLike]) -> str:
 def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
     """Convert a Hugging Face checkpoint with the pinned convert_hf_to_gguf.py.
 
-    Writes to a temporary name next to ``out`` and renames it when complete.
+    Writes to a temporary name next to ``out`` and renames it when complete. The temporary file is removed
+    whatever ends the conversion: a failure, an exception, Ctrl-C, or SIGTERM / SIGHUP (the converter is
+    stopped, the file removed, then the signal takes its usual course).
     """
     tc = toolchain.find()
     out = Path(out)
@@ -62,15 +67,83 @@ def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # unique: concurrent conversions do not collide
     cmd = [sys.executable, str(tc.convert_script), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)]
     log.info("converting %s to GGUF (%s)", hf_dir, outtype)
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    if proc.returncode != 0:
+    proc: subprocess.Popen | None = None
+    try:
+        with _signals_raise(signal.SIGTERM, signal.SIGHUP):
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace")
+            output, _ = proc.communicate()
+        if proc.returncode != 0:
+            rc = proc.returncode
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+            tail = output.strip().splitlines()[-25:]
+            raise LlamaCppError(
+                f"convert_hf_to_gguf.py failed on {hf_dir} ({how})\n  command: {' '.join(cmd)}\n  " + "\n  ".join(tail)
+            )
+        os.replace(tmp, out)
+    except BaseException as e:
+        if proc is not None and proc.returncode is None:
+            proc.kill()  # and reaped before the file goes, so nothing writes it again
+            proc.wait()
         tmp.unlink(missing_ok=True)
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
-        raise LlamaCppError(
-            f"convert_hf_to_gguf.py failed on {hf_dir}\n  command: {' '.join(cmd)}\n  " + "\n  ".join(tail)
-        )
-    os.replace(tmp, out)
+        if isinstance(e, _Signalled):
+            e.redeliver()  # by default the process ends here; a handler of the caller's may let it go on
+            raise LlamaCppError(f"the conversion of {hf_dir} was stopped by {e.name}") from None
+        raise
+    finally:
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
     return out
+
+
+class _Signalled(BaseException):
+    """A signal that would have ended the process, raised so that cleanup runs first."""
+
+    def __init__(self, signum: int, previous):
+        self.signum, self.previous, self.name = signum, previous, signal.Signals(signum).name
+        super().__init__(f"received {self.name}")
+
+    def redeliver(self) -> None:
+        """The signal again, to the handler there was before (by default: the process ends by it)."""
+        signal.signal(self.signum, self.previous)
+        os.kill(os.getpid(), self.signum)
+
+
+@contextlib.contextmanager
+def _signals_raise(*signums: int):
+    """While the block runs, these signals raise :class:`_Signalled` (main thread only: elsewhere Python
+    cannot install handlers, and the block runs as it is). The handlers there were are restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def raise_(signum, frame):
+        raise _Signalled(signum, previous[signum])
+
+    for s in signums:
+        h = signal.getsignal(s)
+        if h is not signal.SIG_IGN:  # an ignored signal (SIGHUP under nohup) stays ignored
+            previous[s] = signal.SIG_DFL if h is None else h  # None: a handler not set from Python
+            signal.signal(s, raise_)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# The loader, run on its own: llama.cpp ends the process (GGML_ASSERT → abort) on some damaged metadata
+# (a block_count of 0 or over 512, an unknown RoPE scaling type, ...) instead of returning an error.
+_PROBE = """
+import sys
+import llama_cpp
+llama_cpp.llama_backend_init()
+p = llama_cpp.llama_model_default_params()
+p.n_gpu_layers = 0
+sys.exit(0 if llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), p) else 3)
+"""
+_PROBED: set[tuple[int, int, int, int]] = set()  # files seen to load, by identity (as git's index decides)
 
 
 def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: int | None = None,

@@ -1,6 +1,6 @@
 """HF checkpoint + plan → pruned (quantized) GGUF that llama.cpp loads.
 
-convert (pinned convert_hf_to_gguf.py, cached by checkpoint fingerprint and
+convert (pinned convert_hf_to_gguf.py, cached by every file it reads and the
 outtype) → rewrite (skipped without a plan: the result is then the uncut BASE,
 made the same way, to compare against) → quantize (llama-quantize) → load check.
 The plan is written next to the output as ``<out>.plan.json``.
@@ -75,29 +75,71 @@ def converted_cache_dir() -> Path:
     return toolchain.cache_root() / "converted"
 
 
-def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = None,
-                   fingerprint: str | None = None) -> Path:
+def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = None, *,
+                   verify: bool = False) -> Path:
     """The checkpoint converted with the pinned convert_hf_to_gguf.py, made once per
-    (fingerprint, outtype, llama.cpp commit) under ``cache_dir``."""
+    (conversion key, outtype, llama.cpp commit) under ``cache_dir``.
+
+    The key (:func:`hfmodel.conversion_key`) covers every file the converter reads: the bytes of the config,
+    generation config, tokenizer files and chat template, and each weight file's size, mtime, ctime and inode.
+    ``verify``: key on the SHA-256 of every weight byte instead (one full read), for an edit a file's stat cannot
+    show (a file system with coarse timestamps, a clock set back); the quick key is then pointed at the
+    verified conversion, so later runs without ``verify`` use it too.
+    """
     if outtype not in OUTTYPES:
         raise PruneError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
-    fp = fingerprint or hfmodel.fingerprint(hf_dir)
     commit = (toolchain.find().info().get("commit") or "unknown")[:10]
     cache_dir = Path(cache_dir) if cache_dir is not None else converted_cache_dir()
-    path = cache_dir / f"{fp}-{outtype}-{commit}.gguf"
-    if path.exists():
-        log.info("using the cached conversion %s", path)
-        return path
-    return llamacpp.convert_hf_to_gguf(hf_dir, path, outtype=outtype)
+    key = hfmodel.conversion_key(hf_dir)
+    quick = cache_dir / f"{key}-{outtype}-{commit}.gguf"
+    if not verify:
+        if quick.exists():
+            log.info("using the cached conversion %s", quick)
+            return quick
+        return _convert(hf_dir, quick, outtype, key)
+    t0 = time.perf_counter()
+    exact = cache_dir / f"{hfmodel.conversion_key(hf_dir, verify=True)}-{outtype}-{commit}.gguf"
+    log.info("hashed every weight byte of %s in %.1f s", hf_dir, time.perf_counter() - t0)
+    if exact.exists():
+        log.info("using the cached conversion %s (verified)", exact)
+    else:
+        _convert(hf_dir, exact, outtype, key)
+    _link(exact, quick)
+    return exact
+
+
+def _convert(hf_dir: Path, path: Path, outtype: str, key: str) -> Path:
+    """Convert into the cache, keeping the result only if the checkpoint did not change while the converter read it."""
+    hfmodel.check_tokenizer_files(hf_dir)  # one line, not the converter's traceback
+    llamacpp.convert_hf_to_gguf(hf_dir, path, outtype=outtype)
+    if hfmodel.conversion_key(hf_dir) != key:
+        path.unlink(missing_ok=True)
+        raise PruneError(f"{hf_dir} changed while it was being converted; run again once it is complete")
+    return path
+
+
+def _link(target: Path, name: Path) -> None:
+    """Point ``name`` at ``target`` (a hard link, swapped in atomically); where the file system has no hard links,
+    remove ``name`` so that nothing stale is found there."""
+    tmp = name.with_name(f".{name.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(target, tmp)
+        os.replace(tmp, name)
+    except OSError as e:
+        log.debug("cannot link %s to %s (%s): the next run without --verify-cache converts again", name, target, e)
+        tmp.unlink(missing_ok=True)
+        name.unlink(missing_ok=True)
 
 
 def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_M", outtype: str = "f16",
           imatrix_text: Path | None = None, *, cache_dir: Path | None = None, imatrix_ctx: int = 512,
-          threads: int | None = None, recovered: Path | None = None) -> PruneResult:
+          threads: int | None = None, recovered: Path | None = None, verify_cache: bool = False) -> PruneResult:
     """Convert ``hf_dir``, cut it as ``plan`` says (None: uncut base), quantize, check it loads.
 
     ``quant``: a llama-quantize type name (Q4_K_M, Q8_0, F16, ...) or "none".
     ``recovered``: a recover directory (its plan and tensors); see the module docstring.
+    ``verify_cache``: trust a cached conversion only for the same weight bytes (see :func:`convert_cached`).
     """
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
@@ -131,7 +173,7 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
                              "whose matrices live in a recover directory: pass --recovered DIR")
     the_plan = plan if plan is not None else Plan.identity(shape, fingerprint=fp)
 
-    base = convert_cached(hf_dir, outtype, cache_dir, fingerprint=fp)
+    base = convert_cached(hf_dir, outtype, cache_dir, verify=verify_cache)
     if out.resolve() == base.resolve():
         raise PruneError(f"output {out} is the cached conversion of the checkpoint; choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -651,9 +651,7 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     cal_path, kind = check_calibration_file(o.calibration, o.calibration_kind)
     device = resolve_device(o.device)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    tokenizer = hfmodel.load_tokenizer(hf_dir)
     cal = load_calibration(cal_path, tokenizer, seq_len=o.seq_len, samples=o.samples, seed=o.seed, kind=kind)
     heldout = split_heldout(cal.n_seq, o.heldout, o.seed)
     if o.finetune:

@@ -24,7 +24,7 @@ import torch
 from . import ablate, hfmodel, scores as scores_io
 from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file,
                           load_calibration)
-from .hfmodel import ModelDirError, apply_plan, check_model_dir, fingerprint, load_model
+from .hfmodel import apply_plan, check_model_dir, fingerprint, load_model, load_tokenizer
 from .plan import ModelShape, Plan, save_tensors_atomic, validate
 from .errors import GgufPruneError
 
@@ -172,8 +172,6 @@ class _Inputs:
 
 def prepare(hf_dir: Path, options: ScoreOptions) -> _Inputs:
     """Every check that needs no model weights: raise before any long work."""
-    from transformers import AutoTokenizer
-
     o = options
     _check_options(o)
     shape = check_model_dir(hf_dir)
@@ -200,11 +198,7 @@ def prepare(hf_dir: Path, options: ScoreOptions) -> _Inputs:
     else:
         head_layers = []
     check_calibration_file(o.calibration, o.calibration_kind)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    except (OSError, ValueError) as e:
-        raise ModelDirError(f"{hf_dir}: cannot load its tokenizer ({e}); the checkpoint directory needs "
-                            "tokenizer.json / tokenizer_config.json") from None
+    tokenizer = load_tokenizer(hf_dir)
     cal = load_calibration(o.calibration, tokenizer, seq_len=o.seq_len, samples=o.samples, seed=o.seed,
                            kind=o.calibration_kind)
     return _Inputs(shape=shape, fingerprint=fp, plan=plan, head_layers=head_layers, calibration=cal, device=device)

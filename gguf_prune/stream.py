@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ablate, scores as scores_io
-from .plan import save_tensors_atomic
+from .hfmodel import DTYPE_BYTES, TensorInfo, check_weights, expected_tensors, read_config, tied_embeddings
+from .plan import ModelShape, save_tensors_atomic
 from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 LAYER_TENSORS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
                  "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
-INDEX_NAME = "model.safetensors.index.json"
 
 
 class StreamError(GgufPruneError, ValueError):
@@ -109,93 +107,19 @@ def available_memory(device: str) -> int:
 # ----------------------------------------------------------------------------- the checkpoint
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: str  # safetensors dtype name: F32, BF16, …
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return DTYPE_BYTES.get(self.dtype, 4) * math.prod(self.shape)
-
-
 class Checkpoint:
     """Where every tensor of a (possibly sharded) safetensors checkpoint lives; reads a few at a time."""
 
     def __init__(self, hf_dir: Path, config: dict):
         self.hf_dir = Path(hf_dir)
         self.config = config
-        self.tensors: dict[str, TensorInfo] = {}
+        # every shard present and whole, every tensor there with the config's shape (the checks every command
+        # makes before any work: hfmodel.check_weights)
+        self.tensors: dict[str, TensorInfo] = check_weights(self.hf_dir, config)
         self.bytes_read = 0
-        self._index()
-
-    def _index(self) -> None:
-        from safetensors import safe_open
-
-        problems: list[str] = []
-        index = self.hf_dir / INDEX_NAME
-        files = sorted(self.hf_dir.glob("*.safetensors"))
-        weight_map: dict[str, str] | None = None
-        if index.exists():
-            try:
-                weight_map = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise StreamError(f"{index} is not a safetensors index (no readable 'weight_map': {e}); "
-                                  "re-save the checkpoint with save_pretrained") from None
-            files = sorted({self.hf_dir / f for f in weight_map.values()})
-            for f in files:
-                if not f.exists():
-                    names = sorted(n for n, v in weight_map.items() if self.hf_dir / v == f)
-                    problems.append(f"shard {f.name} is missing ({INDEX_NAME} puts {len(names)} tensors there, "
-                                    f"e.g. {names[0]})")
-        if not files:
-            raise StreamError(f"{self.hf_dir} has no *.safetensors weights")
-        for f in files:
-            if not f.exists():
-                continue
-            with safe_open(str(f), framework="pt", device="cpu") as h:
-                for name in h.keys():
-                    sl = h.get_slice(name)
-                    if name in self.tensors and weight_map is None:
-                        problems.append(f"{name} is in two shards: {self.tensors[name].file.name} and {f.name}")
-                    if weight_map is None or weight_map.get(name) == f.name:
-                        self.tensors[name] = TensorInfo(f, sl.get_dtype(), tuple(sl.get_shape()))
-        if weight_map is not None:
-            for name, fname in sorted(weight_map.items()):
-                if name not in self.tensors and (self.hf_dir / fname).exists():
-                    problems.append(f"shard {fname} misses {name}, which {INDEX_NAME} puts there")
-        problems += self._check_names_and_shapes()
-        if problems:
-            raise StreamError(f"{self.hf_dir}: the checkpoint cannot be streamed ({len(problems)} problem"
-                              f"{'s' if len(problems) != 1 else ''}):\n  - " + "\n  - ".join(problems)
-                              + "\nre-save it with save_pretrained, or copy the missing shard")
 
     def expected(self) -> dict[str, tuple[int, ...]]:
-        c = self.config
-        d, ff, nh = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_attention_heads"])
-        nkv = int(c.get("num_key_value_heads") or nh)
-        hd = int(c.get("head_dim") or d // nh)
-        per = {"input_layernorm.weight": (d,), "self_attn.q_proj.weight": (nh * hd, d),  # (out, in) in torch order
-               "self_attn.k_proj.weight": (nkv * hd, d), "self_attn.v_proj.weight": (nkv * hd, d),
-               "self_attn.o_proj.weight": (d, nh * hd), "post_attention_layernorm.weight": (d,),
-               "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff)}
-        out = {"model.embed_tokens.weight": (int(c["vocab_size"]), d), "model.norm.weight": (d,)}
-        if not c.get("tie_word_embeddings", False):
-            out["lm_head.weight"] = (int(c["vocab_size"]), d)
-        for i in range(int(c["num_hidden_layers"])):
-            out.update({f"model.layers.{i}.{k}": v for k, v in per.items()})
-        return out
-
-    def _check_names_and_shapes(self) -> list[str]:
-        p = []
-        for name, shape in self.expected().items():
-            t = self.tensors.get(name)
-            if t is None:
-                p.append(f"{name} is in no shard of {self.hf_dir}")
-            elif t.shape != shape:
-                p.append(f"{name} in {t.file.name} has shape {list(t.shape)}, the config says {list(shape)}")
-        return p
+        return expected_tensors(ModelShape.from_hf_config(self.config), tied_embeddings(self.config))
 
     # --- sizes ---------------------------------------------------------------------------
     def layer_names(self, i: int) -> list[str]:
@@ -257,8 +181,6 @@ class Checkpoint:
 
 def open_checkpoint(hf_dir: Path) -> Checkpoint:
     """Index and check a checkpoint for streaming: every tensor present with the config's shape."""
-    from .hfmodel import read_config
-
     return Checkpoint(hf_dir, read_config(hf_dir))
 
 

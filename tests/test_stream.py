@@ -15,7 +15,7 @@ from safetensors.torch import load_file as load_torch, save_file
 
 from gguf_prune import scores as scores_io, stream
 from gguf_prune.cli import main
-from gguf_prune.hfmodel import fingerprint
+from gguf_prune.hfmodel import ModelDirError, fingerprint
 from gguf_prune.plan import ModelShape
 from gguf_prune.planner import PlanOptions, build_plan
 from gguf_prune.score import ScoreError, ScoreOptions, score_model
@@ -213,14 +213,15 @@ def test_shards_missing_a_tensor_or_a_file_fail_before_any_work(sharded, tmp_pat
     del t[name]
     save_file(t, str(shard), metadata={"format": "pt"})
     caplog.set_level(logging.INFO)
-    with pytest.raises(ScoreError, match=rf"shard {shard.name} misses {re.escape(name)}, which "
-                                         r"model.safetensors.index.json puts there"):
+    # the checks every command makes (hfmodel.check_weights), before the streamed engine starts
+    with pytest.raises(ModelDirError, match=rf"shard {shard.name} misses {re.escape(name)}, which "
+                                            r"model.safetensors.index.json puts there"):
         score_model(bad, tmp_path / "s.json", ScoreOptions(**SMALL, stream=True))
     assert "streaming" not in caplog.text  # nothing ran
     other = sorted({v for v in index["weight_map"].values()} - {shard.name})[0]
     (bad / other).unlink()
-    with pytest.raises(ScoreError, match=rf"shard {re.escape(other)} is missing \(model.safetensors.index.json "
-                                         r"puts \d+ tensors there"):
+    with pytest.raises(ModelDirError, match=rf"shard {re.escape(other)} is missing \(model.safetensors.index.json "
+                                            r"puts \d+ tensors there"):
         score_model(bad, tmp_path / "s.json", ScoreOptions(**SMALL, stream=True))
     assert not (tmp_path / "s.json").exists()
 
