@@ -7,7 +7,7 @@
   chat template or rope setting, and weights edited in place, get a conversion of their own; ``--verify-cache``
   keys on every weight byte.
 * A damaged directory (a missing shard, a shard without a tensor its index names, a truncated file, a broken
-  config) ends every command that reads it in one line, exit code 1, and changes nothing.
+  config or tokenizer) ends every command that reads it in one line, exit code 1, and changes nothing.
 * An interrupted or failed conversion leaves no ``.partial`` file in the cache.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -278,8 +279,9 @@ def _remove_tensor(path: Path, name: str) -> None:
     save_file(t, str(path), metadata={"format": "pt"})
 
 
-def _damage(case: str, base: Path, sharded: Path, d: Path) -> str:
-    """Make the damaged directory ``d``; return the one line gguf-prune must say."""
+def _damage(case: str, base: Path, sharded: Path, d: Path) -> str | dict[str, str]:
+    """Make the damaged directory ``d``; return the one line gguf-prune must say (per command where they differ;
+    a regular expression where part of it is another library's words)."""
     if case in ("missing shard", "shard misses a tensor"):
         copy_model(sharded, d, link_weights=True)
         index = json.loads((d / hfmodel.INDEX_NAME).read_text())["weight_map"]
@@ -315,6 +317,17 @@ def _damage(case: str, base: Path, sharded: Path, d: Path) -> str:
         _remove_tensor(w, "model.layers.1.mlp.up_proj.weight")
         return (f"{d}: model.layers.1.mlp.up_proj.weight is in no weight file (transformers would fill it with "
                 f"random numbers); {FIX}")
+    if case == "tokenizer.json cut off":
+        tok = d / "tokenizer.json"
+        tok.unlink()
+        tok.write_text('{"version": "1.0", "model": {')
+        # score and recover load the tokenizer (the tokenizers library's words in the parentheses); prune checks
+        # the tokenizer's JSON before converting (the converter would end in a traceback)
+        loads = (re.escape(f"{d}: cannot load its tokenizer (") + r"[^\n]+"
+                 + re.escape("); the checkpoint directory needs tokenizer.json / tokenizer_config.json: copy them again"))
+        return {"score": loads, "recover": loads,
+                "prune": re.escape(f"{tok} is not valid JSON: Expecting property name enclosed in double quotes: line 1 "
+                                   "column 30 (char 29); copy the checkpoint's tokenizer.json again")}
     cfg = d / "config.json"
     if case == "config.json not JSON":
         cfg.write_text(cfg.read_text()[:40])
@@ -332,7 +345,7 @@ def _damage(case: str, base: Path, sharded: Path, d: Path) -> str:
 
 
 CASES = ["missing shard", "shard misses a tensor", "truncated weights", "truncated header", "a tensor missing",
-         "config.json not JSON", "config.json without hidden_size"]
+         "config.json not JSON", "config.json without hidden_size", "tokenizer.json cut off"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -351,7 +364,10 @@ def test_a_damaged_model_dir_is_one_line_from_every_command(case, base, sharded,
     for name, args in commands.items():
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (name, r.output, r.exception)
-        assert r.output.strip().splitlines() == [f"Error: {message}"], name
+        if isinstance(message, dict):
+            assert re.fullmatch(f"Error: {message[name]}", r.output.strip()), (name, r.output)
+        else:
+            assert r.output.strip().splitlines() == [f"Error: {message}"], name
     assert tree_hash(d) == before  # nothing in the model directory changed …
     assert not out.exists() and not (cache_root / "converted").exists()  # … and nothing was written
 
