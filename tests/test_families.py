@@ -310,6 +310,32 @@ def test_scores_equal_the_naive_ablation_on_every_family(family):
     assert kl.min() > 1e-5  # every unit matters: the comparison is not between zeros
 
 
+def test_every_score_runs_on_every_family(family, tmp_path):
+    """score_model with everything on (BI, layer / sub-block / head / KV-group KL, width KL (levels that round to
+    whole 256-neuron steps of FFN 768: two), head norms,
+    Taylor, neuron statistics) on each family's own modules: every number is there and finite."""
+    from safetensors.numpy import load_file
+
+    from gguf_prune import scores as scores_io
+
+    doc = scores_io.load(_scored(family.hf_dir, tmp_path / "scores.json"))
+    n, nh = family.shape.n_layer, family.shape.n_head
+    assert len(doc["layers"]) == n
+    for e in doc["layers"]:
+        for k in ("bi", "attn_bi", "mlp_bi", "kl", "attn_kl", "mlp_kl"):
+            assert np.isfinite(e[k]) and e[k] >= 0, (family.name, e["index"], k, e[k])
+        assert len(e["width_kl"]) >= 2 and np.all(np.isfinite(e["width_kl"]))
+    for metric in ("kl", "norm", "taylor"):
+        per_layer = doc["heads"][metric]
+        assert sorted(map(int, per_layer)) == list(range(n)), metric
+        v = np.array(list(per_layer.values()))
+        assert v.shape == (n, nh) and np.all(np.isfinite(v)) and v.max() > 0, (family.name, metric)
+    kv = np.array(list(doc["heads"]["kv_kl"].values()))
+    assert kv.shape == (n, family.shape.n_head_kv) and np.all(kv > 0)
+    stats = load_file(tmp_path / doc["neurons"]["file"])
+    assert all(np.all(np.isfinite(stats[f"{s}.{i}"])) for s in doc["neurons"]["stats"] for i in range(n))
+
+
 # ----------------------------------------------------------------------------- planning and the main job
 
 
