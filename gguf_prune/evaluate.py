@@ -219,26 +219,72 @@ def bench(models: list[Path], o: EvalOptions) -> tuple[dict[str, dict[str, float
 # ------------------------------------------------------------------- prompts
 
 
-def load_prompts(path: Path) -> list[dict[str, Any]]:
+# The keys a task prompt line may have (evaluate.run_prompts / check_output read them); anything else is a typo
+# that would silently check nothing.
+PROMPT_KEYS = {"prompt": "a string", "system": "a string", "max_tokens": "a whole number, 1 or more",
+               "contains": "a list of strings", "not_contains": "a list of strings",
+               "regex": "a regular expression, or a list of them", "min_len": "a whole number, 0 or more",
+               "max_len": "a whole number, 0 or more", "no_repeat": "true or false"}
+
+
+def prompt_problems(path: Path) -> list[str]:
+    """Every problem of a task-prompts JSONL file (one message each, naming the line), without running it."""
     path = Path(path)
-    if not path.exists():
-        raise EvalError(f"prompts file {path} does not exist")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    if not path.is_file():
+        return [f"--prompts {path}: {'is not a file' if path.exists() else 'no such file'}"]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        return [f"--prompts {path} is not UTF-8 text (byte {e.start})"]
+    p, n_prompts = [], 0
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"--prompts {path}:{n}"
         try:
-            p = json.loads(line)
+            d = json.loads(line)
         except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(p, dict) or not isinstance(p.get("prompt"), str):
-            raise EvalError(f'{path}:{n}: each line must be an object with a "prompt" string')
-        prompts.append(p)
-    if not prompts:
-        raise EvalError(f"prompts file {path} is empty: write one JSON object per line, "
-                        '{"prompt": "...", "contains": [...], "not_contains": [...], "regex": "...", '
-                        '"min_len": N, "max_len": N}')
-    return prompts
+            p.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
+            p.append(f'{where}: each line must be an object with a "prompt" string')
+            continue
+        n_prompts += 1
+        for k, v in d.items():
+            if k not in PROMPT_KEYS:
+                p.append(f"{where}: unknown key {k!r}; the known ones are {', '.join(PROMPT_KEYS)}")
+                continue
+            if k in ("prompt", "system"):
+                ok = isinstance(v, str)
+            elif k in ("contains", "not_contains"):
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            elif k == "regex":
+                pats = [v] if isinstance(v, str) else v
+                ok = isinstance(pats, list) and all(isinstance(x, str) for x in pats)
+                for pat in pats if ok else []:
+                    try:
+                        re.compile(pat)
+                    except re.error as e:
+                        p.append(f"{where}: regex {pat!r} does not compile ({e})")
+            elif k == "no_repeat":
+                ok = isinstance(v, bool)
+            else:  # min_len, max_len, max_tokens
+                ok = (isinstance(v, int) and not isinstance(v, bool)) and v >= (1 if k == "max_tokens" else 0)
+            if not ok:
+                p.append(f"{where}: {k!r} must be {PROMPT_KEYS[k]}, not {json.dumps(v)}")
+    if not p and not n_prompts:
+        p.append(f'--prompts {path} has no prompts: write one JSON object per line, {{"prompt": "...", '
+                 '"contains": [...], "not_contains": [...], "regex": "...", "min_len": N, "max_len": N}')
+    return p
+
+
+def load_prompts(path: Path) -> list[dict[str, Any]]:
+    """The task prompts of a JSONL file; every problem (a typo'd key checks nothing) is one EvalError."""
+    problems = prompt_problems(path)
+    if problems:
+        raise EvalError("\n".join(problems) if len(problems) == 1 else "task prompts are invalid:\n  - "
+                        + "\n  - ".join(problems))
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def has_repetition_loop(text: str, min_period_words: int = 1, repeats: int = 4) -> bool:

@@ -163,10 +163,15 @@ def test_unloadable_base_and_empty_prompts_are_clear_errors(ggufs, tmp_path):
         evaluate(bad, [q8], tmp_path / "r", options=EvalOptions(**OPTS))
     empty = tmp_path / "p.jsonl"
     empty.write_text("\n")
-    with pytest.raises(EvalError, match="prompts file .* is empty"):
+    with pytest.raises(EvalError, match=r"--prompts .* has no prompts"):
         load_prompts(empty)
     r = CliRunner().invoke(main, ["eval", str(f16), str(q8), "--prompts", str(empty), "-o", str(tmp_path / "r")])
-    assert r.exit_code != 0 and "is empty" in r.output
+    assert r.exit_code == 1 and "has no prompts" in r.output
+    typo = tmp_path / "typo.jsonl"  # a misspelt check would silently check nothing
+    typo.write_text(json.dumps({"prompt": "Capital of France?", "contain": ["Paris"]}) + "\n")
+    r = CliRunner().invoke(main, ["eval", str(f16), str(q8), "--prompts", str(typo), "-o", str(tmp_path / "r")])
+    assert r.exit_code == 1 and f"Error: --prompts {typo}:1: unknown key 'contain'" in r.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_checks_and_repetition_loops():
