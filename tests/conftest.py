@@ -45,3 +45,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- bad input, counted
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bad_input: one case of the README's 'bad input → what gguf-prune says' table")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many bad-input cases ran, and how many gave their one clear message (the README table's count)."""
+    reports = [r for k in ("passed", "failed") for r in terminalreporter.stats.get(k, [])
+               if r.when == "call" and "bad_input" in r.keywords]
+    if reports:
+        ok = sum(r.passed for r in reports)
+        terminalreporter.write_line(f"bad-input cases: {len(reports)} run, {ok} gave one clear message and left "
+                                    f"every input as it was, {len(reports) - ok} did not")

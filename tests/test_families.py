@@ -236,6 +236,7 @@ def _config_dir(tmp_path: Path, config: dict) -> Path:
     ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": 128,
       "query_pre_attn_scalar": 168}, "query_pre_attn_scalar 168 differs from head_dim 128 (Gemma 3 27B)"),
 ])
+@pytest.mark.bad_input
 def test_unsupported_models_get_one_clear_error_before_any_work(tmp_path, config, says):
     d = _config_dir(tmp_path / "m", config)
     with pytest.raises(hfmodel.ModelDirError) as e:
@@ -244,6 +245,7 @@ def test_unsupported_models_get_one_clear_error_before_any_work(tmp_path, config
     assert "supported" in str(e.value) or "cannot be cut" in str(e.value)
 
 
+@pytest.mark.bad_input
 def test_the_cli_refuses_an_moe_in_one_line(tmp_path):
     from click.testing import CliRunner
 
@@ -263,6 +265,7 @@ def _shape(architecture: str) -> ModelShape:
                       n_ff=768, n_vocab=49152)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("architecture", ["qwen3", "gemma3"])
 @pytest.mark.parametrize("kind", ["attention", "mlp", "heads", "neurons", "mixed"])
 def test_per_layer_cuts_refused_for_uniform_only_families(architecture, kind):
@@ -274,6 +277,7 @@ def test_per_layer_cuts_refused_for_uniform_only_families(architecture, kind):
     assert "no stock llama.cpp architecture loads this cut" in str(e.value)
 
 
+@pytest.mark.bad_input
 def test_a_plan_for_another_family_is_refused():
     plan = make_plan("heads", _shape("qwen2"))
     with pytest.raises(PlanError) as e:
@@ -376,6 +380,7 @@ def test_uniform_plans_keep_one_shape_and_the_native_architecture(qwen2_scores, 
     assert heads.output_architecture()[0] == "deci"  # qwen2 cannot lose query heads natively
 
 
+@pytest.mark.bad_input
 def test_qwen3_plans_are_uniform_and_per_layer_options_are_refused(tmp_path_factory, tmp_path):
     from gguf_prune.planner import PlanOptions, make_plan
 

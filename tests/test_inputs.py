@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from gguf_prune.cli import main
 from gguf_prune.errors import GgufPruneError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.bad_input]
 
 SHORT_TEXT = "A held-out text far too short to measure perplexity on.\n"
 

@@ -37,7 +37,7 @@ from gguf_prune.plan import ModelShape, Plan, validate
 from gguf_prune.prune import convert_cached, converted_cache_dir
 from gguf_prune.testing import TinySpec, make_tiny_llama
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.bad_input]
 
 WEIGHTS = "model.safetensors"
 EMBED = "model.embed_tokens.weight"

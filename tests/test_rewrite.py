@@ -335,6 +335,7 @@ def _expect_failure(base: Path, plan: Plan, out: Path, error, message: str) -> N
     _assert_untouched(before, out.parent)
 
 
+@pytest.mark.bad_input
 def test_not_a_gguf(tied_shape, existing_out, tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_bytes(b"this is not a gguf file" * 10)
@@ -343,6 +344,7 @@ def test_not_a_gguf(tied_shape, existing_out, tmp_path):
                     "convert_hf_to_gguf.py (gguf-prune prune converts a checkpoint for you)")
 
 
+@pytest.mark.bad_input
 def test_a_truncated_gguf(tied_f32, tied_shape, existing_out, tmp_path):
     cut = tmp_path / "truncated.gguf"
     size = tied_f32.stat().st_size
@@ -361,6 +363,7 @@ def test_a_truncated_gguf(tied_f32, tied_shape, existing_out, tmp_path):
         rewrite(head, Plan.identity(tied_shape), existing_out)
 
 
+@pytest.mark.bad_input
 def test_an_architecture_outside_the_llama_family(existing_out, tmp_path):
     base = tmp_path / "gpt2.gguf"
     shape = write_small_llama(base, arch="gpt2")
@@ -369,6 +372,7 @@ def test_an_architecture_outside_the_llama_family(existing_out, tmp_path):
                     "converted with convert_hf_to_gguf.py)")
 
 
+@pytest.mark.bad_input
 def test_a_file_already_cut(tied_f32, tied_shape, existing_out, tmp_path):
     cut = rewrite(tied_f32, mixed_plan(tied_shape), tmp_path / "cut.gguf").path
     _expect_failure(cut, Plan.identity(tied_shape), existing_out, RewriteError,
@@ -377,6 +381,7 @@ def test_a_file_already_cut(tied_f32, tied_shape, existing_out, tmp_path):
                     "with convert_hf_to_gguf.py)")
 
 
+@pytest.mark.bad_input
 def test_a_quantized_input(existing_out, tmp_path):
     base = tmp_path / "q8.gguf"
     shape = write_small_llama(base, ttype="Q8_0")
@@ -387,6 +392,7 @@ def test_a_quantized_input(existing_out, tmp_path):
                     "(gguf-prune prune does all three)")
 
 
+@pytest.mark.bad_input
 def test_a_plan_for_another_model(tied_f32, tiny_untied, existing_out):
     other = Plan.identity(ModelShape.from_hf_dir(tiny_untied))
     _expect_failure(tied_f32, other, existing_out, PlanError,
@@ -394,6 +400,7 @@ def test_a_plan_for_another_model(tied_f32, tiny_untied, existing_out):
                     "  - the plan was made for another model: n_layer 4 in the plan vs 6 in the model")
 
 
+@pytest.mark.bad_input
 def test_a_plan_applied_to_one_gguf_is_refused_for_another_of_the_same_shape(tied_f32, tied_shape, converted,
                                                                              tmp_path_factory, tmp_path):
     """Same shape, other weights (another seed): the identity recorded in the plan tells them apart."""
@@ -413,6 +420,7 @@ def test_a_plan_applied_to_one_gguf_is_refused_for_another_of_the_same_shape(tie
     assert rewrite(twin, plan, tmp_path / "d.gguf")  # a plan without an identity applies to any file of its shape
 
 
+@pytest.mark.bad_input
 def test_a_plan_that_breaks_gqa(tied_f32, tied_shape, existing_out):
     plan = Plan.identity(tied_shape).with_layer(LayerPlan(2, heads=(0, 1, 2, 4)))
     _expect_failure(tied_f32, plan, existing_out, PlanError,
@@ -422,6 +430,7 @@ def test_a_plan_that_breaks_gqa(tied_f32, tied_shape, existing_out):
                     "query heads (or remove whole groups)")
 
 
+@pytest.mark.bad_input
 def test_output_equal_to_input(tied_f32, tied_shape, tmp_path):
     base = tmp_path / "base.gguf"
     shutil.copyfile(tied_f32, base)
@@ -439,6 +448,7 @@ def test_output_equal_to_input(tied_f32, tied_shape, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf", "link.gguf"]
 
 
+@pytest.mark.bad_input
 def test_a_full_disk_leaves_nothing_behind(tmp_path):
     base = tmp_path / "small.gguf"
     shape = write_small_llama(base, n_layer=2, extra_rows=4000)  # ~1.1 MB
