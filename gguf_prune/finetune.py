@@ -24,9 +24,9 @@ started again with the same inputs resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .calibration import Calibration
 from . import hfmodel
 from .hfmodel import PatchLayer, _ZeroAttention, _ZeroMLP
-from .plan import Plan
+from .plan import Plan, save_torch_atomic
 from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
@@ -373,13 +373,15 @@ def finetune(teacher, student, plan: Plan, cal: Calibration, heldout: set[int], 
     def save_state() -> None:
         if state_path is None:
             return
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_name(state_path.name + ".partial")
-        torch.save({"key": key, "step": step, "params": {n: p.detach().cpu() for n, p in params},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                    "best": {**best, "params": {n: v.cpu() for n, v in best["params"].items()}},
-                    "bad_evals": bad_evals}, tmp)
-        os.replace(tmp, state_path)
+        try:  # through a temporary file: a checkpoint cut short (a full disk) is never left to resume from
+            save_torch_atomic({"key": key, "step": step, "params": {n: p.detach().cpu() for n, p in params},
+                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                               "best": {**best, "params": {n: v.cpu() for n, v in best["params"].items()}},
+                               "bad_evals": bad_evals}, state_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                state_path.parent.rmdir()  # only if empty: an earlier checkpoint stays to resume from
+            raise
 
     model.train()
     n_epoch_batches = len(train_idx) // o.batch_size

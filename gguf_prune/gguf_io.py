@@ -81,7 +81,11 @@ class KeyValue:
     @property
     def value(self) -> Any:
         """The decoded value (str, int, float, bool, or a list for an array)."""
-        return _decode(self.raw, 4, self.vtype)[0] if not self.is_array else _decode_array(self.raw)
+        try:
+            return _decode(self.raw, 4, self.vtype)[0] if not self.is_array else _decode_array(self.raw)
+        except UnicodeDecodeError as e:
+            raise GGUFFormatError(f"the value of {self.key!r} is not UTF-8 text (byte {e.start} of a string); "
+                                  "the file is damaged") from None
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,12 @@ class GGUFFile:
 
     def get(self, key: str, default: Any = None) -> Any:
         kv = self.kv.get(key)
-        return default if kv is None else kv.value
+        if kv is None:
+            return default
+        try:
+            return kv.value
+        except GGUFFormatError as e:
+            raise GGUFFormatError(f"{self.path}: {e}") from None
 
     def is_array(self, key: str) -> bool:
         kv = self.kv.get(key)
@@ -227,14 +236,33 @@ def read_gguf(path: Path) -> GGUFFile:
             return _parse(mm, path, size)
 
 
+# The smallest entries a count in the header can stand for: a key/value is a key length (8), a type (4)
+# and a value (at least 1); a tensor info a name length (8), a rank (4), a type (4) and an offset (8).
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES = 13, 24
+GGML_MAX_NAME = 64  # llama.cpp refuses a tensor name of this many bytes or more
+_INT_TYPES = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                        GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
+# Standard keys whose type the readers rely on (``{arch}.`` is the file's architecture); llama.cpp's loader
+# refuses these with another type too. per-layer: an array of integers is allowed as well (deci).
+_ARCH_INT_KEYS = {"block_count": False, "context_length": False, "embedding_length": False, "vocab_size": False,
+                  "feed_forward_length": True, "attention.head_count": True, "attention.head_count_kv": True,
+                  "attention.key_length": False, "attention.value_length": False, "rope.dimension_count": False,
+                  "attention.sliding_window": False}
+
+
 def _parse(buf, path: Path, size: int) -> GGUFFile:
     c = _Cursor(buf, path)
     _magic, version, n_tensors, n_kv = c.unpack("<IIQQ", "the header")
     if version not in (2, 3):
         raise GGUFFormatError(f"{path} is GGUF version {version}; this reads versions 2 and 3")
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > size - c.pos:
+        raise GGUFFormatError(f"{path} is damaged: its header counts {n_kv} metadata entries and {n_tensors} "
+                              f"tensors, more than a file of {size} bytes can hold; re-create it")
     kv: dict[str, KeyValue] = {}
     for i in range(n_kv):
         key = c.string(f"metadata key #{i}")
+        if not key:
+            raise GGUFFormatError(f"{path}: metadata key #{i} is empty; the file is damaged")
         start = c.pos
         (vtype,) = c.unpack("<I", f"the type of {key!r}")
         c.skip_value(vtype, f"the value of {key!r}")
@@ -247,14 +275,18 @@ def _parse(buf, path: Path, size: int) -> GGUFFile:
         if key in kv:
             raise GGUFFormatError(f"{path}: metadata key {key!r} appears twice; the file is damaged")
         kv[key] = KeyValue(key, vt, sub, raw)
-    alignment = 32
-    if "general.alignment" in kv:
-        alignment = int(kv["general.alignment"].value)
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise GGUFFormatError(f"{path}: general.alignment {alignment} is not a power of two")
+        if vt == GGUFValueType.STRING:
+            _value(kv[key], path)  # a few short strings: check them now (arrays of them when read)
+    _check_types(kv, path)
+    alignment = _value(kv["general.alignment"], path) if "general.alignment" in kv else 32
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{path}: general.alignment {alignment} is not a power of two; the file is damaged")
     infos = []
     for i in range(n_tensors):
         name = c.string(f"the name of tensor #{i}")
+        if len(name.encode()) >= GGML_MAX_NAME:
+            raise GGUFFormatError(f"{path}: the name of tensor #{i} is {len(name.encode())} bytes long (llama.cpp "
+                                  f"reads at most {GGML_MAX_NAME - 1}); the file is damaged")
         (n_dims,) = c.unpack("<I", f"tensor {name!r}")
         if n_dims > 4:
             raise GGUFFormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (at most 4); the file is damaged")
@@ -262,11 +294,13 @@ def _parse(buf, path: Path, size: int) -> GGUFFile:
         ttype, offset = c.unpack("<IQ", f"tensor {name!r}")
         try:
             gtype = GGMLQuantizationType(ttype)
-        except ValueError:
-            raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {ttype}") from None
+            GGML_QUANT_SIZES[gtype]
+        except (ValueError, KeyError):
+            raise GGUFFormatError(f"{path}: tensor {name!r} has unknown ggml type {ttype}; the file is damaged") from None
         infos.append((name, gtype, tuple(int(x) for x in ne), int(offset)))
     data_offset = pad_to(c.pos, alignment)
     tensors, seen = [], set()
+    expected = 0  # tensor data lies in declaration order, each at the aligned end of the one before (as llama.cpp checks)
     for name, gtype, ne, offset in infos:
         if name in seen:
             raise GGUFFormatError(f"{path}: tensor {name!r} appears twice; the file is damaged")
@@ -275,15 +309,65 @@ def _parse(buf, path: Path, size: int) -> GGUFFile:
         n = 1
         for x in ne:
             n *= x
+        if n >= 1 << 63 or any(x >= 1 << 63 for x in ne):
+            raise GGUFFormatError(f"{path}: tensor {name!r} has ne {ne}: more elements than any file can hold; "
+                                  "the file is damaged")
         if ne and ne[0] % block:
             raise GGUFFormatError(f"{path}: tensor {name!r} ne0 {ne[0]} is not a multiple of {gtype.name}'s block {block}")
         nbytes = n // block * type_size
+        if offset != expected:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has data offset {offset}, expected {expected} (right "
+                                  "after the tensor before it); the file is damaged")
+        expected = pad_to(offset + nbytes, alignment)
         ref = TensorRef(name, gtype, ne, data_offset + offset, nbytes)
         if ref.offset + nbytes > size:
             raise GGUFFormatError(f"{path} is truncated: tensor {name!r} ends at byte {ref.offset + nbytes} but the "
                                   f"file has {size} bytes; re-create it")
         tensors.append(ref)
     return GGUFFile(path, version, alignment, kv, tensors, data_offset, size)
+
+
+def _value(kv: KeyValue, path: Path) -> Any:
+    try:
+        return kv.value
+    except GGUFFormatError as e:
+        raise GGUFFormatError(f"{path}: {e}") from None
+
+
+def _check_types(kv: dict[str, KeyValue], path: Path) -> None:
+    """The standard keys gguf-prune and llama.cpp read as numbers are numbers (and not negative)."""
+    def refuse(key: str, what: str) -> None:
+        raise GGUFFormatError(f"{path}: metadata {key} is {what}; the file is damaged (re-create it)")
+
+    def kind(v: KeyValue) -> str:
+        if v.is_array:
+            return f"an array of {v.sub_type.name}"
+        return f"a {v.vtype.name}"
+
+    a = kv.get("general.alignment")
+    if a is not None and a.vtype != GGUFValueType.UINT32:
+        refuse("general.alignment", f"{kind(a)}, not a UINT32")
+    arch = kv.get("general.architecture")
+    if arch is None:
+        return
+    if arch.vtype != GGUFValueType.STRING:
+        refuse("general.architecture", f"{kind(arch)}, not a string")
+    prefix = _value(arch, path) + "."
+    for suffix, per_layer in _ARCH_INT_KEYS.items():
+        v = kv.get(prefix + suffix)
+        if v is None:
+            continue
+        if v.vtype in _INT_TYPES or (per_layer and v.is_array and v.sub_type in _INT_TYPES):
+            value = _value(v, path)
+            if min(value if isinstance(value, list) else [value], default=0) < 0:
+                refuse(prefix + suffix, f"negative ({_short(value)})")
+            continue
+        refuse(prefix + suffix, f"{kind(v)}, not an integer" + (" or an array of them" if per_layer else ""))
+
+
+def _short(v: Any) -> str:
+    text = str(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ------------------------------------------------------------------------- encoding

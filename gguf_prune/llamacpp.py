@@ -146,6 +146,42 @@ sys.exit(0 if llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), p) else
 _PROBED: set[tuple[int, int, int, int]] = set()  # files seen to load, by identity (as git's index decides)
 
 
+def probe(path: Path, timeout: float = 600) -> None:
+    """Load ``path`` once in a child process (about 0.7 s; once per file and process), so that a file on which
+    llama.cpp's loader aborts is a LlamaCppError here with the loader's own words, not the end of this process."""
+    st = Path(path).stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _PROBED:
+        return
+    from .gguf_io import GGUFFormatError, read_gguf
+
+    try:  # milliseconds, and says where a file is truncated or damaged in gguf-prune's words
+        read_gguf(path)
+    except GGUFFormatError as e:  # "PATH is truncated ..." / "PATH: tensor ..." → "...load PATH: it is truncated ..."
+        said, p = str(e), str(path)
+        said = said[len(p) + 2:] if said.startswith(p + ": ") else "it" + said[len(p):] if said.startswith(p) else said
+        raise LlamaCppError(f"llama.cpp could not load {path}: {said}") from None
+    cmd = [sys.executable, "-c", _PROBE, str(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LlamaCppError(f"llama.cpp did not finish loading {path} in {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        said = [ln.strip() for ln in lines if any(w in ln for w in (
+            "error", "failed", "GGML_ASSERT", "exception", "expected", "invalid", "exceeds", "must be", "wrong"))]
+        how = "its loader refused it"
+        if proc.returncode < 0:
+            try:
+                how = f"its loader stopped with {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                how = f"its loader stopped with signal {-proc.returncode}"
+        raise LlamaCppError(f"llama.cpp could not load {path}: {how}"
+                            + (":\n  " + "\n  ".join(said[-6:]) if said else f" (exit code {proc.returncode})")
+                            + "\n  the file is damaged or not a model this llama.cpp runs; re-create it")
+    _PROBED.add(key)
+
+
 def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: int | None = None,
          seed: int = 0, **kwargs):
     """Load a GGUF with the pinned bindings; a file llama.cpp refuses raises LlamaCppError."""
@@ -154,6 +190,7 @@ def load(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: i
     path = Path(path)
     if not path.is_file():
         raise LlamaCppError(f"no such model file: {path}")
+    probe(path)
     from llama_cpp._utils import suppress_stdout_stderr
 
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GgufPruneError
-from .plan import Plan, ranges, write_text_atomic
+from .plan import Plan, ranges, save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -723,7 +723,9 @@ def plot_sweep(r: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure_atomic(fig, path, dpi=110)  # a temporary file renamed into place: never a partial PNG
+    finally:
+        plt.close(fig)
 
 

@@ -27,13 +27,16 @@ raises one :class:`PlanError` that names each.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from . import arch
 from .gguf_io import default_file_mode
@@ -262,50 +265,66 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> "Plan":
-        problems: list[str] = []
+        """A plan from its JSON form; every problem of structure and type in one PlanError (what
+        :func:`validate` checks against a model comes after)."""
+        if not isinstance(d, Mapping):
+            raise PlanError([f"the plan is {_kind(d)}, expected a JSON object (a plan.json that "
+                             "`gguf-prune plan` wrote)"], source)
         if d.get("schema") != PLAN_SCHEMA:
-            raise PlanError([f"'schema' is {d.get('schema')!r}, expected {PLAN_SCHEMA!r}: not a gguf-prune plan"],
+            raise PlanError([f"'schema' is {_kind(d.get('schema'))}, expected {PLAN_SCHEMA!r}: not a gguf-prune plan"],
                             source)
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError([f"'version' is {d.get('version')!r}; this gguf-prune reads version {PLAN_VERSION}"],
+        if not _is_int(d.get("version")) or d.get("version") != PLAN_VERSION:
+            raise PlanError([f"'version' is {_kind(d.get('version'))}; this gguf-prune reads version {PLAN_VERSION}"],
                             source)
-        try:
-            shape = ModelShape(**d["model"]["shape"])
-        except (KeyError, TypeError) as e:
-            raise PlanError([f"'model.shape' is missing or malformed ({e})"], source) from None
+        p: list[str] = []
+        _unknown_keys(d, _PLAN_KEYS, "the plan", p)
+        model = d.get("model")
+        shape = None
+        if not isinstance(model, Mapping):
+            p.append(f"'model' is {_kind(model)}, expected an object "
+                     '{"fingerprint": "...", "shape": {...}}')
+        else:
+            _unknown_keys(model, _MODEL_KEYS, "'model'", p)
+            for key in ("fingerprint", "gguf"):
+                if not isinstance(model.get(key, ""), str):
+                    p.append(f"'model.{key}' is {_kind(model[key])}, expected a string")
+            shape = _shape_from_dict(model.get("shape"), p)
         layers = []
-        for k, entry in enumerate(d.get("layers", [])):
-            try:
-                idx = int(entry["index"])
-                removed = bool(entry.get("removed", False))
-                heads = entry.get("heads")
-                neurons = entry.get("neurons")
-                patch = entry.get("patch")
-                layers.append(LayerPlan(
-                    index=idx, removed=removed,
-                    heads=None if heads is None or removed else tuple(int(h) for h in heads),
-                    neurons=None if neurons is None or removed else tuple(int(n) for n in neurons),
-                    why=dict(entry.get("why") or {}),
-                    patch=None if patch is None else str(patch),
-                ))
-            except (KeyError, TypeError, ValueError) as e:
-                problems.append(f"layers[{k}] is malformed ({e!r}): expected "
-                                '{"index": N, "removed": true} or {"index": N, "heads": [...]|null, "neurons": [...]|null}')
-        if problems:
-            raise PlanError(problems, source)
-        return cls(shape=shape, layers=tuple(layers), fingerprint=str(d["model"].get("fingerprint", "")),
-                   gguf=str(d["model"].get("gguf", "")),
+        entries = d.get("layers")
+        if not isinstance(entries, list):
+            p.append(f"'layers' is {_kind(entries)}, expected an array with one entry per source layer")
+        else:
+            for k, entry in enumerate(entries):
+                lp = _layer_from_dict(entry, f"layers[{k}]", p)
+                if lp is not None:
+                    layers.append(lp)
+        for key in ("settings", "predicted"):
+            if d.get(key) is not None and not isinstance(d[key], Mapping):
+                p.append(f"'{key}' is {_kind(d[key])}, expected an object")
+        if p:
+            raise PlanError(p, source)
+        return cls(shape=shape, layers=tuple(layers), fingerprint=model.get("fingerprint", ""),
+                   gguf=model.get("gguf", ""),
                    settings=dict(d.get("settings") or {}), predicted=dict(d.get("predicted") or {}))
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            text = path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise PlanError([f"no such file: {path}"], str(path)) from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise PlanError([f"{path} is a directory; pass the plan.json file"], str(path)) from None
+        except UnicodeDecodeError as e:
+            raise PlanError([f"not UTF-8 text (byte {e.start}): not a plan.json; re-create it with "
+                             "`gguf-prune plan`"], str(path)) from None
+        try:
+            d = json.loads(text)
+        except ValueError as e:  # json.JSONDecodeError, or an integer too long to convert
             raise PlanError([f"not valid JSON: {e}"], str(path)) from None
+        except RecursionError:
+            raise PlanError(["not valid JSON: nested too deeply"], str(path)) from None
         return cls.from_dict(d, source=str(path))
 
     @classmethod
@@ -315,6 +334,109 @@ class Plan:
 
     def with_layer(self, lp: LayerPlan) -> "Plan":
         return replace(self, layers=tuple(lp if x.index == lp.index else x for x in self.layers))
+
+
+# ------------------------------------------------------------------------- reading plan.json
+
+_PLAN_KEYS = ("schema", "version", "model", "settings", "predicted", "layers")
+_MODEL_KEYS = ("fingerprint", "shape", "gguf")
+_LAYER_KEYS = ("index", "removed", "heads", "neurons", "patch", "why")
+_LAYER_EXAMPLE = '{"index": N, "removed": true} or {"index": N, "heads": [...]|null, "neurons": [...]|null}'
+# Bounds far above any real model that keep a damaged plan from asking for absurd work (a tuple of
+# n_ff neurons is built per layer); 512 layers is llama.cpp's own LLAMA_MAX_LAYERS.
+SHAPE_LIMITS = {"n_layer": 512, "n_embd": 1 << 20, "n_head": 1 << 16, "n_head_kv": 1 << 16, "head_dim": 1 << 16,
+                "n_ff": 1 << 20, "n_vocab": 1 << 24}
+
+
+def _few(xs: list, n: int = 5) -> str:
+    """The first ``n`` of a list for a message: ``[1, 2, 3, 4, 5, …]`` (12 in all)."""
+    return str(xs) if len(xs) <= n else f"{str(xs[:n])[:-1]}, …] ({len(xs)} in all)"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
+
+
+def _show(v: Any) -> str:
+    """A value as the message shows it: short, even for a long array."""
+    text = json.dumps(v) if isinstance(v, (list, dict)) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(v: Any) -> str:
+    """What a JSON value is, for messages: ``missing``, ``an array [1, 2]``, ``a string '3'``."""
+    if v is None:
+        return "missing or null"
+    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                    (list, "an array"), (Mapping, "an object")):
+        if isinstance(v, t):
+            return f"{name} {_show(v)}"
+    return repr(v)
+
+
+def _unknown_keys(d: Mapping, known: tuple[str, ...], where: str, p: list[str]) -> None:
+    """A misspelt or misplaced key would be ignored and the cut silently differ: refuse it."""
+    extra = [k for k in d if k not in known]
+    if extra:
+        p.append(f"{where} has unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(_show, extra))} "
+                 f"(known: {', '.join(known)})")
+
+
+def _shape_from_dict(d: Any, p: list[str]) -> ModelShape | None:
+    fields = tuple(ModelShape.__dataclass_fields__)
+    if not isinstance(d, Mapping):
+        p.append(f"'model.shape' is {_kind(d)}, expected an object with {', '.join(fields)}")
+        return None
+    n = len(p)
+    _unknown_keys(d, fields, "'model.shape'", p)
+    missing = [f for f in fields if f not in d]
+    if missing:
+        p.append(f"'model.shape' lacks {', '.join(missing)}")
+    if "architecture" in d and not isinstance(d["architecture"], str):
+        p.append(f"'model.shape.architecture' is {_kind(d['architecture'])}, expected a string such as 'llama'")
+    for f, top in SHAPE_LIMITS.items():
+        if f in d and not (_is_int(d[f]) and 1 <= d[f] <= top):
+            p.append(f"'model.shape.{f}' is {_kind(d[f])}, expected an integer from 1 to {top}")
+    if len(p) > n:
+        return None
+    if d["n_head"] % d["n_head_kv"]:
+        p.append(f"'model.shape': n_head {d['n_head']} is not a multiple of n_head_kv {d['n_head_kv']}")
+        return None
+    return ModelShape(**{f: d[f] for f in fields})
+
+
+def _layer_from_dict(e: Any, where: str, p: list[str]) -> LayerPlan | None:
+    if not isinstance(e, Mapping):
+        p.append(f"{where} is {_kind(e)}, expected {_LAYER_EXAMPLE}")
+        return None
+    n = len(p)
+    _unknown_keys(e, _LAYER_KEYS, where, p)
+    if not _is_int(e.get("index")):
+        p.append(f"{where}.index is {_kind(e.get('index'))}, expected the source layer's number")
+    removed = e.get("removed", False)
+    if not isinstance(removed, bool):
+        p.append(f"{where}.removed is {_kind(removed)}, expected true or false")
+    for key, unit in (("heads", "query heads"), ("neurons", "FFN neurons")):
+        v = e.get(key)
+        if v is not None and not isinstance(v, list):
+            p.append(f"{where}.{key} is {_kind(v)}, expected null (all kept) or an array of the numbers of the "
+                     f"kept {unit} ([] removes them all)")
+        elif v is not None and not all(_is_int(x) for x in v):
+            i = next(i for i, x in enumerate(v) if not _is_int(x))
+            p.append(f"{where}.{key}[{i}] is {_kind(v[i])}, expected the number of one of the kept {unit}")
+        elif v is not None and removed is True:
+            p.append(f"{where} is removed, so it cannot keep {unit}: drop {key!r} or 'removed'")
+    if e.get("patch") is not None and not isinstance(e["patch"], str):
+        p.append(f"{where}.patch is {_kind(e['patch'])}, expected null or one of: {', '.join(PATCH_KINDS)}")
+    if e.get("why") is not None and not isinstance(e["why"], Mapping):
+        p.append(f"{where}.why is {_kind(e['why'])}, expected an object (the scores behind the choice)")
+    if len(p) > n:
+        return None
+    heads, neurons = e.get("heads"), e.get("neurons")
+    return LayerPlan(index=e["index"], removed=removed,
+                     heads=None if heads is None or removed else tuple(heads),
+                     neurons=None if neurons is None or removed else tuple(neurons),
+                     why=dict(e.get("why") or {}), patch=e.get("patch"))
 
 
 def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | None = None,
@@ -345,16 +467,23 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     if sorted(indices) != list(range(s.n_layer)):
         missing = sorted(set(range(s.n_layer)) - set(indices))
         extra = sorted(i for i in set(indices) if not 0 <= i < s.n_layer)
-        dup = sorted({i for i in indices if indices.count(i) > 1})
+        dup = sorted(i for i, c in Counter(indices).items() if c > 1)
         p.append(f"layers must list each of the {s.n_layer} source layers once"
-                 + (f"; missing {missing}" if missing else "") + (f"; out of range {extra}" if extra else "")
-                 + (f"; duplicated {dup}" if dup else ""))
+                 + (f"; missing {_few(missing)}" if missing else "")
+                 + (f"; out of range {_few(extra)}" if extra else "") + (f"; duplicated {_few(dup)}" if dup else ""))
 
-    protect_first = int(plan.settings.get("protect_first", 0))
-    protect_last = int(plan.settings.get("protect_last", 0))
+    protect = {}
+    for key in ("protect_first", "protect_last"):
+        protect[key] = plan.settings.get(key, 0)
+        if not (_is_int(protect[key]) and protect[key] >= 0):
+            p.append(f"settings.{key} is {_kind(protect[key])}, expected a number of layers (0 or more)")
+            protect[key] = 0  # the other checks go on without it
+    protect_first, protect_last = protect["protect_first"], protect["protect_last"]
     protected = set(range(min(protect_first, s.n_layer))) | set(range(max(0, s.n_layer - protect_last), s.n_layer))
 
-    uniform = bool(plan.settings.get("uniform"))  # a uniform plan narrows protected layers like every other
+    uniform = plan.settings.get("uniform", False)  # a uniform plan narrows protected layers like every other
+    if not isinstance(uniform, bool):
+        p.append(f"settings.uniform is {_kind(uniform)}, expected true or false")
     for lp in plan.layers:
         where = f"layer {lp.index}"
         removes = lp.removed or lp.attention_removed or lp.mlp_removed
@@ -363,7 +492,7 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
         if lp.heads is not None:
             bad = sorted(h for h in lp.heads if not 0 <= h < s.n_head)
             if bad:
-                p.append(f"{where}: head indices {bad} out of range 0..{s.n_head - 1}")
+                p.append(f"{where}: head indices {_few(bad)} out of range 0..{s.n_head - 1}")
             if len(set(lp.heads)) != len(lp.heads):
                 p.append(f"{where}: duplicated head indices")
             if list(lp.heads) != sorted(lp.heads):
@@ -380,7 +509,7 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
         if lp.neurons is not None:
             bad = sorted(n for n in lp.neurons if not 0 <= n < s.n_ff)
             if bad:
-                p.append(f"{where}: neuron indices {bad[:5]}{'…' if len(bad) > 5 else ''} out of range 0..{s.n_ff - 1}")
+                p.append(f"{where}: neuron indices {_few(bad)} out of range 0..{s.n_ff - 1}")
             if len(set(lp.neurons)) != len(lp.neurons):
                 p.append(f"{where}: duplicated neuron indices")
             if list(lp.neurons) != sorted(lp.neurons):
@@ -405,31 +534,82 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with _atomic_path(Path(path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the user's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_tensors_atomic(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
     """A safetensors file written through a temporary name in the same directory, then renamed."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic_path(Path(path)) as tmp:
         save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.chmod(tmp, default_file_mode())
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary name in the same directory, then renamed. torch turns a failed write
+    into a RuntimeError that has lost the OS error ("unexpected pos ..."); the writes go through a file object
+    here, which keeps it, so a full disk is the OSError it is."""
+    import torch
+
+    class _Writer:
+        def __init__(self, f):
+            self.f, self.error = f, None
+
+        def write(self, b) -> int:
+            try:
+                return self.f.write(b)
+            except OSError as e:
+                self.error = e
+                raise
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    with _atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            w = _Writer(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
+
+
+def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> Path:
+    """A matplotlib figure saved through a temporary name in the same directory, then renamed (a PNG cut
+    short by a full disk never lies under the final name)."""
+    path = Path(path)
+    with _atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    return path
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[str]:
+    """A temporary name next to ``path`` for the block to write; renamed to ``path`` when the block completes,
+    removed whatever ends it otherwise. A failed write is an OSError that names ``path``, so that the CLI's one
+    line says which file could not be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the user's usual mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            if e.filename is None or e.filename == tmp:
+                e.filename = str(path)
+            raise
+        m = re.search(r"\(os error (\d+)\)", str(e))  # safetensors reports I/O errors as SafetensorError
+        if m:
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) from None
         raise
 
 

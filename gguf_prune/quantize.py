@@ -146,9 +146,10 @@ def quantize(src: Path, out: Path, quant: str = "Q4_K_M", *, imatrix: Path | Non
         raise QuantizeError(f"output {out} is the input GGUF; write the quantized model to another path")
     if imatrix is not None and imatrix_text is not None:
         raise QuantizeError("pass either an importance matrix file or a calibration text, not both")
-    try:
-        read_gguf(src)  # a readable GGUF (llama-quantize reads it itself)
-    except GGUFFormatError as e:
+    try:  # a readable GGUF that llama.cpp loads: llama-quantize reads it itself, and aborts on some damage
+        read_gguf(src)
+        llamacpp.probe(src)
+    except (GGUFFormatError, llamacpp.LlamaCppError) as e:
         raise QuantizeError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
@@ -170,9 +171,13 @@ def quantize(src: Path, out: Path, quant: str = "Q4_K_M", *, imatrix: Path | Non
         for fb in fallbacks:
             log.info("fallback: %s (ncols %d not divisible by %d) %s -> %s", fb.tensor, fb.ncols, fb.block,
                      fb.wanted, fb.used)
-        types = Counter(t.ggml_type.name for t in read_gguf(tmp).tensors)
-        if check_load:
-            llamacpp.load(tmp, n_ctx=64).close()
+        try:
+            types = Counter(t.ggml_type.name for t in read_gguf(tmp).tensors)
+            if check_load:
+                llamacpp.load(tmp, n_ctx=64).close()
+        except (GGUFFormatError, llamacpp.LlamaCppError):  # the message would name the temporary file
+            raise QuantizeError(f"llama.cpp cannot load the {quant} file llama-quantize made from {src}, so {out} "
+                                f"was not written; `llama-cli -m {src}` shows what the loader says of the input") from None
         os.chmod(tmp, default_file_mode())
         fsync_path(tmp)
         if imatrix_text is not None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .plan import write_text_atomic
+from .plan import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,7 @@ def plot_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     fig.suptitle("quality against size and speed")
     fig.tight_layout()
-    p = out_dir / "quality_vs_size_speed.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, out_dir / "quality_vs_size_speed.png"))
 
     # per-layer map of what each pruned model removed (needs the plan recorded in the GGUF)
     pruned = [e for e in ok if e["facts"].get("plan")]
@@ -145,11 +142,16 @@ def plot_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title("fraction of each layer's parameters removed")
         fig.colorbar(im, ax=ax, fraction=0.03)
         fig.tight_layout()
-        p = out_dir / "removed_per_layer.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, plt, out_dir / "removed_per_layer.png"))
     return paths
+
+
+def _save(fig, plt, path: Path) -> Path:
+    """Through a temporary file renamed into place: a full disk never leaves half a PNG."""
+    try:
+        return save_figure_atomic(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> None:

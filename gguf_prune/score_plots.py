@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scores as scores_io
+from .plan import save_figure_atomic
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,7 @@ def plot_scores(scores_path: Path, out_dir: Path | None = None) -> list[Path]:
 
 def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return save_figure_atomic(fig, path, dpi=110)  # removes its temporary file when the save fails
+    finally:
+        plt.close(fig)

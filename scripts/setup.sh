@@ -38,7 +38,7 @@ fi
 "$VPY" -m gguf_prune.toolchain setup --python "$VPY" --repo "$ROOT"
 
 # This package and the rest of its dependencies (test extras included).
-if ! "$VPY" -c "import gguf_prune, pytest, transformers, click, matplotlib" >/dev/null 2>&1 \
+if ! "$VPY" -c "import gguf_prune, pytest, hypothesis, transformers, click, matplotlib" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.gguf-prune-installed ]; then
   say "installing gguf-prune into .venv"
   "$VPY" -m pip install -q -e ".[test]"
