@@ -34,12 +34,7 @@ STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greed
 # (on SmolLM2-135M with align 256: 256, 512 and 768 of 1,536).
 WIDTH_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)
 RUN_STRATEGIES = ("width-mixed", "greedy-mixed")
-# The keys a task prompt line may have (evaluate.run_prompts / check_output read them); anything else is a typo
-# that would silently check nothing.
-PROMPT_KEYS = {"prompt": "a string", "system": "a string", "max_tokens": "a whole number, 1 or more",
-               "contains": "a list of strings", "not_contains": "a list of strings",
-               "regex": "a regular expression, or a list of them", "min_len": "a whole number, 0 or more",
-               "max_len": "a whole number, 0 or more", "no_repeat": "true or false"}
+
 
 
 class RunError(GgufPruneError, ValueError):
@@ -221,59 +216,6 @@ def _check_family(o: RunOptions, shape) -> bool:
     return uniform
 
 
-def check_prompts(path: Path) -> list[str]:
-    """Every problem of a task-prompts JSONL file (one message each, naming the line), without running it."""
-    import re
-
-    path = Path(path)
-    if not path.is_file():
-        return [f"--prompts {path}: {'is not a file' if path.exists() else 'no such file'}"]
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        return [f"--prompts {path} is not UTF-8 text (byte {e.start})"]
-    p, n_prompts = [], 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"--prompts {path}:{n}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            p.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
-            p.append(f'{where}: each line must be an object with a "prompt" string')
-            continue
-        n_prompts += 1
-        for k, v in d.items():
-            if k not in PROMPT_KEYS:
-                p.append(f"{where}: unknown key {k!r}; the known ones are {', '.join(PROMPT_KEYS)}")
-                continue
-            if k in ("prompt", "system"):
-                ok = isinstance(v, str)
-            elif k in ("contains", "not_contains"):
-                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-            elif k == "regex":
-                pats = [v] if isinstance(v, str) else v
-                ok = isinstance(pats, list) and all(isinstance(x, str) for x in pats)
-                for pat in pats if ok else []:
-                    try:
-                        re.compile(pat)
-                    except re.error as e:
-                        p.append(f"{where}: regex {pat!r} does not compile ({e})")
-            elif k == "no_repeat":
-                ok = isinstance(v, bool)
-            else:  # min_len, max_len, max_tokens
-                ok = _is_int(v) and v >= (1 if k == "max_tokens" else 0)
-            if not ok:
-                p.append(f"{where}: {k!r} must be {PROMPT_KEYS[k]}, not {json.dumps(v)}")
-    if not p and not n_prompts:
-        p.append(f'--prompts {path} has no prompts: write one JSON object per line, {{"prompt": "...", '
-                 '"contains": [...], "not_contains": [...], "regex": "...", "min_len": N, "max_len": N}')
-    return p
-
-
 def _check_text(text: Path | None, tokenizer, ctx: int) -> list[str]:
     """The held-out text exists and holds the 2 × ctx tokens llama-perplexity needs (counted with the
     checkpoint's own tokenizer, which the GGUF carries)."""
@@ -301,7 +243,7 @@ def _check_inputs(model: Path, out: Path, calibration: Path | None, text: Path |
     calibration file, the tokenizer, the held-out text, the prompts, the device and the llama.cpp tools."""
     from . import hfmodel, toolchain
     from .calibration import check_calibration_file
-    from .evaluate import EvalOptions
+    from .evaluate import EvalOptions, prompt_problems
 
     p = []
     if out.exists() and not out.is_dir():
@@ -320,7 +262,7 @@ def _check_inputs(model: Path, out: Path, calibration: Path | None, text: Path |
     else:
         p += _check_text(text, tokenizer, EvalOptions().ctx)
     if prompts is not None:
-        p += check_prompts(prompts)
+        p += prompt_problems(prompts)
     try:
         hfmodel.resolve_device(device, RunError)
     except RunError as e:
