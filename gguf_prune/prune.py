@@ -13,6 +13,7 @@ the file is cut.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import hfmodel, llamacpp, toolchain
-from .gguf_io import fsync_path
+from .gguf_io import OutOfSpaceError, fsync_path
 from .plan import Plan, validate, write_text_atomic
 from .quantize import QuantizeError, check_quant_type, quantize
 from .recover import open_recovered
@@ -203,6 +204,13 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
             llamacpp.load(staged, n_ctx=64).close()
             fsync_path(staged)
             os.replace(staged, out)
+    except OSError as e:
+        if not isinstance(e, OutOfSpaceError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PruneError(f"no space left on the device of {out.parent} while writing {out.name} (the cut "
+                         f"{outtype.upper()} intermediate and the {q} result need about "
+                         f"{2 * base.stat().st_size / 1e6:.0f} MB there); free some space or write the output "
+                         "somewhere else; nothing was left behind") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     plan_path = plan_path_for(out)

@@ -585,8 +585,8 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
                     log.info("  %3.0f%% (%d/%d tensors, %.0f MB)", 100 * done / total, k + 1, len(jobs), done / 1e6)
                     last_report = time.time()
             bytes_out = writer.finish()
-    except OutOfSpaceError as e:
-        raise RewriteError(str(e)) from None
+    except OutOfSpaceError:
+        raise  # names the output and says what to do; a caller writing an intermediate may say it better
     except GGUFFormatError as e:
         raise RewriteError(f"{base} changed or broke while it was read ({e}); nothing was written to {out}") from None
     except OSError as e:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gguf_prune.gguf_io import GGUFStreamWriter, read_gguf
+from gguf_prune.gguf_io import GGUFStreamWriter, OutOfSpaceError, read_gguf
 from gguf_prune.plan import LayerPlan, Plan, PlanError, ModelShape
 from gguf_prune.prune import convert_cached
 from gguf_prune.rewrite import PLAN_DIGEST_KEY, PLAN_KEY, RewriteError, rewrite
@@ -462,7 +462,7 @@ def test_a_full_disk_leaves_nothing_behind(tmp_path):
         out = disk / "model.gguf"
         out.write_bytes(b"the previous model, which must survive")
         before = {base: base.read_bytes(), out: out.read_bytes()}
-        with pytest.raises(RewriteError) as e:
+        with pytest.raises(OutOfSpaceError) as e:
             rewrite(base, Plan.identity(shape), out)
         assert str(e.value) == (f"no space left on the device of {disk} while writing model.gguf; free some "
                                 "space or write elsewhere; the partial file was removed")
