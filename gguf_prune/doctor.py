@@ -31,6 +31,20 @@ class Report:
         return [c for c in self.checks if not c.ok]
 
 
+def _portable(tc: toolchain.Toolchain) -> str:
+    """The server `package` ships: where it is and the CPU variants a package carries (not built yet is fine)."""
+    flags = "GGML_NATIVE=OFF, GGML_BACKEND_DL=ON, GGML_CPU_ALL_VARIANTS=ON"
+    if not tc.portable_ready():
+        return (f"not built yet ({flags}): the first `gguf-prune package` builds it once, about 27 CPU-minutes "
+                f"(13 min on 2 idle cores); or build it now: python -m gguf_prune.toolchain portable")
+    info = tc.portable_info()
+    variants = info["cpu_variants"]
+    return (f"llama-server for packages, runs on any {info.get('machine', '?')} CPU ({flags}), "
+            f"built {info.get('built_at', '?')} "
+            f"in {info.get('build_seconds', '?')} s, in {tc.portable_build_dir}; a package carries "
+            f"{len(variants)} CPU variants, the best loaded at run time: {', '.join(variants)}")
+
+
 def diagnose() -> Report:
     r = Report()
     try:
@@ -39,11 +53,15 @@ def diagnose() -> Report:
         r.add("llama.cpp", True,
               f"llama-cpp-python {info.get('llama_cpp_python')} tree, commit {info.get('commit', '?')[:12]}, "
               f"built {info.get('built_at', '?')} in {tc.build_dir}")
+        r.add("native build", True,
+              "GGML_NATIVE, llama.cpp's default (tuned to this CPU; runs only on CPUs like it): the bindings and "
+              + ", ".join(toolchain.TOOL_TARGETS) + "; eval measures with these; packages never carry them")
         for name in toolchain.TOOL_TARGETS:
             path = tc.bin_dir / name
             r.add(name, path.exists(), str(path) if path.exists() else f"missing: {path}; run scripts/setup.sh")
         conv = tc.convert_script
         r.add("convert_hf_to_gguf.py", conv.exists(), str(conv))
+        r.add("portable server", True, _portable(tc))
     except toolchain.ToolchainError as e:
         r.add("llama.cpp", False, str(e))
         tc = None

@@ -1,24 +1,32 @@
 """One executable: llama-server (with its embedded web UI) and the model, in a single file.
 
-The file is a POSIX shell launcher followed by a tar payload: the llama-server
-binary, every shared library it needs that is not part of glibc (llama.cpp's own,
-libstdc++, libgcc_s, libgomp) and the GGUF. On first start it unpacks once into a
-per-user cache directory keyed by the payload's content hash, verifies every file
-against the manifest, and moves the directory into place atomically (two starts at
-once each unpack to their own temporary directory; the first rename wins). Later
-starts verify the manifest again and reuse it; a damaged cache is detected and
-unpacked afresh. It needs /bin/sh, tar, tail, sha256sum and glibc: no Python, no
-checkout, no network.
+The file is a POSIX shell launcher followed by a tar payload: the portable
+llama-server (built without -march=native, its CPU backend once per x86-64 level,
+the best loaded at run time: it runs on any x86-64 CPU), every shared library it
+needs that is not part of glibc (llama.cpp's own, libstdc++, libgcc_s, libgomp)
+and the GGUF. Values given at packing time (names, host, system prompt) are data:
+the launcher holds them as single-quoted shell words and never evaluates them.
+
+On first start it unpacks once into a per-user cache directory keyed by the
+payload's content hash, verifies every file against the manifest, and moves the
+directory into place atomically (two starts at once each unpack to their own
+temporary directory; the first rename wins). Later starts verify the manifest
+again and reuse it; a damaged cache is detected and unpacked afresh. The manifest
+itself must have the hash the launcher carries, so a copy planted in the cache
+directory is refused too. It needs /bin/sh, tar, tail, sha256sum and glibc: no
+Python, no checkout, no network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import logging
 import os
 import re
 import shlex
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -61,13 +69,19 @@ class PackageOptions:
                          f"{flag} {v!r}: must be a whole number, {lo} or more")
         if not isinstance(self.host, str) or not self.host.strip():
             p.append(f"--host {self.host!r}: give an address to listen on, such as 127.0.0.1")
+        elif not _valid_host(self.host):
+            p.append(f"--host {self.host!r}: not an IP address, a host name, a comma-separated list of them or a "
+                     "UNIX socket path ending in .sock; give e.g. 127.0.0.1 (this machine only) or 0.0.0.0 "
+                     "(every interface)")
+        if self.name is not None and not self.name.strip():
+            p.append(f"--name {self.name!r}: give the name the server reports, or leave it out to use the file name")
         if p:
             raise PackageError("invalid package options: " + "; ".join(p))
 
 
-def shared_libraries(binary: Path) -> list[Path]:
-    """Resolved non-glibc shared libraries ``binary`` loads, from ldd."""
-    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+def shared_libraries(binary: Path, env: dict[str, str] | None = None) -> list[Path]:
+    """Resolved non-glibc shared libraries ``binary`` loads, from ldd (run with ``env``)."""
+    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise PackageError(f"ldd failed on {binary}: {proc.stderr.strip()}")
     libs = []
@@ -85,92 +99,141 @@ def shared_libraries(binary: Path) -> list[Path]:
 
 
 LAUNCHER = r'''#!/bin/sh
-# @NAME@: a llama-server with its web UI and a model, packed by gguf-prune.
-# Usage: ./@FILE@ [--port N] [--host H] [--ctx N] [--threads N] [llama-server flags...]
+# A llama-server with its web UI and a model, packed by gguf-prune; run it with --help.
+# Every value set at packing time is in the single-quoted assignments below, as data: this
+# script never evaluates a value (no eval, no unquoted expansion, no value in a heredoc).
 set -eu
-APP_NAME='@NAME@'
-HASH='@HASH@'
+unset CDPATH
+APP_NAME=@NAME@
+MODEL_NAME=@MODEL@
+DEFAULT_HOST=@HOST@
+DEFAULT_PORT=@PORT@
+DEFAULT_CTX=@CTX@
+DEFAULT_THREADS=@THREADS@
+HASH=@HASH@
+MANIFEST_SHA256=@MANIFEST_SHA256@
 PAYLOAD_LINE=@PAYLOAD_LINE@
-SELF=$0
-case "$SELF" in */*) ;; *) SELF=$(command -v -- "$SELF") ;; esac
+
+say() { printf '%s: %s\n' "$APP_NAME" "$1" >&2; }
+die() { say "$1"; exit "${2:-1}"; }
 
 usage() {
-  cat <<EOF
-$APP_NAME — chat with @MODEL@ in your browser (llama-server + web UI, packed by gguf-prune)
-
-usage: $0 [options] [llama-server options]
-
-  --host H        address to listen on (default @HOST@)
-  --port N        port (default @PORT@)
-  --ctx N         context size in tokens (default @CTX@)
-  --threads N     CPU threads (default: llama-server's choice)
-  --help          this help; --help-server shows every llama-server option
-  --path-only     unpack (if needed) and print where the files are
-
-Then open http://HOST:PORT/ in a browser; the OpenAI-compatible API is at /v1.
-Files are unpacked once into \${XDG_CACHE_HOME:-\$HOME/.cache}/gguf-prune-app/$HASH.
-EOF
+  printf '%s: chat with %s in your browser (llama-server + web UI, packed by gguf-prune)\n\n' "$APP_NAME" "$MODEL_NAME"
+  printf 'usage: %s [options] [llama-server options]\n\n' "$0"
+  printf '  --host H        address to listen on (default %s)\n' "$DEFAULT_HOST"
+  printf '  --port N        port (default %s)\n' "$DEFAULT_PORT"
+  printf '  --ctx N         context size in tokens (default %s)\n' "$DEFAULT_CTX"
+  printf '  --threads N     CPU threads (default: %s)\n' "${DEFAULT_THREADS:-chosen by llama-server}"
+  printf '  --help          this help; --help-server shows every llama-server option\n'
+  printf '  --path-only     unpack (if needed) and print where the files are\n\n'
+  printf 'Then open http://HOST:PORT/ in a browser; the OpenAI-compatible API is at /v1.\n'
+  printf 'Files are unpacked once into ${XDG_CACHE_HOME:-$HOME/.cache}/gguf-prune-app/%s.\n' "$HASH"
 }
 
-HOST='@HOST@'; PORT='@PORT@'; CTX='@CTX@'; THREADS='@THREADS@'
-PASS=''
-quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
-while [ $# -gt 0 ]; do
-  case "$1" in
+HOST=$DEFAULT_HOST; PORT=$DEFAULT_PORT; CTX=$DEFAULT_CTX; THREADS=$DEFAULT_THREADS
+PATH_ONLY=0; SERVER_HELP=0
+set_option() {
+  case $1 in
+    --host) HOST=$2 ;;
+    --port) PORT=$2 ;;
+    --ctx|-c|--ctx-size) CTX=$2 ;;
+    --threads|-t) THREADS=$2 ;;
+  esac
+}
+# Take out the options this launcher knows; the others stay in "$@", in their order, for llama-server.
+n=$#
+while [ "$n" -gt 0 ]; do
+  arg=$1; shift; n=$((n - 1))
+  case $arg in
     -h|--help) usage; exit 0 ;;
-    --port) PORT=$2; shift 2 ;;
-    --port=*) PORT=${1#*=}; shift ;;
-    --host) HOST=$2; shift 2 ;;
-    --host=*) HOST=${1#*=}; shift ;;
-    --ctx|-c|--ctx-size) CTX=$2; shift 2 ;;
-    --ctx=*) CTX=${1#*=}; shift ;;
-    --threads|-t) THREADS=$2; shift 2 ;;
-    --threads=*) THREADS=${1#*=}; shift ;;
-    --help-server) SHOW_SERVER_HELP=1; shift ;;
-    --path-only) PATH_ONLY=1; shift ;;
-    *) PASS="$PASS $(quote "$1")"; shift ;;
+    --help-server) SERVER_HELP=1 ;;
+    --path-only) PATH_ONLY=1 ;;
+    --host|--port|--ctx|-c|--ctx-size|--threads|-t)
+      [ "$n" -gt 0 ] || die "$arg needs a value" 2
+      set_option "$arg" "$1"; shift; n=$((n - 1)) ;;
+    --host=*|--port=*|--ctx=*|--ctx-size=*|--threads=*) set_option "${arg%%=*}" "${arg#*=}" ;;
+    *) set -- "$@" "$arg" ;;
   esac
 done
+case $PORT in ''|*[!0-9]*) die "--port takes a number, not: $PORT" 2 ;; esac
+case $CTX in ''|*[!0-9]*) die "--ctx takes a number, not: $CTX" 2 ;; esac
+case $THREADS in *[!0-9]*) die "--threads takes a number, not: $THREADS" 2 ;; esac
 
-CACHE=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/gguf-prune-app
+# XDG: a relative XDG_CACHE_HOME is ignored
+case ${XDG_CACHE_HOME:-} in
+  /*) CACHE=$XDG_CACHE_HOME/gguf-prune-app ;;
+  *) case ${HOME:-} in
+       /*) CACHE=$HOME/.cache/gguf-prune-app ;;
+       *) die "HOME is not an absolute path; set HOME or XDG_CACHE_HOME to say where to unpack" ;;
+     esac ;;
+esac
 DIR=$CACHE/$HASH
+SELF=$0
+case $SELF in */*) ;; *) SELF=$(command -v -- "$SELF") ;; esac
 
+# The manifest must be the one packed in this file (its hash is above), and every file must match it.
 verify() {
   [ -f "$1/MANIFEST.sha256" ] || return 1
-  (cd "$1" && sha256sum -c --quiet --strict MANIFEST.sha256 >/dev/null 2>&1)
+  (cd -- "$1" \
+    && printf '%s  MANIFEST.sha256\n' "$MANIFEST_SHA256" | sha256sum -c --quiet --strict >/dev/null 2>&1 \
+    && sha256sum -c --quiet --strict MANIFEST.sha256 >/dev/null 2>&1)
 }
 
 if ! verify "$DIR"; then
-  mkdir -p "$CACHE"
+  mkdir -p -- "$CACHE"
   if [ -e "$DIR" ]; then
-    echo "$APP_NAME: the unpacked copy in $DIR is damaged; unpacking again" >&2
-    mv "$DIR" "$DIR.damaged.$$" 2>/dev/null && rm -rf "$DIR.damaged.$$" || true
+    say "the unpacked copy in $DIR is damaged; unpacking again"
+    mv -- "$DIR" "$DIR.damaged.$$" 2>/dev/null && rm -rf -- "$DIR.damaged.$$" || true
   else
-    echo "$APP_NAME: unpacking once into $DIR" >&2
+    say "unpacking once into $DIR"
   fi
   TMP=$(mktemp -d "$CACHE/.unpack.XXXXXX")
-  trap 'rm -rf "$TMP"' EXIT INT TERM
-  tail -n +"$PAYLOAD_LINE" "$SELF" | tar -x -C "$TMP"
-  verify "$TMP" || { echo "$APP_NAME: this file is damaged (payload does not match its manifest)" >&2; exit 1; }
+  trap 'rm -rf -- "$TMP"' EXIT INT TERM
+  tail -n +"$PAYLOAD_LINE" -- "$SELF" | tar -x -f - -C "$TMP"
+  verify "$TMP" || die "this file is damaged (payload does not match its manifest)"
   # atomic: if another start won the race, keep its copy and drop ours
-  if ! mv -T "$TMP" "$DIR" 2>/dev/null; then
-    verify "$DIR" || { echo "$APP_NAME: cannot install into $DIR" >&2; exit 1; }
-    rm -rf "$TMP"
+  if ! mv -T -- "$TMP" "$DIR" 2>/dev/null; then
+    verify "$DIR" || die "cannot install into $DIR"
+    rm -rf -- "$TMP"
   fi
   trap - EXIT INT TERM
 fi
 
-if [ "${PATH_ONLY:-}" = 1 ]; then echo "$DIR"; exit 0; fi
-export LD_LIBRARY_PATH="$DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if [ "${SHOW_SERVER_HELP:-}" = 1 ]; then exec "$DIR/bin/llama-server" --help; fi
-set -- -m "$DIR/model.gguf" --host "$HOST" --port "$PORT" -c "$CTX" --alias "$APP_NAME"
-[ -n "$THREADS" ] && set -- "$@" -t "$THREADS"
-[ -f "$DIR/chat_template.jinja" ] && set -- "$@" --jinja --chat-template-file "$DIR/chat_template.jinja"
-eval "set -- \"\$@\" $PASS"
-echo "$APP_NAME: serving on http://$HOST:$PORT/ (Ctrl-C to stop)" >&2
+if [ "$PATH_ONLY" = 1 ]; then printf '%s\n' "$DIR"; exit 0; fi
+# ggml loads its CPU backend (libggml-cpu-<level>.so) from the executable's directory and from
+# the current one: refuse to start where a stranger's copy would be loaded into llama-server.
+if [ "$(pwd -P)" != "$(cd -- "$DIR/bin" && pwd -P)" ]; then
+  for f in ./libggml-*.so; do
+    if [ -e "$f" ]; then
+      die "the current directory holds $f, which llama-server would load; start from another directory"
+    fi
+  done
+fi
+LD_LIBRARY_PATH=$DIR/lib
+export LD_LIBRARY_PATH
+if [ "$SERVER_HELP" = 1 ]; then exec "$DIR/bin/llama-server" --help; fi
+if [ -f "$DIR/chat_template.jinja" ]; then
+  set -- --jinja --chat-template-file "$DIR/chat_template.jinja" "$@"
+fi
+if [ -n "$THREADS" ]; then set -- -t "$THREADS" "$@"; fi
+set -- -m "$DIR/model.gguf" --host "$HOST" --port "$PORT" -c "$CTX" --alias "$APP_NAME" "$@"
+say "serving on http://$HOST:$PORT/ (Ctrl-C to stop)"
 exec "$DIR/bin/llama-server" "$@"
 exit 0
 '''
+
+
+def _jinja_string(text: str) -> str:
+    r"""``text`` as a double-quoted Jinja string literal that llama.cpp's template lexer and
+    Python's jinja2 both read back exactly.
+
+    llama.cpp's lexer knows only the escapes \n \t \r \b \f \v \\ \' \" (no \uXXXX, so not
+    json.dumps, which writes \u escapes for non-ASCII text) and turns a raw carriage return
+    into a newline; every other character may stand as it is, UTF-8 included.
+    """
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f",
+               "\v": "\\v"}
+    return '"' + "".join(escapes.get(c, c) for c in text) + '"'
 
 
 def chat_template_with_system_prompt(model: Path, system_prompt: str) -> str:
@@ -179,23 +242,112 @@ def chat_template_with_system_prompt(model: Path, system_prompt: str) -> str:
     llama-server has no default-system-prompt option; a template wrapper is what it honours
     (``--chat-template-file``), and the web UI's own system message still takes precedence.
     """
-    import json
-
     from gguf import GGUFReader
 
+    if "\0" in system_prompt:
+        raise PackageError("--system-prompt contains a NUL character; give plain text")
     field = GGUFReader(str(model)).fields.get("tokenizer.chat_template")
     if field is None:
         raise PackageError(f"{model} has no chat template, so --system-prompt cannot be applied")
     template = field.contents()
-    literal = json.dumps(system_prompt)  # a double-quoted string literal Jinja reads the same way
     head = ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
-            "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + _jinja_string(system_prompt) + "}] + messages -%}"
             "{%- endif -%}")
     return head + template
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _valid_host(host: str) -> bool:
+    """What llama-server's --host takes: IP addresses or host names, comma-separated, or a *.sock path."""
+    if host.endswith(".sock"):
+        return "\0" not in host
+    for part in host.split(","):
+        try:
+            ipaddress.ip_address(part)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(part):
+                return False
+    return True
+
+
+# ELF64 little-endian: the dynamic section's library search path (DT_RPATH / DT_RUNPATH).
+_PT_LOAD, _PT_DYNAMIC = 1, 2
+_DT_NULL, _DT_STRTAB, _DT_RPATH, _DT_RUNPATH = 0, 5, 15, 29
+
+
+def set_runpath(elf: bytes, runpath: str) -> bytes:
+    """``elf`` with its RPATH/RUNPATH strings replaced by ``runpath`` (in place: never longer).
+
+    The build tree's RUNPATH names the build directory and ends in an empty element (CMake's
+    padding), which the loader reads as the current directory: a packaged llama-server
+    started in a directory holding, say, a libm.so.6 would load it. ``$ORIGIN``-relative
+    paths find the carried libraries wherever the package is unpacked, and nothing else.
+    A file without either entry is returned as it is.
+    """
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise PackageError("not a 64-bit little-endian ELF file; cannot set its RUNPATH")
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    loads, dynamic = [], None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        if p_type == _PT_LOAD:
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == _PT_DYNAMIC:
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
+        return elf
+    entries = [struct.unpack_from("<qQ", elf, off) for off in range(dynamic[0], dynamic[0] + dynamic[1], 16)]
+    entries = entries[:next((i for i, (tag, _) in enumerate(entries) if tag == _DT_NULL), len(entries))]
+    strtab = next((val for tag, val in entries if tag == _DT_STRTAB), None)
+    paths = [val for tag, val in entries if tag in (_DT_RPATH, _DT_RUNPATH)]
+    if not paths:
+        return elf
+    # DT_STRTAB is an address: the file offset is where the loadable segment holding it starts
+    base = next((off + strtab - vaddr for vaddr, off, size in loads if vaddr <= strtab < vaddr + size), None)
+    if base is None:
+        raise PackageError("the ELF file's string table lies in no loadable segment; cannot set its RUNPATH")
+    out, new = bytearray(elf), runpath.encode()
+    for rel in paths:
+        start = base + rel
+        end = out.index(b"\0", start)
+        if len(new) > end - start:
+            raise PackageError(f"RUNPATH {runpath!r} is longer than the one it replaces "
+                               f"({out[start:end].decode(errors='replace')!r})")
+        out[start:end] = new.ljust(end - start, b"\0")
+    return bytes(out)
+
+
+def _portable_server_files(tc: toolchain.Toolchain) -> tuple[Path, list[Path], list[Path]]:
+    """The portable llama-server, its CPU variants and every non-glibc library they load.
+
+    ldd runs with the portable build directory as the only library path, and every llama.cpp
+    library must come from there: a native library in the package would bring back the
+    instructions the portable build leaves out.
+    """
+    server = tc.portable_bin_dir / "llama-server"
+    variants = tc.cpu_variants()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LD_LIBRARY_PATH": str(tc.portable_bin_dir)}
+    libs: dict[str, Path] = {}
+    for binary in [server, *variants]:
+        for lib in shared_libraries(binary, env=env):
+            libs.setdefault(lib.name, lib)
+    own = tc.portable_bin_dir.resolve()
+    for lib in libs.values():
+        if lib.name.startswith(("libllama", "libggml", "libmtmd")) and lib.resolve().parent != own:
+            raise PackageError(f"{server} loads {lib}, which is not from the portable build in {own}; "
+                               f"rebuild it with `python -m gguf_prune.toolchain portable`")
+    return server, variants, sorted(libs.values())
+
+
 def build_package(model: Path, out: Path, options: PackageOptions = PackageOptions()) -> Path:
-    """Write the single executable ``out`` serving ``model``; return its path."""
+    """Write the single executable ``out`` serving ``model``; return its path.
+
+    The first call on a machine builds the portable llama-server (see toolchain.build_portable).
+    """
     model, out = Path(model), Path(out)
     if not model.is_file():
         raise PackageError(f"no such model file: {model}")
@@ -208,18 +360,20 @@ def build_package(model: Path, out: Path, options: PackageOptions = PackageOptio
         raise PackageError(f"llama.cpp cannot load {model}, so it cannot be packaged: {e}") from None
     if out.resolve() == model.resolve():
         raise PackageError("the output path is the model itself; choose another -o")
-    tc = toolchain.find()
-    server = tc.tool("llama-server")
-    libs = shared_libraries(server)
+    template = chat_template_with_system_prompt(model, options.system_prompt) if options.system_prompt else None
+    tc = toolchain.build_portable(toolchain.find())
+    server, variants, libs = _portable_server_files(tc)
     name = options.name or out.name
 
-    # payload: bin/llama-server, lib/*, model.gguf, MANIFEST.sha256
-    entries: list[tuple[str, Path | bytes]] = [("bin/llama-server", server)]
-    entries += [(f"lib/{lib.name}", lib) for lib in libs]
+    # payload: bin/llama-server and the CPU variants next to it (ggml looks for them in the
+    # executable's directory), lib/*, model.gguf, MANIFEST.sha256
+    # (each ELF file with its RUNPATH set to the package's own lib/: see set_runpath)
+    entries: list[tuple[str, Path | bytes]] = [("bin/llama-server", set_runpath(server.read_bytes(), "$ORIGIN/../lib"))]
+    entries += [(f"bin/{v.name}", set_runpath(v.read_bytes(), "$ORIGIN/../lib")) for v in variants]
+    entries += [(f"lib/{lib.name}", set_runpath(lib.read_bytes(), "$ORIGIN")) for lib in libs]
     entries.append(("model.gguf", model))
-    if options.system_prompt:
-        entries.append(("chat_template.jinja",
-                        chat_template_with_system_prompt(model, options.system_prompt).encode()))
+    if template is not None:
+        entries.append(("chat_template.jinja", template.encode()))
     manifest_lines, h = [], hashlib.sha256()
     for arc, src in entries:
         digest = _sha256(src)
@@ -228,30 +382,38 @@ def build_package(model: Path, out: Path, options: PackageOptions = PackageOptio
     manifest = ("\n".join(manifest_lines) + "\n").encode()
     content_hash = h.hexdigest()[:16]
 
-    launcher = LAUNCHER
-    subs = {"@NAME@": name.replace("'", ""), "@FILE@": out.name, "@HASH@": content_hash,
-            "@HOST@": options.host, "@PORT@": str(options.port), "@CTX@": str(options.ctx),
-            "@THREADS@": "" if options.threads is None else str(options.threads), "@MODEL@": model.name}
-    for k, v in subs.items():
-        launcher = launcher.replace(k, v)
-    n_lines = launcher.count("\n")
-    launcher = launcher.replace("@PAYLOAD_LINE@", str(n_lines + 1))
+    # Every value goes in as one shell-quoted word, in a single pass (a value that looks like
+    # a placeholder stays as it is).
+    subs = {"NAME": shlex.quote(name), "MODEL": shlex.quote(model.name), "HOST": shlex.quote(options.host),
+            "PORT": str(options.port), "CTX": str(options.ctx),
+            "THREADS": "" if options.threads is None else str(options.threads),
+            "HASH": content_hash, "MANIFEST_SHA256": hashlib.sha256(manifest).hexdigest()}
+
+    def render(payload_line: int) -> str:
+        values = {**subs, "PAYLOAD_LINE": str(payload_line)}
+        return re.sub(r"@([A-Z_0-9]+)@", lambda m: values[m.group(1)], LAUNCHER)
+
+    launcher = render(0)
+    launcher = render(launcher.count("\n") + 1)  # the payload starts on the line after the launcher
+    head = launcher.encode("utf-8", "surrogateescape")  # file names are bytes: keep them as they are
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".package.", suffix=".partial", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(launcher.encode())
+            f.write(head)
             with tarfile.open(fileobj=f, mode="w|") as tar:
                 for arc, src in entries + [("MANIFEST.sha256", manifest)]:
                     _add(tar, arc, src)
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename = str(out)  # a full disk: the CLI's one line names the file that could not be written
         raise
-    log.info("packaged %s (%d MB): llama-server + %d libraries + %s", out, out.stat().st_size // 10**6,
-             len(libs), model.name)
+    log.info("packaged %s (%d MB): portable llama-server with %d CPU variants, %d libraries and %s",
+             out, out.stat().st_size // 10**6, len(variants), len(libs), model.name)
     return out
 
 
@@ -268,7 +430,7 @@ def _sha256(src: Path | bytes) -> str:
 def _add(tar: tarfile.TarFile, arc: str, src: Path | bytes) -> None:
     if isinstance(src, bytes):
         info = tarfile.TarInfo(arc)
-        info.size, info.mode = len(src), 0o644
+        info.size, info.mode = len(src), 0o755 if arc.startswith("bin/") else 0o644
         tar.addfile(info, io.BytesIO(src))
         return
     real = Path(src).resolve()  # ldd names sonames, often symlinks: carry the real file under that name
@@ -280,5 +442,53 @@ def _add(tar: tarfile.TarFile, arc: str, src: Path | bytes) -> None:
         tar.addfile(info, f)
 
 
-def describe(out: Path) -> str:
-    return f"{out} — run it with: {shlex.quote(str(out))} (then open http://127.0.0.1:8080/)"
+def packed_options(out: Path) -> PackageOptions:
+    """The host, port, context size and threads an executable was packed with, read from its launcher.
+
+    The launcher's assignments are read as the shell reads them: a quoted value may span lines
+    (a name with a newline), so each one is taken whole before the next is looked at.
+    """
+    with open(out, "rb") as f:
+        lines = f.read(1 << 16).decode("utf-8", "surrogateescape").split("\n")
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and "PAYLOAD_LINE" not in values:
+        m = re.match(r"([A-Z_0-9]+)=(.*)", lines[i])
+        i += 1
+        if not m:
+            continue
+        text = m.group(2)
+        while True:
+            try:
+                words = shlex.split(text)
+                break
+            except ValueError:  # a quote still open: the value goes on on the next line
+                if i >= len(lines):
+                    raise PackageError(f"{out} is not an executable made by gguf-prune package") from None
+                text += "\n" + lines[i]
+                i += 1
+        values[m.group(1)] = words[0] if words else ""
+    try:
+        return PackageOptions(host=values["DEFAULT_HOST"], port=int(values["DEFAULT_PORT"]),
+                              ctx=int(values["DEFAULT_CTX"]),
+                              threads=int(values["DEFAULT_THREADS"]) if values["DEFAULT_THREADS"] else None)
+    except (KeyError, ValueError):
+        raise PackageError(f"{out} is not an executable made by gguf-prune package") from None
+
+
+def describe(out: Path, options: PackageOptions | None = None) -> str:
+    """How to run ``out`` and the address it serves (the host and port it was packed with)."""
+    options = options or packed_options(out)
+    run = f"{out} — run it with: {shlex.quote(str(out))}"
+    if options.host.endswith(".sock"):
+        return f"{run} (then it listens on the UNIX socket {options.host})"
+    hosts = options.host.split(",")
+    url_host = hosts[0]
+    if url_host in ("0.0.0.0", "::"):  # every interface: this machine reaches it on loopback
+        url_host = "127.0.0.1" if url_host == "0.0.0.0" else "::1"
+    if ":" in url_host:
+        url_host = f"[{url_host}]"
+    where = f"then open http://{url_host}:{options.port}/"
+    if hosts[0] in ("0.0.0.0", "::"):
+        where += f"; it listens on every network interface ({options.host})"
+    return f"{run} ({where})"

@@ -7,8 +7,19 @@ that the Python bindings load, and the tools the pipeline runs
 with its web UI embedded, llama-cli). The same tree's convert_hf_to_gguf.py
 and gguf-py are what the pipeline converts with.
 
-Builds live in a cache directory outside git, keyed by version and build
-flags; a second run finds the stamp and returns in seconds.
+Two builds of that tree, each in a cache directory outside git, keyed by
+version and build flags (a second run finds the stamp and returns in seconds):
+
+- the *native* build (``build/``, llama.cpp's default ``GGML_NATIVE``: tuned to
+  this machine's CPU): the bindings and every tool that measures (llama-bench,
+  llama-perplexity) or transforms (llama-quantize, llama-imatrix);
+- the *portable* server (``build-portable/``), the one ``package`` ships, built
+  the way llama.cpp's releases are: ``GGML_NATIVE=OFF``, ``GGML_BACKEND_DL=ON``,
+  ``GGML_CPU_ALL_VARIANTS=ON``, so the CPU backend exists once per x86-64 level
+  (``libggml-cpu-<level>.so``) and ggml loads the best one the running CPU has.
+  Its 14 x86-64 variants cost about 27 CPU-minutes (13 min on 2 idle cores, more
+  than the native build), which would take set-up past 20 minutes, so it is built
+  once, the first time ``package`` needs it (with a progress line every 10%).
 
 This module imports only the standard library so that set-up can run it
 before anything else is installed (``python -m gguf_prune.toolchain setup``).
@@ -16,17 +27,21 @@ before anything else is installed (``python -m gguf_prune.toolchain setup``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +80,19 @@ CMAKE_FLAGS = (
 )
 
 
+# The server ``package`` ships runs on any x86-64 CPU: no -march=native anywhere, the CPU
+# backend built once per x86-64 level and chosen at run time (as llama.cpp's releases do).
+# CPU only: a shipped file carries no CUDA. Only llama-server is built (its dependencies
+# include every CPU variant: ggml depends on each backend module).
+PORTABLE_FLAGS = CMAKE_FLAGS + (
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_BACKEND_DL=ON",
+    "-DGGML_CPU_ALL_VARIANTS=ON",
+    "-DGGML_CUDA=OFF",
+)
+PORTABLE_TARGETS = ("llama-server",)
+
+
 class ToolchainError(GgufPruneError, RuntimeError):
     """The pinned llama.cpp is missing, incomplete or cannot be built."""
 
@@ -89,9 +117,12 @@ def _extra_cmake_flags() -> tuple[str, ...]:
     return ()
 
 
-def build_key(flags: tuple[str, ...]) -> str:
-    h = hashlib.sha256("\n".join(flags + TOOL_TARGETS + LIB_TARGETS).encode()).hexdigest()
+def build_key(flags: tuple[str, ...], targets: tuple[str, ...] = TOOL_TARGETS + LIB_TARGETS) -> str:
+    h = hashlib.sha256("\n".join(flags + targets).encode()).hexdigest()
     return h[:10]
+
+
+PORTABLE_KEY = build_key(PORTABLE_FLAGS, PORTABLE_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -152,6 +183,36 @@ class Toolchain:
             return json.loads(self.stamp.read_text())
         return {}
 
+    # the portable server (see PORTABLE_FLAGS)
+
+    @property
+    def portable_build_dir(self) -> Path:
+        return self.root / "build-portable"
+
+    @property
+    def portable_bin_dir(self) -> Path:
+        return self.portable_build_dir / "bin"
+
+    @property
+    def portable_stamp(self) -> Path:
+        return self.portable_build_dir / "gguf-prune-build.json"
+
+    def portable_info(self) -> dict:
+        if self.portable_stamp.exists():
+            return json.loads(self.portable_stamp.read_text())
+        return {}
+
+    def portable_ready(self) -> bool:
+        """The portable server is built with today's flags and nothing it needs is missing."""
+        info = self.portable_info()
+        return (info.get("key") == PORTABLE_KEY and (self.portable_bin_dir / "llama-server").exists()
+                and bool(info.get("cpu_variants"))
+                and all((self.portable_bin_dir / f"libggml-cpu-{v}.so").exists() for v in info["cpu_variants"]))
+
+    def cpu_variants(self) -> list[Path]:
+        """The portable build's CPU backends, one per x86-64 level (``libggml-cpu-<level>.so``)."""
+        return sorted(self.portable_bin_dir.glob("libggml-cpu-*.so"))
+
 
 def default_toolchain() -> Toolchain:
     flags = CMAKE_FLAGS + _extra_cmake_flags()
@@ -176,16 +237,25 @@ def find() -> Toolchain:
 # --------------------------------------------------------------------------- build
 
 
-def _run(cmd: list[str], log_file: Path, cwd: Path | None = None, env: dict | None = None) -> None:
+def _run(cmd: list[str], log_file: Path, cwd: Path | None = None, env: dict | None = None,
+         progress: Callable[[str], None] | None = None) -> None:
+    """Run ``cmd`` with its output appended to ``log_file``; ``progress`` sees each output line."""
     log.info("$ %s", " ".join(map(str, cmd)))
     with open(log_file, "ab") as f:
         f.write(("\n$ " + " ".join(map(str, cmd)) + "\n").encode())
         f.flush()
-        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
+        if progress is None:
+            returncode = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        else:
+            with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+                for line in proc.stdout:
+                    f.write(line)
+                    progress(line.decode(errors="replace"))
+            returncode = proc.returncode
+    if returncode != 0:
         tail = log_file.read_text(errors="replace").splitlines()[-40:]
         raise ToolchainError(
-            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"command failed ({returncode}): {' '.join(map(str, cmd))}\n"
             f"full log: {log_file}\n" + "\n".join(tail)
         )
 
@@ -277,6 +347,91 @@ def build(tc: Toolchain | None = None, jobs: int | None = None) -> Toolchain:
     return tc
 
 
+# --------------------------------------------------------------- portable server
+
+
+@contextlib.contextmanager
+def _locked(path: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (two ``package`` runs at once build once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s", waiting)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _BuildProgress:
+    """Turns the build's ``[ 42%]`` lines into a log line every 10%, with the elapsed time."""
+
+    def __init__(self, what: str):
+        self.what, self.t0, self.shown = what, time.time(), 0
+
+    def __call__(self, line: str) -> None:
+        m = re.match(r"\[\s*(\d+)%\]", line)
+        if m and int(m.group(1)) >= self.shown + 10:
+            self.shown = int(m.group(1)) // 10 * 10
+            log.info("%s: %d%% (%.0f min)", self.what, self.shown, (time.time() - self.t0) / 60)
+
+
+def build_portable(tc: Toolchain | None = None, jobs: int | None = None) -> Toolchain:
+    """Build the portable llama-server once (see PORTABLE_FLAGS); return at once when it is there.
+
+    Needs the native build's source tree; reuses its web UI (the npm output), so npm does
+    not run again.
+    """
+    tc = tc or find()
+    if tc.portable_ready():
+        return tc
+    with _locked(tc.root / ".build-portable.lock",
+                 f"waiting for another process that is building the portable llama-server in {tc.portable_build_dir}"):
+        if tc.portable_ready():  # the other process built it while we waited
+            return tc
+        check_build_tools()
+        fetch_sdist(tc)
+        jobs = jobs or os.cpu_count() or 2
+        out = tc.portable_build_dir
+        out.mkdir(parents=True, exist_ok=True)
+        tc.portable_stamp.unlink(missing_ok=True)
+        ui_dist, own_dist = tc.build_dir / "tools" / "ui" / "dist", out / "tools" / "ui" / "dist"
+        if (ui_dist / "index.html").exists() and not (own_dist / "index.html").exists():
+            shutil.copytree(ui_dist, own_dist, dirs_exist_ok=True)  # copy2 keeps mtimes: npm sees it up to date
+        log_file = out / "build.log"
+        t0 = time.time()
+        log.info("building the portable llama-server once, for packages that run on any %s CPU (every CPU "
+                 "variant: about 27 CPU-minutes, 13 min on 2 idle cores; log: %s)", platform.machine(), log_file)
+        _run(["cmake", "-S", str(tc.llama_cpp_dir), "-B", str(out), *PORTABLE_FLAGS], log_file)
+        _run(["cmake", "--build", str(out), "-j", str(jobs), "--target", *PORTABLE_TARGETS], log_file,
+             progress=_BuildProgress("portable llama-server"))
+        variants = sorted(p.name[len("libggml-cpu-"):-len(".so")] for p in out.joinpath("bin").glob("libggml-cpu-*.so"))
+        if not (tc.portable_bin_dir / "llama-server").exists() or not variants:
+            raise ToolchainError(f"the portable llama-server build finished without llama-server or CPU "
+                                 f"variants in {tc.portable_bin_dir}; see {log_file}")
+        stamp = {
+            "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+            "commit": _commit(tc),
+            "key": PORTABLE_KEY,
+            "flags": list(PORTABLE_FLAGS),
+            "targets": list(PORTABLE_TARGETS),
+            "cpu_variants": variants,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.time() - t0, 1),
+            "jobs": jobs,
+            "machine": platform.machine(),
+        }
+        tmp = tc.portable_stamp.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
+        os.replace(tmp, tc.portable_stamp)
+        log.info("portable llama-server built in %.0f s with %d CPU variants: %s",
+                 stamp["build_seconds"], len(variants), ", ".join(variants))
+    return tc
+
+
 # ------------------------------------------------------------------ python side
 
 
@@ -346,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m gguf_prune.toolchain")
-    parser.add_argument("command", choices=["setup", "path"])
+    parser.add_argument("command", choices=["setup", "path", "portable"],
+                        help="setup: the native build and the Python side; path: print the build directory; "
+                             "portable: build the portable llama-server that `package` ships now "
+                             "(otherwise the first `package` builds it)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose environment gets gguf-py and the bindings")
     parser.add_argument("--repo", type=Path, default=None, help="checkout to link vendor/ into")
@@ -355,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "path":
             print(find().build_dir)
+            return 0
+        if args.command == "portable":
+            tc = build_portable(find())
+            print(tc.portable_bin_dir)
             return 0
         tc = build()
         install_python_packages(tc, args.python)

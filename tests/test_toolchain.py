@@ -116,3 +116,68 @@ def test_second_setup_builds_nothing():
     after = (tc.build_dir / "build.log").stat().st_size if (tc.build_dir / "build.log").exists() else 0
     assert after == log_size
     assert json.loads(stamp_before)["key"] == tc.key
+
+
+# ------------------------------------------------------------------ the portable server
+
+def _instructions(path: Path) -> str:
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_portable_server_carries_one_cpu_backend_per_x86_64_level():
+    tc = toolchain.build_portable()  # built once, the first time it is needed (here or by `package`)
+    info = tc.portable_info()
+    assert info["key"] == toolchain.PORTABLE_KEY
+    for flag in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"):
+        assert flag in info["flags"]
+    names = [p.name for p in tc.cpu_variants()]
+    assert names == sorted(f"libggml-cpu-{v}.so" for v in info["cpu_variants"])
+    # the x86-64 levels llama.cpp's releases carry, from no SIMD beyond SSE2 to AVX-512 and AMX
+    assert {"x64", "sse42", "sandybridge", "haswell", "skylakex", "icelake", "zen4", "alderlake",
+            "sapphirerapids"} <= set(info["cpu_variants"])
+    assert not (tc.portable_bin_dir / "libggml-cpu.so").exists()  # no one-CPU backend beside them
+    # a second call builds nothing
+    log_size = (tc.portable_build_dir / "build.log").stat().st_size
+    stamp = tc.portable_stamp.read_text()
+    toolchain.build_portable()
+    assert (tc.portable_build_dir / "build.log").stat().st_size == log_size and tc.portable_stamp.read_text() == stamp
+
+
+def test_portable_code_outside_the_cpu_variants_uses_no_avx():
+    # everything a CPU without AVX always loads (server, llama, ggml, the baseline variants) has no
+    # AVX register in it; the native build's CPU backend (the control) is full of AVX-512
+    tc = toolchain.build_portable()
+    always = [tc.portable_bin_dir / n for n in ("llama-server", "libllama.so", "libggml-base.so", "libggml.so",
+                                                 "libllama-common.so", "libmtmd.so", "libggml-cpu-x64.so",
+                                                 "libggml-cpu-sse42.so")]
+    always += sorted(tc.portable_bin_dir.glob("libllama-server*.so"))
+    for path in always:
+        code = _instructions(path)
+        assert "%ymm" not in code and "%zmm" not in code, f"{path.name} has AVX instructions"
+    assert "%zmm" in _instructions(tc.bin_dir / "libggml-cpu.so")
+
+
+def test_doctor_says_which_build_is_which_and_lists_the_cpu_variants():
+    tc = toolchain.build_portable()
+    proc = subprocess.run([sys.executable, "-m", "gguf_prune.cli", "doctor"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {" ".join(line.split()[1:3]): line for line in proc.stdout.splitlines() if len(line.split()) > 2}
+    assert "GGML_NATIVE" in lines["native build"] and "llama-bench" in lines["native build"]
+    portable = lines["portable server"]
+    assert "GGML_NATIVE=OFF, GGML_BACKEND_DL=ON, GGML_CPU_ALL_VARIANTS=ON" in portable
+    variants = tc.portable_info()["cpu_variants"]
+    assert portable.endswith(f"a package carries {len(variants)} CPU variants, the best loaded at run time: "
+                             + ", ".join(variants))
+
+
+def test_the_long_build_shows_a_progress_line_every_ten_percent(caplog):
+    progress = toolchain._BuildProgress("portable llama-server")
+    with caplog.at_level("INFO", logger="gguf_prune.toolchain"):
+        for line in ["-- Configuring done", "[  3%] Building C object a.o", "[ 10%] Building C object b.o",
+                     "[ 12%] Building C object c.o", "[ 35%] Linking CXX shared library x.so", "make: warning",
+                     "[ 35%] Built target x", "[100%] Built target llama-server"]:
+            progress(line + "\n")
+    assert [r.getMessage() for r in caplog.records] == [
+        "portable llama-server: 10% (0 min)", "portable llama-server: 30% (0 min)",
+        "portable llama-server: 100% (0 min)"]
