@@ -36,11 +36,11 @@ from typing import Iterator
 
 import torch
 
+from . import DATA_DIR
 from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TEXT = DATA_DIR / "pydoc_topics.txt"
 DEFAULT_SEQ_LEN = 128
 DEFAULT_SAMPLES = 32

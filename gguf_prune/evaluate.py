@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import llamacpp
+from . import DATA_DIR, llamacpp
 from .llamacpp import LlamaCppError
 from .errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_TEXT = DATA_DIR / "heldout_stdlib_docs.txt"
 
 

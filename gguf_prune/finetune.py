@@ -309,7 +309,7 @@ def finetune(teacher, student, plan: Plan, cal: Calibration, heldout: set[int], 
 
     st = prepare_student(student, plan, o, dev)
     model, params, core, lm_head = st.model, st.params, st.core, st.lm_head
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else _nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
     n_trainable = sum(p.numel() for _, p in params)
     log.info("fine-tuning (%s, %s loss): %d trainable parameters, %d train / %d held-out sequences of %d tokens, "
              "%d steps of %d, lr %.1e, on %s", o.method, o.loss, n_trainable, len(train_idx), len(ho_idx),
@@ -476,11 +476,3 @@ def _changed(student, plan: Plan, params, o: FinetuneOptions, trained: bool) -> 
                 w[:, ~keep] = 0
             out[_source_name(layer, rest)] = w
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import DATA_DIR
 from .errors import GgufPruneError
 from .plan import Plan, ranges, save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
 
 STRATEGIES = ("bi-layers", "kl-layers", "greedy-layers", "oneshot-mixed", "greedy-mixed", "width", "width-mixed")
