@@ -386,8 +386,11 @@ def test_an_interrupted_or_failed_conversion_leaves_no_partial_file(who, sig, ba
     d = copy_model(base, tmp_path / "m", link_weights=True)
     converted = cache_root / "converted"
     exe = Path(sys.executable).with_name("gguf-prune")
+    # Ctrl-C as at a terminal: a job started in the background by a non-interactive shell (CI) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([str(exe), "prune", str(d), "-o", str(tmp_path / "out.gguf"), "--quant", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list(converted.glob(".*.partial")):  # the converter is writing
