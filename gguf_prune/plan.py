@@ -405,6 +405,9 @@ def _shape_from_dict(d: Any, p: list[str]) -> ModelShape | None:
     return ModelShape(**{f: d[f] for f in fields})
 
 
+shape_from_dict = _shape_from_dict  # scores.json carries the same shape: one check for both files
+
+
 def _layer_from_dict(e: Any, where: str, p: list[str]) -> LayerPlan | None:
     if not isinstance(e, Mapping):
         p.append(f"{where} is {_kind(e)}, expected {_LAYER_EXAMPLE}")

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import arch, uniform
+from . import scores as scores_io
 from .plan import LayerPlan, ModelShape, Plan, PlanError, ranges, validate
 
 log = logging.getLogger(__name__)
@@ -739,14 +740,9 @@ def make_plan(scores_path: Path, out: Path, options: PlanOptions) -> Plan:
     """Read scores.json, build the plan, write plan.json (atomically) and return it."""
     scores_path = Path(scores_path)
     try:
-        scores = json.loads(scores_path.read_text())
-    except FileNotFoundError:
-        raise PlanError([f"no such scores file: {scores_path}"], "plan request") from None
-    except json.JSONDecodeError as e:
-        raise PlanError([f"{scores_path} is not valid JSON: {e}"], "plan request") from None
-    if scores.get("schema") != "gguf-prune/scores":
-        raise PlanError([f"{scores_path} is not a gguf-prune scores file (schema {scores.get('schema')!r})"],
-                        "plan request")
+        scores = scores_io.load(scores_path)
+    except scores_io.ScoresError as e:
+        raise PlanError([str(e)], "plan request") from None
     plan = build_plan(scores, options, scores_path)
     plan.save(out)
     log.info("wrote %s: %.1f%% of block parameters removed", out, 100 * plan.removed_fraction())

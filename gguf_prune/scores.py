@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from .plan import ModelShape, write_text_atomic
+from .plan import ModelShape, shape_from_dict, write_text_atomic
 from .errors import GgufPruneError
 
 SCORES_SCHEMA = "gguf-prune/scores"
@@ -111,10 +111,20 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
     p: list[str] = [f"missing key {k!r}" for k in TOP_KEYS if k not in d]
     if p:
         raise ScoresError(f"{source} is malformed: " + "; ".join(p))
-    try:
-        shape = ModelShape(**d["model"]["shape"])
-    except (KeyError, TypeError) as e:
-        raise ScoresError(f"{source}: 'model.shape' is missing or malformed ({e})") from None
+    for key in ("model", "calibration", "settings", "full", "timing"):
+        if not isinstance(d[key], Mapping):
+            p.append(f"{key!r} is {_kind(d[key])}, expected an object")
+    bp = d["base_plan"]
+    if bp is not None and not (isinstance(bp, Mapping) and isinstance(bp.get("plan"), Mapping)):
+        p.append(f"'base_plan' is {_kind(bp)}, expected null or an object with the 'plan' scored on top of")
+    for key in ("heads", "neurons", "greedy"):
+        if d[key] is not None and not isinstance(d[key], Mapping):
+            p.append(f"{key!r} is {_kind(d[key])}, expected an object or null")
+    if p:
+        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
+    shape = shape_from_dict(d["model"].get("shape"), p)
+    if shape is None:
+        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
     if not d["model"].get("fingerprint"):
         p.append("'model.fingerprint' is empty")
     layers = d["layers"]
@@ -126,20 +136,40 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
             missing = [key for key in LAYER_KEYS if not isinstance(e, Mapping) or key not in e]
             if missing:
                 p.append(f"layers[{k}] lacks {', '.join(missing)}")
-            elif e["index"] != k:
-                p.append(f"layers[{k}] has index {e['index']}; layers must be in source order")
+            elif e["index"] != k or not _is_int(e["index"]):
+                p.append(f"layers[{k}] has index {e['index']!r}; layers must be in source order")
+            else:
+                _layer_types(e, f"layers[{k}]", p)
     heads = d["heads"]
     if heads is not None:
+        hl = heads.get("layers", [])
+        if not isinstance(hl, list) or not all(_is_int(i) and 0 <= i < shape.n_layer for i in hl):
+            p.append(f"heads.layers is {_kind(hl)}, expected a list of layer numbers 0..{shape.n_layer - 1}")
+            hl = []
         for key, n in (("kl", shape.n_head), ("kv_kl", shape.n_head_kv), ("norm", shape.n_head),
                        ("taylor", shape.n_head)):
-            for i in heads.get("layers", []):
-                vals = (heads.get(key) or {}).get(str(i))
-                if not isinstance(vals, list) or len(vals) != n:
-                    p.append(f"heads.{key}[{i}] must be a list of {n} values")
+            per_layer = heads.get(key)
+            if per_layer is None and key in ("norm", "taylor"):
+                continue  # not measured
+            if not isinstance(per_layer, Mapping):
+                p.append(f"heads.{key} is {_kind(per_layer)}, expected an object of per-layer lists")
+                continue
+            for i in hl:
+                vals = per_layer.get(str(i))
+                if not isinstance(vals, list) or len(vals) != n or not all(_is_number(v, nan_ok=True)
+                                                                          for v in vals):
+                    p.append(f"heads.{key}[{i}] must be a list of {n} numbers")
     if d["neurons"] is not None:
+        nd = d["neurons"]
         for key in ("file", "tau", "stats"):
-            if key not in d["neurons"]:
+            if key not in nd:
                 p.append(f"neurons lacks {key!r}")
+        if not isinstance(nd.get("file", ""), str) or not nd.get("file", "x"):
+            p.append(f"neurons.file is {_kind(nd.get('file'))}, expected the side file's name")
+        if not _is_number(nd.get("tau", 0.0)):
+            p.append(f"neurons.tau is {_kind(nd.get('tau'))}, expected a number")
+        if not (isinstance(nd.get("stats", []), list) and all(isinstance(x, str) for x in nd.get("stats", []))):
+            p.append(f"neurons.stats is {_kind(nd.get('stats'))}, expected a list of statistic names")
     if d["greedy"] is not None:
         for k, st in enumerate(d["greedy"].get("steps", [])):
             missing = [key for key in STEP_KEYS if key not in st]
@@ -149,6 +179,36 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
         raise ScoresError(f"{source} is malformed ({len(p)} problem{'s' if len(p) != 1 else ''}):\n  - "
                           + "\n  - ".join(p))
     return dict(d)
+
+
+_METRICS = ("bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any, nan_ok: bool = False) -> bool:
+    """A JSON number (not a bool); NaN only where a measurement marks a removed unit."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (nan_ok or math.isfinite(v))
+
+
+def _kind(v: Any) -> str:
+    return "missing" if v is None else f"{type(v).__name__} {v!r}"[:60]
+
+
+def _layer_types(e: Mapping[str, Any], where: str, p: list[str]) -> None:
+    """The value types of one layer entry: what the planner does arithmetic with."""
+    if not isinstance(e["removed"], bool):
+        p.append(f"{where}.removed is {_kind(e['removed'])}, expected true or false")
+    for key in _METRICS:
+        v = e.get(key)
+        if v is not None and not _is_number(v, nan_ok=True):
+            p.append(f"{where}.{key} is {_kind(v)}, expected a number or null")
+    if "width_kl" in e:
+        w = e["width_kl"]
+        if not (isinstance(w, list) and all(v is None or _is_number(v, nan_ok=True) for v in w)):
+            p.append(f"{where}.width_kl is {_kind(w)}, expected a list of numbers, one per --width level")
 
 
 def shape_of(d: Mapping[str, Any]) -> ModelShape:

@@ -27,7 +27,8 @@ def _scores(seed: int = 0, heads: bool = True, greedy=None, neurons_file=None) -
     d = {"schema": "gguf-prune/scores", "version": 1,
          "model": {"fingerprint": "abc123", "shape": SHAPE.to_dict(), "path": "/x"},
          "calibration": {"fingerprint": "cal1"}, "settings": {}, "base_plan": None,
-         "full": {"nll": 2.0, "ppl": 7.4}, "layers": layers, "heads": None, "neurons": None, "greedy": greedy}
+         "full": {"nll": 2.0, "ppl": 7.4}, "layers": layers, "heads": None, "neurons": None, "greedy": greedy,
+         "timing": {}}
     if heads:
         d["heads"] = {"layers": list(range(SHAPE.n_layer)),
                       "kl": {str(i): [float(x) for x in rng.uniform(0, 0.2, SHAPE.n_head)] for i in range(8)},
@@ -271,3 +272,46 @@ def test_budget_by_width_takes_the_cheapest_width_cuts_in_energy_order(tmp_path)
     del s["width"]
     with pytest.raises(PlanError, match="needs width scores"):
         build_plan(s, PlanOptions(target_params=0.1, units=("width",)), tmp_path / "scores.json")
+
+
+@pytest.mark.bad_input
+def test_an_edited_scores_file_gives_a_plan_or_one_clear_error(tmp_path):
+    """300 seeded random edits of a scores.json (a key deleted; a value made a string, null, -1, [] or 1e9), each
+    planned three ways: a plan or one GgufPruneError, never a traceback (before: 21 kinds of KeyError / TypeError)."""
+    import copy
+    import random
+
+    from gguf_prune.errors import GgufPruneError
+
+    base = _scores(seed=6)
+
+    def paths(d, pre=()):
+        items = d.items() if isinstance(d, dict) else enumerate(d[:3]) if isinstance(d, list) else ()
+        for k, v in items:
+            yield pre + (k,)
+            yield from paths(v, pre + (k,))
+
+    where = [p for p in paths(base) if p[0] not in ("schema", "version")]
+    rng = random.Random(0)
+    outcomes = {"plan": 0, "error": 0}
+    for _ in range(300):
+        d = copy.deepcopy(base)
+        p = rng.choice(where)
+        parent = d
+        for k in p[:-1]:
+            parent = parent[k]
+        op = rng.choice(["del", "str", "none", "neg", "list", "big"])
+        if op == "del":
+            del parent[p[-1]]
+        else:
+            parent[p[-1]] = {"str": "abc", "none": None, "neg": -1, "list": [], "big": 10**9}[op]
+        (tmp_path / "scores.json").write_text(json.dumps(d))
+        for opts in (PlanOptions(target_params=0.2), PlanOptions(drop_layers=2, prune_heads=0.25),
+                     PlanOptions(drop_attn=1, drop_mlp=1)):
+            try:
+                make_plan(tmp_path / "scores.json", tmp_path / "plan.json", opts)
+                outcomes["plan"] += 1
+            except GgufPruneError as e:
+                assert str(e) and "Traceback" not in str(e)
+                outcomes["error"] += 1
+    assert outcomes["plan"] > 0 and outcomes["error"] > 0, outcomes
