@@ -399,7 +399,8 @@ def _prune_heads(w: _Work, scores: Mapping[str, Any], o: PlanOptions, protected:
                 f"{', '.join(k for k in ('kl', 'norm', 'taylor') if heads.get(k))})"]
     kv_table = heads.get("kv_kl") or {}
     layers = [int(i) for i in table if int(i) not in protected and w.alive(int(i)) and int(i) not in w.attn_removed]
-    pool = [(float(v), i, h) for i in layers for h, v in enumerate(table[str(i)])]
+    pool = [(float(v), i, h) for i in layers for h, v in enumerate(table[str(i)])
+            if v is not None and v == v]  # null / NaN: a head the base plan already removed
     total_heads = sum(len(w.heads.get(i, range(s.n_head))) for i in range(s.n_layer) if w.alive(i)
                       and i not in w.attn_removed)
     n_remove = int(round(o.prune_heads * total_heads))

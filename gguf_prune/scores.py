@@ -156,9 +156,9 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
                 continue
             for i in hl:
                 vals = per_layer.get(str(i))
-                if not isinstance(vals, list) or len(vals) != n or not all(_is_number(v, nan_ok=True)
-                                                                          for v in vals):
-                    p.append(f"heads.{key}[{i}] must be a list of {n} numbers")
+                if not isinstance(vals, list) or len(vals) != n or not all(
+                        v is None or _is_number(v, nan_ok=True) for v in vals):  # null: a head already removed
+                    p.append(f"heads.{key}[{i}] must be a list of {n} numbers (null for a removed head)")
     if d["neurons"] is not None:
         nd = d["neurons"]
         for key in ("file", "tau", "stats"):
