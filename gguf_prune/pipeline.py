@@ -23,7 +23,7 @@ from typing import Any
 
 from . import DATA_DIR
 from .errors import GgufPruneError
-from .plan import Plan, ranges, save_figure_atomic, write_text_atomic
+from .plan import Plan, is_int, ranges, save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,6 @@ def _refuse(what: str, problems: list[str]) -> None:
         raise RunError(f"{what}:\n  - " + "\n  - ".join(problems))
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -64,7 +61,7 @@ def _count_problems(o: Any, fields: tuple[tuple[str, str, int, bool], ...]) -> l
         v = getattr(o, attr)
         if v is None and optional:
             continue
-        if not _is_int(v) or v < lo:
+        if not is_int(v) or v < lo:
             p.append(f"{flag} {v!r} must be a whole number, {lo} or more")
     return p
 
@@ -82,7 +79,7 @@ def _run_option_problems(o: "RunOptions") -> list[str]:
     from .iterate import RECOVER_MODES
 
     p = []
-    if not _is_int(o.rounds) or o.rounds < 1:
+    if not is_int(o.rounds) or o.rounds < 1:
         p.append(f"--rounds {o.rounds!r} must be a whole number, at least 1")
     if not _is_real(o.budget) or not 0 < o.budget < 1:
         p.append(f"--budget {o.budget} must be a fraction of the block parameters in (0, 1)")

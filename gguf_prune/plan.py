@@ -273,7 +273,7 @@ class Plan:
         if d.get("schema") != PLAN_SCHEMA:
             raise PlanError([f"'schema' is {_kind(d.get('schema'))}, expected {PLAN_SCHEMA!r}: not a gguf-prune plan"],
                             source)
-        if not _is_int(d.get("version")) or d.get("version") != PLAN_VERSION:
+        if not is_int(d.get("version")) or d.get("version") != PLAN_VERSION:
             raise PlanError([f"'version' is {_kind(d.get('version'))}; this gguf-prune reads version {PLAN_VERSION}"],
                             source)
         p: list[str] = []
@@ -353,7 +353,7 @@ def _few(xs: list, n: int = 5) -> str:
     return str(xs) if len(xs) <= n else f"{str(xs[:n])[:-1]}, …] ({len(xs)} in all)"
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
 
 
@@ -395,7 +395,7 @@ def _shape_from_dict(d: Any, p: list[str]) -> ModelShape | None:
     if "architecture" in d and not isinstance(d["architecture"], str):
         p.append(f"'model.shape.architecture' is {_kind(d['architecture'])}, expected a string such as 'llama'")
     for f, top in SHAPE_LIMITS.items():
-        if f in d and not (_is_int(d[f]) and 1 <= d[f] <= top):
+        if f in d and not (is_int(d[f]) and 1 <= d[f] <= top):
             p.append(f"'model.shape.{f}' is {_kind(d[f])}, expected an integer from 1 to {top}")
     if len(p) > n:
         return None
@@ -414,7 +414,7 @@ def _layer_from_dict(e: Any, where: str, p: list[str]) -> LayerPlan | None:
         return None
     n = len(p)
     _unknown_keys(e, _LAYER_KEYS, where, p)
-    if not _is_int(e.get("index")):
+    if not is_int(e.get("index")):
         p.append(f"{where}.index is {_kind(e.get('index'))}, expected the source layer's number")
     removed = e.get("removed", False)
     if not isinstance(removed, bool):
@@ -424,8 +424,8 @@ def _layer_from_dict(e: Any, where: str, p: list[str]) -> LayerPlan | None:
         if v is not None and not isinstance(v, list):
             p.append(f"{where}.{key} is {_kind(v)}, expected null (all kept) or an array of the numbers of the "
                      f"kept {unit} ([] removes them all)")
-        elif v is not None and not all(_is_int(x) for x in v):
-            i = next(i for i, x in enumerate(v) if not _is_int(x))
+        elif v is not None and not all(is_int(x) for x in v):
+            i = next(i for i, x in enumerate(v) if not is_int(x))
             p.append(f"{where}.{key}[{i}] is {_kind(v[i])}, expected the number of one of the kept {unit}")
         elif v is not None and removed is True:
             p.append(f"{where} is removed, so it cannot keep {unit}: drop {key!r} or 'removed'")
@@ -478,7 +478,7 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     protect = {}
     for key in ("protect_first", "protect_last"):
         protect[key] = plan.settings.get(key, 0)
-        if not (_is_int(protect[key]) and protect[key] >= 0):
+        if not (is_int(protect[key]) and protect[key] >= 0):
             p.append(f"settings.{key} is {_kind(protect[key])}, expected a number of layers (0 or more)")
             protect[key] = 0  # the other checks go on without it
     protect_first, protect_last = protect["protect_first"], protect["protect_last"]

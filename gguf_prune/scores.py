@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from .plan import ModelShape, shape_from_dict, write_text_atomic
+from .plan import ModelShape, is_int, shape_from_dict, write_text_atomic
 from .errors import GgufPruneError
 
 SCORES_SCHEMA = "gguf-prune/scores"
@@ -136,14 +136,14 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
             missing = [key for key in LAYER_KEYS if not isinstance(e, Mapping) or key not in e]
             if missing:
                 p.append(f"layers[{k}] lacks {', '.join(missing)}")
-            elif e["index"] != k or not _is_int(e["index"]):
+            elif e["index"] != k or not is_int(e["index"]):
                 p.append(f"layers[{k}] has index {e['index']!r}; layers must be in source order")
             else:
                 _layer_types(e, f"layers[{k}]", p)
     heads = d["heads"]
     if heads is not None:
         hl = heads.get("layers", [])
-        if not isinstance(hl, list) or not all(_is_int(i) and 0 <= i < shape.n_layer for i in hl):
+        if not isinstance(hl, list) or not all(is_int(i) and 0 <= i < shape.n_layer for i in hl):
             p.append(f"heads.layers is {_kind(hl)}, expected a list of layer numbers 0..{shape.n_layer - 1}")
             hl = []
         for key, n in (("kl", shape.n_head), ("kv_kl", shape.n_head_kv), ("norm", shape.n_head),
@@ -182,10 +182,6 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
 
 
 _METRICS = ("bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any, nan_ok: bool = False) -> bool:
