@@ -1,5 +1,1 @@
-"""gguf-prune."""
-
-from pathlib import Path
-
-DATA_DIR = Path(__file__).resolve().parent / "data"  # the bundled texts and prompts (shipped in the wheel)
+"""gguf-prune: prune a Hugging Face causal LM into a GGUF that stock llama.cpp runs."""

@@ -36,8 +36,8 @@ from typing import Iterator
 
 import torch
 
-from . import DATA_DIR
-from .errors import GgufPruneError
+from gguf_prune.data import DATA_DIR
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def build_default_text(max_chars: int = 300_000) -> str:
 
 def write_default_text(path: Path = DEFAULT_TEXT) -> Path:
     """Regenerate the shipped default calibration text (run once per Python docs change)."""
-    from .plan import write_text_atomic
+    from gguf_prune.atomic import write_text_atomic
 
     write_text_atomic(Path(path), build_default_text())
     Path(path).chmod(0o644)  # shipped with the package: readable by everyone

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import GgufPruneError, describe_os_error
+from gguf_prune.errors import GgufPruneError, describe_os_error
 
 
 def _setup_logging(verbose: int) -> None:
@@ -136,19 +136,19 @@ class _Layers(click.ParamType):
 
 
 def _plan_units():
-    from .planner import UNITS
+    from gguf_prune.planning.strategies import UNITS
 
     return UNITS
 
 
 def _greedy_units():
-    from .score import GREEDY_UNITS
+    from gguf_prune.scoring.measure import GREEDY_UNITS
 
     return GREEDY_UNITS
 
 
 def _strategies():
-    from .pipeline import STRATEGIES
+    from gguf_prune.pipeline.stages import STRATEGIES
 
     return STRATEGIES
 
@@ -168,7 +168,7 @@ def main(verbose: int) -> None:
 @main.command()
 def doctor() -> None:
     """Report the pinned llama.cpp, bindings, tools, torch and the demo model."""
-    from .doctor import diagnose
+    from gguf_prune.runtime.doctor import diagnose
 
     report = diagnose()
     width = max(len(c.name) for c in report.checks)
@@ -217,8 +217,8 @@ def doctor() -> None:
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Target type, for predicted sizes.")
 def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     """Turn SCORES (scores.json) into plan.json, or --explain an existing plan."""
-    from .plan import Plan, PlanError
-    from .planner import PlanOptions, explain, make_plan
+    from gguf_prune.plan import Plan, PlanError
+    from gguf_prune.planning.strategies import PlanOptions, explain, make_plan
 
     try:
         if explain_path:
@@ -252,9 +252,9 @@ def plan_cmd(scores, output, explain_path, units, **kw) -> None:
 @click.option("--label", "labels", multiple=True, help="Names for BASE and MODELS in order.")
 def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench, bench_reps, labels) -> None:
     """Evaluate pruned GGUFs against BASE in llama.cpp: PPL, KL, top-1, speed, size, prompts."""
-    from .evaluate import EvalError, EvalOptions, evaluate
-    from .llamacpp import LlamaCppError
-    from .report import format_table, table_rows
+    from gguf_prune.runtime.evaluate import EvalError, EvalOptions, evaluate
+    from gguf_prune.runtime.llamacpp import LlamaCppError
+    from gguf_prune.runtime.report import format_table, table_rows
 
     opts = EvalOptions(ctx=ctx, chunks=chunks, threads=threads, bench=not no_bench, bench_reps=bench_reps,
                        prompts=prompts, labels=list(labels))
@@ -276,8 +276,8 @@ def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench
               help="Pruned GGUF to write (never the input).")
 def rewrite_cmd(base, plan_path, output) -> None:
     """Cut BASE (an F16/BF16/F32 GGUF of a llama-family model) as plan.json says."""
-    from .plan import Plan, PlanError
-    from .rewrite import RewriteError, rewrite
+    from gguf_prune.plan import Plan, PlanError
+    from gguf_prune.writing.rewrite import RewriteError, rewrite
 
     try:
         r = rewrite(base, Plan.load(plan_path), output)
@@ -307,13 +307,13 @@ def rewrite_cmd(base, plan_path, output) -> None:
                    "trusting their size, time stamps and inode.")
 def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered, verify_cache) -> None:
     """Convert HF_DIR, cut it as plan.json says, quantize, and check llama.cpp loads it."""
-    from .hfmodel import ModelDirError
-    from .llamacpp import LlamaCppError
-    from .plan import PlanError
-    from .prune import PruneError, prune
-    from .quantize import QuantizeError
-    from .recover import RecoverError
-    from .rewrite import RewriteError
+    from gguf_prune.models.checkpoint import ModelDirError
+    from gguf_prune.runtime.llamacpp import LlamaCppError
+    from gguf_prune.plan import PlanError
+    from gguf_prune.writing.prune import PruneError, prune
+    from gguf_prune.writing.quantize import QuantizeError
+    from gguf_prune.recovery.recover import RecoverError
+    from gguf_prune.writing.rewrite import RewriteError
 
     try:
         r = prune(hf_dir, plan_path, output, quant=quant, outtype=outtype, imatrix_text=imatrix_text,
@@ -368,11 +368,11 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
                 checkpoint_every, device) -> None:
     """Recover what a cut lost: linear patches (closed form) and/or fine-tuning; write a directory
     for `gguf-prune prune HF_DIR --recovered DIR`."""
-    from .calibration import CalibrationError
-    from .finetune import FinetuneError, FinetuneOptions
-    from .hfmodel import ModelDirError, WeightsError
-    from .plan import PlanError
-    from .recover import RecoverError, RecoverOptions, recover
+    from gguf_prune.calibration import CalibrationError
+    from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
+    from gguf_prune.models.checkpoint import ModelDirError, WeightsError
+    from gguf_prune.plan import PlanError
+    from gguf_prune.recovery.recover import RecoverError, RecoverOptions, recover
 
     method = None if finetune == "none" else finetune
     fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, batch_size=batch_size, lr=lr,
@@ -445,11 +445,11 @@ def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, width_sp
 
     With --merge, the arguments are scores slices (from --units) to join into -o.
     """
-    from .calibration import CalibrationError
-    from .hfmodel import ModelDirError
-    from .plan import PlanError
-    from .score import ScoreError, ScoreOptions, merge_scores, score_model, summary
-    from .scores import ScoresError
+    from gguf_prune.calibration import CalibrationError
+    from gguf_prune.models.checkpoint import ModelDirError
+    from gguf_prune.plan import PlanError
+    from gguf_prune.scoring.measure import ScoreError, ScoreOptions, merge_scores, score_model, summary
+    from gguf_prune.scores import ScoresError
 
     if merge:
         try:
@@ -481,7 +481,7 @@ def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, width_sp
 @click.option("--system-prompt", default=None, help="Used when a chat has no system message of its own.")
 def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) -> None:
     """Pack MODEL with llama-server and its web UI into one executable file."""
-    from .package import PackageError, PackageOptions, build_package, describe
+    from gguf_prune.runtime.package import PackageError, PackageOptions, build_package, describe
 
     opts = PackageOptions(name=name, host=host, port=port, ctx=ctx, threads=threads, system_prompt=system_prompt)
     try:
@@ -540,7 +540,7 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
             prompts, eval_chunks, threads, no_package, device, rounds, recover_mode, recover_samples,
             finetune_steps, uniform) -> None:
     """The main job: score, plan, [recover,] prune to Q4_K_M, evaluate against the uncut base, package."""
-    from .pipeline import DEFAULT_PROMPTS, RunOptions, format_summary, run
+    from gguf_prune.pipeline.stages import DEFAULT_PROMPTS, RunOptions, format_summary, run
 
     opts = RunOptions(model=model, out_dir=out_dir, calibration=calibration, samples=samples, seq_len=seq_len,
                       budget=budget, strategy=strategy, greedy_steps=greedy_steps, heads=heads, greedy_pool=greedy_pool or None,
@@ -580,7 +580,7 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
 def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, quant, eval_chunks, threads,
               no_bench, out_dir, device) -> None:
     """Prune HF_DIR at several budgets with several strategies; evaluate all; draw quality vs size."""
-    from .pipeline import STRATEGIES, SweepOptions, sweep, sweep_markdown
+    from gguf_prune.pipeline.stages import STRATEGIES, SweepOptions, sweep, sweep_markdown
 
     try:
         opts = SweepOptions(calibration=calibration, text=text, budgets=budgets, strategies=strategies or STRATEGIES,

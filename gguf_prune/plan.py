@@ -27,20 +27,16 @@ raises one :class:`PlanError` that names each.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
-from . import arch
-from .gguf_io import default_file_mode
-from .errors import GgufPruneError
+from gguf_prune.models import arch
+from gguf_prune.atomic import write_text_atomic
+from gguf_prune.errors import GgufPruneError
 
 PLAN_SCHEMA = "gguf-prune/plan"
 PLAN_VERSION = 1
@@ -533,97 +529,3 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     if p:
         raise PlanError(p, source)
     return plan
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
-    with _atomic_path(Path(path)) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def save_tensors_atomic(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
-    """A safetensors file written through a temporary name in the same directory, then renamed."""
-    from safetensors.torch import save_file
-
-    with _atomic_path(Path(path)) as tmp:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-
-
-def save_torch_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary name in the same directory, then renamed. torch turns a failed write
-    into a RuntimeError that has lost the OS error ("unexpected pos ..."); the writes go through a file object
-    here, which keeps it, so a full disk is the OSError it is."""
-    import torch
-
-    class _Writer:
-        def __init__(self, f):
-            self.f, self.error = f, None
-
-        def write(self, b) -> int:
-            try:
-                return self.f.write(b)
-            except OSError as e:
-                self.error = e
-                raise
-
-        def flush(self) -> None:
-            self.f.flush()
-
-    with _atomic_path(Path(path)) as tmp:
-        with open(tmp, "wb") as f:
-            w = _Writer(f)
-            try:
-                torch.save(obj, w)
-            except RuntimeError:
-                if w.error is not None:
-                    raise w.error from None
-                raise
-
-
-def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> Path:
-    """A matplotlib figure saved through a temporary name in the same directory, then renamed (a PNG cut
-    short by a full disk never lies under the final name)."""
-    path = Path(path)
-    with _atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
-    return path
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[str]:
-    """A temporary name next to ``path`` for the block to write; renamed to ``path`` when the block completes,
-    removed whatever ends it otherwise. A failed write is an OSError that names ``path``, so that the CLI's one
-    line says which file could not be written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(fd)
-        yield tmp
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the user's usual mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            if e.filename is None or e.filename == tmp:
-                e.filename = str(path)
-            raise
-        m = re.search(r"\(os error (\d+)\)", str(e))  # safetensors reports I/O errors as SafetensorError
-        if m:
-            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) from None
-        raise
-
-
-def ranges(indices: Iterable[int]) -> str:
-    """Compact text for index lists in tables: 0-3,7,9-11."""
-    xs = sorted(indices)
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)

@@ -37,8 +37,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from .plan import ModelShape, is_int, shape_from_dict, write_text_atomic
-from .errors import GgufPruneError
+from gguf_prune.plan import ModelShape, is_int, shape_from_dict
+from gguf_prune.atomic import write_text_atomic
+from gguf_prune.errors import GgufPruneError
 
 SCORES_SCHEMA = "gguf-prune/scores"
 SLICE_SCHEMA = "gguf-prune/scores-slice"  # one --units slice: only `score --merge` reads it

@@ -38,13 +38,13 @@ MEASURES = ("load", "patch", "step-lora", "step-full")
 
 def _default_plan(model_dir: Path):
     """Six layers removed in two runs (10-12 and 20-22): 20% of SmolLM2-135M's block parameters."""
-    from gguf_prune import hfmodel
+    from gguf_prune.models import checkpoint
     from gguf_prune.plan import LayerPlan, ModelShape, Plan
 
     shape = ModelShape.from_hf_dir(model_dir)
     drop = {10, 11, 12, 20, 21, 22}
     return Plan(shape=shape, layers=tuple(LayerPlan(i, removed=i in drop) for i in range(shape.n_layer)),
-                fingerprint=hfmodel.fingerprint(model_dir))
+                fingerprint=checkpoint.fingerprint(model_dir))
 
 
 def _measure(args) -> dict:
@@ -53,17 +53,17 @@ def _measure(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from gguf_prune import hfmodel
+    from gguf_prune.models import cuts
     from gguf_prune.calibration import load_calibration
-    from gguf_prune.finetune import FinetuneOptions, _loss, _teacher_states, prepare_student
+    from gguf_prune.recovery.finetune import FinetuneOptions, _loss, _teacher_states, prepare_student
     from gguf_prune.plan import Plan
-    from gguf_prune.recover import fit_patches, mark_patches, split_heldout
+    from gguf_prune.recovery.recover import fit_patches, mark_patches, split_heldout
 
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = Plan.load(args.plan) if args.plan else _default_plan(args.model)
     plan = mark_patches(plan.without_patches())
-    model = hfmodel.load_model(args.model)
+    model = cuts.load_model(args.model)
     cal = load_calibration(None, AutoTokenizer.from_pretrained(args.model), seq_len=args.seq_len,
                            samples=args.samples, seed=0)
     heldout = split_heldout(cal.n_seq, 0.1, 0)
@@ -75,12 +75,12 @@ def _measure(args) -> dict:
                    residuals=[p.get("heldout_residual") for p in stats["patches"]])
     elif args.measure.startswith("step-"):
         method = args.measure.split("-", 1)[1]
-        patches = {hfmodel.PATCH_NAME.format(lp.index): torch.zeros(plan.shape.n_embd, plan.shape.n_embd)
+        patches = {cuts.PATCH_NAME.format(lp.index): torch.zeros(plan.shape.n_embd, plan.shape.n_embd)
                    for lp in plan.patches()}
         o = FinetuneOptions(method=method, batch_size=args.batch_size)
         ids, mask = cal.input_ids[:args.batch_size], cal.attention_mask[:args.batch_size].long()
         t_states = _teacher_states(model, ids, mask, "cpu", args.batch_size)
-        st = prepare_student(hfmodel.apply_plan(copy.deepcopy(model), plan, patches), plan, o)
+        st = prepare_student(cuts.apply_plan(copy.deepcopy(model), plan, patches), plan, o)
         del model
         opt = torch.optim.AdamW([p for _, p in st.params], lr=o.learning_rate)
         times = []
@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "out" / "bench_recover.json")
     args = ap.parse_args()
     if args.model is None:
-        from gguf_prune.demo import ensure_demo_checkpoint
+        from gguf_prune.models.demo import ensure_demo_checkpoint
 
         args.model = ensure_demo_checkpoint()
     if args.measure:

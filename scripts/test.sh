@@ -27,5 +27,5 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # The server that packages ship (every CPU variant): built once, here rather than in the
 # middle of the first package test, so its progress shows.
-.venv/bin/python -m gguf_prune.toolchain portable >/dev/null
+.venv/bin/python -m gguf_prune.runtime.toolchain portable >/dev/null
 exec .venv/bin/python -m pytest -q "$@"

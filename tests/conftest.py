@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_prune.testing import TinySpec, make_tiny_llama
+from tiny_models import TinySpec, make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def tiny_model(request, tiny_tied, tiny_untied) -> Path:
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     """The demo checkpoint (SmolLM2-135M-Instruct) that scripts/setup.sh prepares."""
-    from gguf_prune.demo import ensure_demo_checkpoint
+    from gguf_prune.models.demo import ensure_demo_checkpoint
 
     return ensure_demo_checkpoint()
 

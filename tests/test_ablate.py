@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gguf_prune import ablate
+from gguf_prune.scoring import ablate
 from gguf_prune.calibration import load_calibration
-from gguf_prune.hfmodel import apply_plan, load_model
+from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
 
 TOL = 1e-5  # float32

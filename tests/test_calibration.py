@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from gguf_prune.calibration import (DEFAULT_TEXT, CalibrationError, build_default_text, check_calibration_file,
                                     load_calibration, resolve_kind)
-from gguf_prune.testing import TOKENIZER_DIR
+from tiny_models import TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")

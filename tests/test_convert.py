@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gguf_prune import llamacpp
-from gguf_prune.metrics import kl_per_token, top1_agreement
+from gguf_prune.runtime import llamacpp
+from divergence import kl_per_token, top1_agreement
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. In 1998, 42 engineers measured "

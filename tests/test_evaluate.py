@@ -6,15 +6,14 @@ import json
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from gguf_prune import llamacpp
+from gguf_prune.runtime import llamacpp
 from gguf_prune.cli import main
-from gguf_prune.evaluate import (DEFAULT_TEXT, EvalError, EvalOptions, check_output, evaluate,
-                                 has_repetition_loop, load_prompts, parse_kld_output)
+from gguf_prune.runtime.evaluate import (DEFAULT_TEXT, EvalError, EvalOptions, check_output, evaluate,
+                                         has_repetition_loop, load_prompts, parse_kld_output)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gguf_prune import arch, hfmodel, llamacpp, rewrite as rewrite_mod
-from gguf_prune.metrics import kl_per_token
+from gguf_prune.models import arch
+from gguf_prune.runtime import llamacpp
+from gguf_prune.writing import rewrite as rewrite_mod
+from gguf_prune.models import checkpoint
+from gguf_prune.models import cuts
+from divergence import kl_per_token
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
-from gguf_prune.prune import convert_cached
-from gguf_prune.quantize import quantize
-from gguf_prune.rewrite import rewrite
-from gguf_prune.testing import TinySpec, make_tiny_model
+from gguf_prune.writing.prune import convert_cached
+from gguf_prune.writing.quantize import quantize
+from gguf_prune.writing.rewrite import rewrite
+from tiny_models import TinySpec, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 log = logging.getLogger(__name__)
@@ -113,15 +117,15 @@ class FamilyModel:
 
     def __init__(self, name: str, hf_dir: Path, gguf_f32: Path):
         self.name, self.hf_dir, self.gguf = name, hf_dir, gguf_f32
-        self.shape = hfmodel.check_model_dir(hf_dir)
-        self.model = hfmodel.load_model(hf_dir)
+        self.shape = checkpoint.check_model_dir(hf_dir)
+        self.model = cuts.load_model(hf_dir)
         if self.shape.architecture == "gemma3":
             for layer in self.model.model.layers:
                 layer.mlp.act_fn = GeluLikeGGML()
         self.tokens = AutoTokenizer.from_pretrained(hf_dir)(TEXT)["input_ids"]
 
     def torch_logits(self, plan: Plan) -> np.ndarray:
-        model = hfmodel.apply_plan(copy.deepcopy(self.model), plan)
+        model = cuts.apply_plan(copy.deepcopy(self.model), plan)
         with torch.no_grad():
             return model(torch.tensor([self.tokens])).logits[0].numpy()
 
@@ -193,7 +197,7 @@ def test_gemma3_dropping_layers_keeps_each_layers_attention_kind(tmp_path_factor
 
 
 def llamacpp_kv(path: Path, key: str):
-    from gguf_prune.gguf_io import read_gguf
+    from gguf_prune.writing.gguf_io import read_gguf
 
     return read_gguf(path).get(key)
 
@@ -239,8 +243,8 @@ def _config_dir(tmp_path: Path, config: dict) -> Path:
 @pytest.mark.bad_input
 def test_unsupported_models_get_one_clear_error_before_any_work(tmp_path, config, says):
     d = _config_dir(tmp_path / "m", config)
-    with pytest.raises(hfmodel.ModelDirError) as e:
-        hfmodel.check_model_dir(d)
+    with pytest.raises(checkpoint.ModelDirError) as e:
+        checkpoint.check_model_dir(d)
     assert says in str(e.value)
     assert "supported" in str(e.value) or "cannot be cut" in str(e.value)
 
@@ -292,7 +296,7 @@ def test_scores_equal_the_naive_ablation_on_every_family(family):
     """Layer, sub-block, head, KV-group and width KL from the prefix-reusing engine equal full forwards with
     the unit bypassed, on each family's own modules (Gemma's sandwich norms and local RoPE, Qwen's biases and
     q/k norms, tied and untied heads)."""
-    from gguf_prune import ablate
+    from gguf_prune.scoring import ablate
     from gguf_prune.calibration import load_calibration
 
     tok = AutoTokenizer.from_pretrained(family.hf_dir)
@@ -344,7 +348,7 @@ def test_every_score_runs_on_every_family(family, tmp_path):
 
 
 def _scored(hf_dir: Path, out: Path, **kw) -> Path:
-    from gguf_prune.score import ScoreOptions, score_model
+    from gguf_prune.scoring.measure import ScoreOptions, score_model
 
     return score_model(hf_dir, out, ScoreOptions(samples=4, seq_len=32, heads=True, neurons=True,
                                                  width=(0.17, 0.33, 0.5), protect_first=0, protect_last=0, **kw))
@@ -359,7 +363,7 @@ def qwen2_scores(tmp_path_factory) -> tuple[Path, Path]:
 def test_uniform_plans_keep_one_shape_and_the_native_architecture(qwen2_scores, tmp_path):
     """plan --uniform: layers by score, one FFN width for every kept layer (each its own neurons); Qwen2 with a
     uniform width cut stays qwen2, and each layer keeps its highest-energy neurons."""
-    from gguf_prune.planner import PlanOptions, make_plan
+    from gguf_prune.planning.strategies import PlanOptions, make_plan
 
     hf_dir, scores = qwen2_scores
     mixed = make_plan(scores, tmp_path / "mixed.json", PlanOptions(target_params=0.3, uniform=True))
@@ -382,7 +386,7 @@ def test_uniform_plans_keep_one_shape_and_the_native_architecture(qwen2_scores, 
 
 @pytest.mark.bad_input
 def test_qwen3_plans_are_uniform_and_per_layer_options_are_refused(tmp_path_factory, tmp_path):
-    from gguf_prune.planner import PlanOptions, make_plan
+    from gguf_prune.planning.strategies import PlanOptions, make_plan
 
     d = make_tiny_model(tmp_path_factory.mktemp("qwen3-plan"), FAMILY_SPECS["qwen3"])
     scores = _scored(d, tmp_path / "scores.json")
@@ -401,7 +405,7 @@ def test_qwen3_plans_are_uniform_and_per_layer_options_are_refused(tmp_path_fact
 def test_run_end_to_end_on_a_realistic_qwen(name, tmp_path):
     """gguf-prune run on a random Qwen2 / Qwen3 of realistic shape ratios (hidden 512, 8 query heads in 2 KV
     groups, FFN 1536, tied): scored, planned (Qwen3 uniformly), cut, quantized, evaluated, packaged."""
-    from gguf_prune.pipeline import RunOptions, run
+    from gguf_prune.pipeline.stages import RunOptions, run
 
     spec = TinySpec(family=name, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, head_dim=64,
                     init_std=0.05, seed=21)

@@ -1,5 +1,5 @@
 """The core guarantee: llama.cpp running a pruned GGUF computes what PyTorch computes
-with the same parts removed (hfmodel.apply_plan), for every kind of cut."""
+with the same parts removed (cuts.apply_plan), for every kind of cut."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gguf_prune import hfmodel, llamacpp
-from gguf_prune.metrics import kl_per_token, top1_agreement
+from gguf_prune.runtime import llamacpp
+from gguf_prune.models import cuts
+from divergence import kl_per_token, top1_agreement
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
-from gguf_prune.prune import convert_cached
-from gguf_prune.quantize import quantize
-from gguf_prune.rewrite import rewrite
+from gguf_prune.writing.prune import convert_cached
+from gguf_prune.writing.quantize import quantize
+from gguf_prune.writing.rewrite import rewrite
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,11 @@ class Reference:
     def __init__(self, hf_dir: Path, gguf_f32: Path):
         self.hf_dir, self.gguf = hf_dir, gguf_f32
         self.shape = ModelShape.from_hf_dir(hf_dir)
-        self.model = hfmodel.load_model(hf_dir)
+        self.model = cuts.load_model(hf_dir)
         self.tokens = AutoTokenizer.from_pretrained(hf_dir)(TEXT)["input_ids"]
 
     def torch_logits(self, plan: Plan) -> np.ndarray:
-        model = hfmodel.apply_plan(copy.deepcopy(self.model), plan)
+        model = cuts.apply_plan(copy.deepcopy(self.model), plan)
         with torch.no_grad():
             return model(torch.tensor([self.tokens])).logits[0].numpy()
 

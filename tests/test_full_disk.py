@@ -62,7 +62,7 @@ def namespace() -> list[str]:
 def cache(tmp_path_factory) -> Path:
     """A gguf-prune cache whose llama.cpp build is the real one and whose conversions stay in the test's
     temporary directory (the CLI runs as a user would run it, so it cannot be handed a cache directory)."""
-    from gguf_prune import toolchain
+    from gguf_prune.runtime import toolchain
 
     root = tmp_path_factory.mktemp("cache")
     real = toolchain.find().root
@@ -142,7 +142,7 @@ def plan_file(model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_gguf(model, cache) -> Path:
-    from gguf_prune.prune import convert_cached
+    from gguf_prune.writing.prune import convert_cached
 
     return convert_cached(model, "f16", cache_dir=cache / "converted")
 

@@ -55,8 +55,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_atte
 
 @pytest.fixture(scope="module")
 def fuzz_gguf(tmp_path_factory) -> Path:
-    from gguf_prune.prune import convert_cached
-    from gguf_prune.testing import TinySpec, make_tiny_llama
+    from gguf_prune.writing.prune import convert_cached
+    from tiny_models import TinySpec, make_tiny_llama
 
     hf = make_tiny_llama(tmp_path_factory.mktemp("fuzz-hf"), TinySpec(**TINY))
     return convert_cached(hf, "f16", cache_dir=tmp_path_factory.getbasetemp() / "converted")
@@ -64,8 +64,8 @@ def fuzz_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fuzz_shape(fuzz_gguf):
-    from gguf_prune.gguf_io import read_gguf
-    from gguf_prune.rewrite import shape_from_gguf
+    from gguf_prune.writing.gguf_io import read_gguf
+    from gguf_prune.writing.rewrite import shape_from_gguf
 
     return shape_from_gguf(read_gguf(fuzz_gguf))
 
@@ -171,8 +171,8 @@ def _check_plan_file(path: Path, shape, gguf: Path, out: Path) -> str:
     """What happens to one plan file, as every command that reads plans would see it; returns the outcome."""
     from gguf_prune.errors import GgufPruneError
     from gguf_prune.plan import Plan, PlanError, validate
-    from gguf_prune.planner import explain
-    from gguf_prune.rewrite import rewrite
+    from gguf_prune.planning.strategies import explain
+    from gguf_prune.writing.rewrite import rewrite
 
     try:
         plan = Plan.load(path)
@@ -477,13 +477,13 @@ class Worker:
 
 def _entry(name: str, path: Path, out: Path, aux: dict) -> None:
     """One library entry that reads the GGUF at ``path`` (in the worker)."""
-    from gguf_prune import llamacpp
-    from gguf_prune.evaluate import EvalError, EvalOptions, evaluate
-    from gguf_prune.gguf_io import read_gguf
-    from gguf_prune.package import PackageOptions, build_package
+    from gguf_prune.runtime import llamacpp
+    from gguf_prune.runtime.evaluate import EvalError, EvalOptions, evaluate
+    from gguf_prune.writing.gguf_io import read_gguf
+    from gguf_prune.runtime.package import PackageOptions, build_package
     from gguf_prune.plan import Plan
-    from gguf_prune.quantize import quantize
-    from gguf_prune.rewrite import rewrite
+    from gguf_prune.writing.quantize import quantize
+    from gguf_prune.writing.rewrite import rewrite
 
     if name == "read_gguf":
         gf = read_gguf(path)

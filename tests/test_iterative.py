@@ -14,19 +14,21 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from gguf_prune import hfmodel, llamacpp
+from gguf_prune.runtime import llamacpp
+from gguf_prune.models import checkpoint
+from gguf_prune.models import cuts
 from gguf_prune.calibration import load_calibration
 from gguf_prune.cli import main
-from gguf_prune.finetune import FinetuneError, FinetuneOptions
-from gguf_prune.iterate import IterateError, IterateOptions, current_model, iterate, new_cuts, score_current
-from gguf_prune.metrics import kl_per_token
-from gguf_prune.pipeline import RunOptions
+from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
+from gguf_prune.pipeline.iterate import IterateError, IterateOptions, current_model, iterate, new_cuts, score_current
+from divergence import kl_per_token
+from gguf_prune.pipeline.stages import RunOptions
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
-from gguf_prune.planner import revived
-from gguf_prune.prune import prune
-from gguf_prune.recover import (RecoverError, RecoverOptions, _with_weights, carry_weights, fit_patches,
-                                load_recovered_model, open_recovered, recover)
-from gguf_prune.score import ScoreOptions, score_model
+from gguf_prune.planning.strategies import revived
+from gguf_prune.writing.prune import prune
+from gguf_prune.recovery.recover import (RecoverError, RecoverOptions, _with_weights, carry_weights, fit_patches,
+                                         load_recovered_model, open_recovered, recover)
+from gguf_prune.scoring.measure import ScoreOptions, score_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread is faster
 
@@ -82,7 +84,7 @@ def test_each_round_reaches_its_budget_on_top_of_the_last(iterated, tiny_tied):
     p2 = Plan.load(Path(r2["plan"]))
     assert _removed_units(p1) < _removed_units(p2)  # never revives, always adds
     assert revived(p1, p2) == []
-    assert p1.fingerprint == p2.fingerprint == hfmodel.fingerprint(tiny_tied)  # made for the source checkpoint
+    assert p1.fingerprint == p2.fingerprint == checkpoint.fingerprint(tiny_tied)  # made for the source checkpoint
     # round 2 scored the recovered round-1 model on top of round 1's cuts, against the unpruned model
     s2 = json.loads(Path(r2["scores"]).read_text())
     assert s2["base_plan"]["digest"] == open_recovered(Path(r1["recovered"])).plan.digest()
@@ -121,7 +123,7 @@ def test_patches_are_fitted_on_the_weights_the_last_round_left(iterated, tiny_ti
     rec = open_recovered(Path(r2["recovered"]))
     carried = carry_weights(open_recovered(Path(r1["recovered"])).weights(), rec.plan, tied=True)
     cal = load_calibration(small_text, AutoTokenizer.from_pretrained(tiny_tied), seq_len=32, samples=10)
-    model = hfmodel.load_model(tiny_tied)
+    model = cuts.load_model(tiny_tied)
     _, on_carried = fit_patches(model, rec.plan, cal, set(), pruned_from=_with_weights(model, carried))
     _, on_checkpoint = fit_patches(model, rec.plan, cal, set())
     recorded = [p["train_residual"] for p in rec.manifest["patch"]["patches"]]
@@ -146,7 +148,7 @@ def test_the_last_round_becomes_a_gguf_that_computes_the_recovered_model(iterate
     log.info("iterated, recovered: mean KL %.3g over %d tokens", kl.mean(), len(tokens))
     assert kl.mean() < KL_MAX
     # and the recovery matters: the cut alone, with the checkpoint's own weights, is another model
-    cut = hfmodel.apply_plan(hfmodel.load_model(tiny_tied), iterated.plan.without_patches())
+    cut = cuts.apply_plan(cuts.load_model(tiny_tied), iterated.plan.without_patches())
     with torch.no_grad():
         plain = cut(torch.tensor([tokens])).logits[0].numpy()
     off = kl_per_token(plain, got).mean()
@@ -158,7 +160,7 @@ def test_run_writes_the_pruned_gguf_from_the_last_recovery(tiny_tied, small_text
     """`run --rounds 2 --recover patch`: the GGUF is written from the last round's recover directory, and the
     round figures land in summary.json; `--rounds 1` recovers once after the usual scoring; llama.cpp evaluates
     the recovered GGUF against the base."""
-    from gguf_prune.pipeline import format_summary, run
+    from gguf_prune.pipeline.stages import format_summary, run
 
     s = run(RunOptions(model=tiny_tied, out_dir=tmp_path / "run", calibration=small_text, samples=2, seq_len=32,
                        budget=0.2, eval_chunks=2, threads=2, prompts=None, bench=False, package=False, quant="F16",
@@ -188,13 +190,13 @@ def test_the_round_scorer_measures_what_score_with_a_plan_measures(tiny_tied, sm
     shape = ModelShape.from_hf_dir(tiny_tied)
     L = LayerPlan
     plan = Plan(shape=shape, layers=(L(0), L(1), L(2, removed=True), L(3, heads=()), L(4), L(5)),
-                fingerprint=hfmodel.fingerprint(tiny_tied)).save(tmp_path / "plan.json")
+                fingerprint=checkpoint.fingerprint(tiny_tied)).save(tmp_path / "plan.json")
     plan = Plan.load(plan)
     ref = json.loads(score_model(tiny_tied, tmp_path / "ref.json", ScoreOptions(
         calibration=small_text, samples=2, seq_len=32, plan=tmp_path / "plan.json", neurons=False, plots=False,
         progress=False, device="cpu")).read_text())
     cal = load_calibration(small_text, AutoTokenizer.from_pretrained(tiny_tied), seq_len=32, samples=2)
-    teacher = hfmodel.load_model(tiny_tied)
+    teacher = cuts.load_model(tiny_tied)
     got = json.loads(score_current(teacher, current_model(tiny_tied, plan, None), plan, cal, [0, 1],
                                    tmp_path / "got.json", tiny_tied, plan.fingerprint, {}).read_text())
     assert got["base_plan"]["kl"] == pytest.approx(ref["base_plan"]["kl"], rel=1e-5)
@@ -237,7 +239,7 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_tied, small_tex
 
 
 def test_one_shot_recovery_checks_its_data_before_scoring(tiny_tied, tmp_path):
-    from gguf_prune.pipeline import run
+    from gguf_prune.pipeline.stages import run
 
     short = tmp_path / "short.txt"
     short.write_text(TEXT * 3)
@@ -266,7 +268,7 @@ def test_cli_run_takes_rounds_and_recover(monkeypatch, tmp_path):
         seen["opts"] = opts
         return {}
 
-    import gguf_prune.pipeline as pipeline
+    import gguf_prune.pipeline.stages as pipeline
 
     monkeypatch.setattr(pipeline, "run", fake_run)
     monkeypatch.setattr(pipeline, "format_summary", lambda s: "ok")
@@ -284,7 +286,7 @@ def test_cli_run_takes_rounds_and_recover(monkeypatch, tmp_path):
 def test_a_finished_run_is_reused_round_by_round(iterated, tiny_tied, small_text, caplog):
     """Started again with the same inputs, every complete round is taken as it is (nothing re-scored or re-trained)."""
     before = {p: p.stat().st_mtime_ns for p in iterated.out_dir.rglob("*") if "round-" in str(p)}
-    with caplog.at_level(logging.INFO, logger="gguf_prune.iterate"):
+    with caplog.at_level(logging.INFO, logger="gguf_prune.pipeline.iterate"):
         again = iterate(tiny_tied, iterated.out_dir, _opts(small_text, heldout=0, recover="patch+lora"))
     assert sum("(same inputs): reusing it" in m for m in caplog.messages) == 2
     assert again.rounds == iterated.rounds and again.recovered == iterated.recovered

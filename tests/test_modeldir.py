@@ -1,6 +1,6 @@
 """A checkpoint directory as gguf-prune reads it (issue 14).
 
-* Its identity (``hfmodel.fingerprint``, recorded in plans, scores and recover directories) covers the model's
+* Its identity (``checkpoint.fingerprint``, recorded in plans, scores and recover directories) covers the model's
   own weight files only, so what gguf-prune writes into the directory does not change it, and it is what it
   was before (plans made earlier stay valid).
 * Its conversion key covers every file convert_hf_to_gguf.py reads: the same weights with another tokenizer,
@@ -30,12 +30,13 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from gguf_prune import hfmodel, toolchain
+from gguf_prune.runtime import toolchain
+from gguf_prune.models import checkpoint
 from gguf_prune.cli import main
-from gguf_prune.gguf_io import read_gguf
+from gguf_prune.writing.gguf_io import read_gguf
 from gguf_prune.plan import ModelShape, Plan, validate
-from gguf_prune.prune import convert_cached, converted_cache_dir
-from gguf_prune.testing import TinySpec, make_tiny_llama
+from gguf_prune.writing.prune import convert_cached, converted_cache_dir
+from tiny_models import TinySpec, make_tiny_llama
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.bad_input]
 
@@ -60,7 +61,7 @@ def sharded(base, tmp_path_factory) -> Path:
         if f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
     AutoModelForCausalLM.from_pretrained(base).save_pretrained(out, max_shard_size="1MB")
-    assert (out / hfmodel.INDEX_NAME).exists() and len(list(out.glob("*.safetensors"))) > 4
+    assert (out / checkpoint.INDEX_NAME).exists() and len(list(out.glob("*.safetensors"))) > 4
     return out
 
 
@@ -97,7 +98,7 @@ def tree_hash(d: Path) -> dict[str, str]:
 def edit_embedding_row(hf_dir: Path, row: int) -> None:
     """Negate one row of the embedding in place: the same size, shapes and tensor table, other bytes."""
     path = hf_dir / WEIGHTS
-    header = hfmodel.read_safetensors_header(path)
+    header = checkpoint.read_safetensors_header(path)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
     t = header[EMBED]
@@ -146,33 +147,33 @@ def old_fingerprint(hf_dir: Path, sample_bytes: int = 1 << 20) -> str:
 
 
 def test_the_identity_is_unchanged_so_plans_made_before_stay_valid(base, sharded):
-    assert hfmodel.fingerprint(base) == old_fingerprint(base)
-    assert hfmodel.fingerprint(sharded) == old_fingerprint(sharded)
-    assert hfmodel.weight_files(base) == [base / WEIGHTS]
-    index = json.loads((sharded / hfmodel.INDEX_NAME).read_text())["weight_map"]
-    assert hfmodel.weight_files(sharded) == sorted({sharded / f for f in index.values()})
+    assert checkpoint.fingerprint(base) == old_fingerprint(base)
+    assert checkpoint.fingerprint(sharded) == old_fingerprint(sharded)
+    assert checkpoint.weight_files(base) == [base / WEIGHTS]
+    index = json.loads((sharded / checkpoint.INDEX_NAME).read_text())["weight_map"]
+    assert checkpoint.weight_files(sharded) == sorted({sharded / f for f in index.values()})
 
 
 def test_score_output_in_the_model_dir_changes_neither_identity_nor_conversion_key(base, tmp_path):
     d = copy_model(base, tmp_path / "m", link_weights=True)
-    fp, key = hfmodel.fingerprint(d), hfmodel.conversion_key(d)
+    fp, key = checkpoint.fingerprint(d), checkpoint.conversion_key(d)
     Plan.identity(ModelShape.from_hf_dir(d), fingerprint=fp).save(d / "plan.json")  # a plan made before
     r = CliRunner().invoke(main, ["score", str(d), "-o", str(d / "scores.json"), "--seq-len", "16", "--samples", "2",
                                   "--no-plots"])
     assert r.exit_code == 0, r.output
     assert (d / "scores.neurons.safetensors").is_file() and (d / "scores.json").is_file()
-    assert hfmodel.weight_files(d) == [d / WEIGHTS]
-    assert hfmodel.fingerprint(d) == fp and hfmodel.conversion_key(d) == key
-    validate(Plan.load(d / "plan.json"), ModelShape.from_hf_dir(d), hfmodel.fingerprint(d))  # still accepted
-    assert sorted(hfmodel.converter_inputs(d)) == ["chat_template.jinja", "config.json", "special_tokens_map.json",
+    assert checkpoint.weight_files(d) == [d / WEIGHTS]
+    assert checkpoint.fingerprint(d) == fp and checkpoint.conversion_key(d) == key
+    validate(Plan.load(d / "plan.json"), ModelShape.from_hf_dir(d), checkpoint.fingerprint(d))  # still accepted
+    assert sorted(checkpoint.converter_inputs(d)) == ["chat_template.jinja", "config.json", "special_tokens_map.json",
                                                    "tiny_spec.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_weights_named_otherwise_are_not_the_model(base, tmp_path):
     d = copy_model(base, tmp_path / "m", link_weights=True)
     (d / WEIGHTS).rename(d / "weights.safetensors")
-    with pytest.raises(hfmodel.ModelDirError) as e:
-        hfmodel.weight_files(d)
+    with pytest.raises(checkpoint.ModelDirError) as e:
+        checkpoint.weight_files(d)
     assert str(e.value) == (f"{d} has no model weights: transformers and convert_hf_to_gguf.py read "
                             "model.safetensors (or the shards model.safetensors.index.json names), and "
                             "weights.safetensors is not; rename the weight file to model.safetensors")
@@ -207,14 +208,14 @@ EDITS = {  # what changes → (file, edit, GGUF key that must differ)
 def test_same_weights_with_another_tokenizer_template_or_rope_get_their_own_conversion(base, tmp_path):
     d = copy_model(base, tmp_path / "m", link_weights=True)
     cache = tmp_path / "cache"
-    fp = hfmodel.fingerprint(d)
+    fp = checkpoint.fingerprint(d)
     first = convert_cached(d, "f16", cache)
     made = first.stat().st_mtime_ns
     seen = {first}
     for what, (name, edit, key) in EDITS.items():
         original = (d / name).read_text()
         (d / name).write_text(edit(original))
-        assert hfmodel.fingerprint(d) == fp, what  # the identity (plans, scores) is the weights'
+        assert checkpoint.fingerprint(d) == fp, what  # the identity (plans, scores) is the weights'
         got = convert_cached(d, "f16", cache)
         assert got not in seen, f"{what}: the cached conversion of another checkpoint was used"
         seen.add(got)
@@ -227,12 +228,12 @@ def test_same_weights_with_another_tokenizer_template_or_rope_get_their_own_conv
 def test_weights_edited_in_place_with_the_same_shapes_are_converted_again(base, tmp_path):
     d = copy_model(base, tmp_path / "m")
     cache = tmp_path / "cache"
-    fp = hfmodel.fingerprint(d)
+    fp = checkpoint.fingerprint(d)
     first = convert_cached(d, "f16", cache)
     size = (d / WEIGHTS).stat().st_size
     edit_embedding_row(d, 10000)  # a merged LoRA, say: same shapes, same size, other bytes
     assert (d / WEIGHTS).stat().st_size == size
-    assert hfmodel.fingerprint(d) == fp  # outside the sampled bytes: the cheap identity cannot see it …
+    assert checkpoint.fingerprint(d) == fp  # outside the sampled bytes: the cheap identity cannot see it …
     second = convert_cached(d, "f16", cache)
     assert second != first  # … the conversion key can: the file's mtime and ctime moved
     assert gguf_row(second, "token_embd.weight", 10000) != gguf_row(first, "token_embd.weight", 10000)
@@ -244,16 +245,16 @@ def test_verify_cache_hashes_every_weight_byte(base, tmp_path, cache_root):
     converted = cache_root / "converted"
     first = convert_cached(d, "f16")
     assert first.parent == converted
-    old_key = hfmodel.conversion_key(d)
+    old_key = checkpoint.conversion_key(d)
     st = (d / WEIGHTS).stat()
     edit_embedding_row(d, 20000)
     os.utime(d / WEIGHTS, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same size and mtime as before the edit
     now = (d / WEIGHTS).stat()
     assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
-    assert hfmodel.conversion_key(d) != old_key  # the ctime still moved, and no one can set it back
+    assert checkpoint.conversion_key(d) != old_key  # the ctime still moved, and no one can set it back
     # what the stat cannot show (an edit within one tick of a coarse clock, a clock set back): the current quick
     # key's entry holds the conversion of the old bytes
-    stale = converted / first.name.replace(old_key, hfmodel.conversion_key(d))
+    stale = converted / first.name.replace(old_key, checkpoint.conversion_key(d))
     shutil.copyfile(first, stale)
     row = gguf_row(first, "token_embd.weight", 20000)
 
@@ -284,7 +285,7 @@ def _damage(case: str, base: Path, sharded: Path, d: Path) -> str | dict[str, st
     a regular expression where part of it is another library's words)."""
     if case in ("missing shard", "shard misses a tensor"):
         copy_model(sharded, d, link_weights=True)
-        index = json.loads((d / hfmodel.INDEX_NAME).read_text())["weight_map"]
+        index = json.loads((d / checkpoint.INDEX_NAME).read_text())["weight_map"]
         name = "model.layers.1.mlp.down_proj.weight"
         shard = index[name]
         if case == "missing shard":
@@ -354,7 +355,7 @@ def test_a_damaged_model_dir_is_one_line_from_every_command(case, base, sharded,
     message = _damage(case, base, sharded, d)
     before = tree_hash(d)
     good = tmp_path / "good-plan.json"
-    Plan.identity(ModelShape.from_hf_dir(base), fingerprint=hfmodel.fingerprint(base)).save(good)
+    Plan.identity(ModelShape.from_hf_dir(base), fingerprint=checkpoint.fingerprint(base)).save(good)
     out = tmp_path / "out"
     commands = {
         "score": ["score", str(d), "-o", str(out / "s.json"), "--seq-len", "16", "--samples", "2", "--no-plots"],

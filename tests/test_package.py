@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from gguf_prune import llamacpp, toolchain
-from gguf_prune.package import GLIBC, PackageError, PackageOptions, build_package, describe, packed_options
+from gguf_prune.runtime import llamacpp
+from gguf_prune.runtime import toolchain
+from gguf_prune.runtime.package import GLIBC, PackageError, PackageOptions, build_package, describe, packed_options
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -157,7 +158,7 @@ def test_a_library_in_the_current_directory_is_never_loaded(packaged, tmp_path):
 
 
 def test_set_runpath_rewrites_in_place_and_refuses_what_does_not_fit(tmp_path):
-    from gguf_prune.package import set_runpath
+    from gguf_prune.runtime.package import set_runpath
 
     server = toolchain.build_portable().portable_bin_dir / "llama-server"
     before = server.read_bytes()
@@ -239,7 +240,7 @@ def test_refuses_what_llama_cpp_cannot_load_before_writing(tmp_path):
 
 
 def test_system_prompt_is_used_when_the_chat_has_none(tiny_tied, tmp_path):
-    from gguf_prune.package import chat_template_with_system_prompt
+    from gguf_prune.runtime.package import chat_template_with_system_prompt
 
     model = llamacpp.convert_hf_to_gguf(tiny_tied, tmp_path / "t.gguf", outtype="f16")
     tpl = chat_template_with_system_prompt(model, 'Be "brief".')

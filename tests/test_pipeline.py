@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from gguf_prune.pipeline import RunOptions, SweepOptions, format_summary, greedy_steps_for, run, sweep
+from gguf_prune.pipeline.stages import RunOptions, SweepOptions, format_summary, greedy_steps_for, run, sweep
 from gguf_prune.plan import Plan
 
 

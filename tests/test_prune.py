@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gguf_prune import hfmodel
-from gguf_prune.gguf_io import read_gguf
+from gguf_prune.models import checkpoint
+from gguf_prune.writing.gguf_io import read_gguf
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
-from gguf_prune.prune import PruneError, plan_path_for, prune
-from gguf_prune.quantize import QUANT_TYPES, QuantizeError
-from gguf_prune.rewrite import PLAN_DIGEST_KEY, gguf_identity
+from gguf_prune.writing.prune import PruneError, plan_path_for, prune
+from gguf_prune.writing.quantize import QUANT_TYPES, QuantizeError
+from gguf_prune.writing.rewrite import PLAN_DIGEST_KEY, gguf_identity
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def converted(tmp_path_factory) -> Path:
 def untied_plan(hf_dir: Path) -> Plan:
     shape = ModelShape.from_hf_dir(hf_dir)
     L = LayerPlan
-    return Plan(shape=shape, fingerprint=hfmodel.fingerprint(hf_dir), layers=(
+    return Plan(shape=shape, fingerprint=checkpoint.fingerprint(hf_dir), layers=(
         L(0), L(1, heads=(0, 1, 4, 5), neurons=tuple(range(0, 768, 3))), L(2, removed=True), L(3, heads=())))
 
 
@@ -68,7 +68,7 @@ def test_without_a_plan_prune_makes_the_uncut_base_from_the_cached_conversion(ti
     assert out.read_bytes() == r.base_gguf.read_bytes()  # the uncut base, exactly as converted
     assert r.architecture == "llama" and r.quant == "NONE" and r.fallbacks == []
     assert Plan.load(r.plan_path) == Plan.identity(ModelShape.from_hf_dir(tiny_untied),
-                                                   fingerprint=hfmodel.fingerprint(tiny_untied))
+                                                   fingerprint=checkpoint.fingerprint(tiny_untied))
 
 
 def test_bad_requests_fail_before_converting_anything(tiny_untied, tiny_tied, tmp_path):
@@ -82,7 +82,7 @@ def test_bad_requests_fail_before_converting_anything(tiny_untied, tiny_tied, tm
         prune(tiny_untied, plan, out, outtype="q8_0", cache_dir=cache)
     assert str(e.value) == "outtype 'q8_0' is not supported; choose one of f16, bf16, f32"
     # the same shape, another checkpoint: the fingerprint tells them apart
-    other = Plan(shape=plan.shape, layers=plan.layers, fingerprint=hfmodel.fingerprint(tiny_tied))
+    other = Plan(shape=plan.shape, layers=plan.layers, fingerprint=checkpoint.fingerprint(tiny_tied))
     with pytest.raises(PlanError) as e:
         prune(tiny_untied, other, out, cache_dir=cache)
     assert str(e.value) == (

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from gguf_prune import llamacpp
-from gguf_prune.gguf_io import read_gguf
+from gguf_prune.runtime import llamacpp
+from gguf_prune.writing.gguf_io import read_gguf
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
-from gguf_prune.prune import convert_cached
-from gguf_prune.quantize import QUANT_TYPES, Fallback, QuantizeError, check_quant_type, parse_fallbacks, quantize
-from gguf_prune.rewrite import rewrite
+from gguf_prune.writing.prune import convert_cached
+from gguf_prune.writing.quantize import (QUANT_TYPES, Fallback, QuantizeError, check_quant_type, parse_fallbacks,
+                                         quantize)
+from gguf_prune.writing.rewrite import rewrite
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Recovery: linear patches and fine-tuning, written into GGUF, must compute what the recovered
-PyTorch model computes (hfmodel.apply_plan with the recovered weights); bad inputs fail clearly
+PyTorch model computes (cuts.apply_plan with the recovered weights); bad inputs fail clearly
 and overwrite nothing."""
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from gguf_prune import hfmodel, llamacpp
+from gguf_prune.runtime import llamacpp
+from gguf_prune.models import checkpoint
+from gguf_prune.models import cuts
 from gguf_prune.cli import main
-from gguf_prune.finetune import FinetuneError, FinetuneOptions, prepare_student
-from gguf_prune.metrics import kl_per_token
+from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions, prepare_student
+from divergence import kl_per_token
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
-from gguf_prune.planner import explain
-from gguf_prune.prune import PruneError, prune
-from gguf_prune.recover import (RecoverError, RecoverOptions, load_recovered_model, mark_patches, open_recovered,
-                                recover, rope_permute)
+from gguf_prune.planning.strategies import explain
+from gguf_prune.writing.prune import PruneError, prune
+from gguf_prune.recovery.recover import (RecoverError, RecoverOptions, load_recovered_model, mark_patches,
+                                         open_recovered, recover, rope_permute)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def _plan(hf_dir: Path, shape: ModelShape) -> Plan:
     if n >= 6:
         cut |= {4: L(4, heads=()), 5: L(5, neurons=())}
     return Plan(shape=shape, layers=tuple(cut.get(i, L(i)) for i in range(n)),
-                fingerprint=hfmodel.fingerprint(hf_dir))
+                fingerprint=checkpoint.fingerprint(hf_dir))
 
 
 CALIBRATION = Path(__file__).parent / ".." / "gguf_prune" / "data" / "pydoc_topics.txt"
@@ -149,7 +151,7 @@ def test_patched_gguf_matches_pytorch(tiny_model, cache, tmp_path):
     log.info("%s patched: mean KL %.3g, top-1 %.3f, %d ties", tiny_model.name, c["mean_kl"], c["top1"], c["ties"])
     assert c["mean_kl"] < KL_MAX and c["top1"] == 1.0 and c["ties"] <= c["n"] // 10, c
     # the same file against the cut alone: had llama.cpp dropped the patches it would match this instead
-    model = hfmodel.apply_plan(hfmodel.load_model(tiny_model), r.plan.without_patches())
+    model = cuts.apply_plan(cuts.load_model(tiny_model), r.plan.without_patches())
     tokens = AutoTokenizer.from_pretrained(tiny_model)(TEXT)["input_ids"]
     with torch.no_grad():
         cut = model(torch.tensor([tokens])).logits[0].numpy()
@@ -188,10 +190,10 @@ def test_training_cannot_revive_removed_units(tiny_tied, method):
     became: here every trainable tensor is set at random, the removed columns included."""
     shape = ModelShape.from_hf_dir(tiny_tied)
     plan = mark_patches(_plan(tiny_tied, shape))
-    model = hfmodel.load_model(tiny_tied)
+    model = cuts.load_model(tiny_tied)
     g = torch.Generator().manual_seed(0)
-    patches = {hfmodel.PATCH_NAME.format(lp.index): 0.05 * torch.randn(256, 256, generator=g) for lp in plan.patches()}
-    student = prepare_student(hfmodel.apply_plan(copy.deepcopy(model), plan, patches), plan,
+    patches = {cuts.PATCH_NAME.format(lp.index): 0.05 * torch.randn(256, 256, generator=g) for lp in plan.patches()}
+    student = prepare_student(cuts.apply_plan(copy.deepcopy(model), plan, patches), plan,
                               FinetuneOptions(method=method))
     with torch.no_grad():
         for _, p in student.params:
@@ -202,8 +204,8 @@ def test_training_cannot_revive_removed_units(tiny_tied, method):
     weights = patches | student.weights()
     assert "model.layers.1.self_attn.o_proj.weight" in weights and "model.layers.3.patch.weight" in weights
     with torch.no_grad():
-        handed_over = hfmodel.apply_plan(copy.deepcopy(model), plan, weights)(ids).logits
-        cut_alone = hfmodel.apply_plan(copy.deepcopy(model), plan, patches)(ids).logits
+        handed_over = cuts.apply_plan(copy.deepcopy(model), plan, weights)(ids).logits
+        cut_alone = cuts.apply_plan(copy.deepcopy(model), plan, patches)(ids).logits
     assert (trained - cut_alone).abs().max() > 0.1  # the weights did change the model
     torch.testing.assert_close(trained, handed_over, rtol=0, atol=1e-4)
 
@@ -313,7 +315,7 @@ def test_cli_recover_then_prune(tiny_untied, cache, tmp_path, monkeypatch):
     assert "patch at layer 3 for layers [2, 3]" in r.output
     r = runner.invoke(main, ["plan", "--explain", str(tmp_path / "rec" / "plan.json")])
     assert r.exit_code == 0 and "1 linear patch (layers 3): 65.8K parameters each" in r.output, r.output
-    from gguf_prune import prune as prune_mod
+    from gguf_prune.writing import prune as prune_mod
 
     monkeypatch.setattr(prune_mod, "converted_cache_dir", lambda: cache)
     r = runner.invoke(main, ["prune", str(tiny_untied), "--plan", str(plan), "--recovered", str(tmp_path / "rec"),

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gguf_prune.gguf_io import GGUFStreamWriter, OutOfSpaceError, read_gguf
+from gguf_prune.writing.gguf_io import GGUFStreamWriter, read_gguf
+from gguf_prune.atomic import OutOfSpaceError
 from gguf_prune.plan import LayerPlan, Plan, PlanError, ModelShape
-from gguf_prune.prune import convert_cached
-from gguf_prune.rewrite import PLAN_DIGEST_KEY, PLAN_KEY, RewriteError, rewrite
+from gguf_prune.writing.prune import convert_cached
+from gguf_prune.writing.rewrite import PLAN_DIGEST_KEY, PLAN_KEY, RewriteError, rewrite
 
 HD = 32  # the fixtures' head_dim
 
@@ -404,7 +405,7 @@ def test_a_plan_for_another_model(tied_f32, tiny_untied, existing_out):
 def test_a_plan_applied_to_one_gguf_is_refused_for_another_of_the_same_shape(tied_f32, tied_shape, converted,
                                                                              tmp_path_factory, tmp_path):
     """Same shape, other weights (another seed): the identity recorded in the plan tells them apart."""
-    from gguf_prune.testing import TinySpec, make_tiny_llama
+    from tiny_models import TinySpec, make_tiny_llama
 
     twin = convert_cached(make_tiny_llama(tmp_path_factory.mktemp("twin"), TinySpec(tie_word_embeddings=True, seed=7)),
                           "f32", cache_dir=converted)

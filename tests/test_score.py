@@ -13,13 +13,15 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
-from gguf_prune import ablate, scores as scores_io
+from gguf_prune.scoring import ablate
+from gguf_prune import scores as scores_io
 from gguf_prune.calibration import CalibrationError, load_calibration
 from gguf_prune.cli import main
-from gguf_prune.hfmodel import ModelDirError, apply_plan, fingerprint, load_model
+from gguf_prune.models.checkpoint import ModelDirError, fingerprint
+from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
-from gguf_prune.planner import PlanOptions, build_plan
-from gguf_prune.score import ScoreError, ScoreOptions, parse_layers, score_model
+from gguf_prune.planning.strategies import PlanOptions, build_plan
+from gguf_prune.scoring.measure import ScoreError, ScoreOptions, parse_layers, score_model
 
 TOL = 1e-5
 SMALL = dict(seq_len=16, samples=3, progress=False)
@@ -342,7 +344,7 @@ def test_width_scores_equal_the_naive_ablation_and_follow_the_energy_order(tiny_
                       ScoreOptions(**SMALL, plan=plan_path, width=(0.25, 0.5, 0.95), width_align=64, plots=False))
     d = json.loads(out.read_text())
     assert d["width"] == {"drops": [192, 384, 704], "order": "energy", "align": 64}
-    from gguf_prune.score_plots import plot_scores
+    from gguf_prune.scoring.plots import plot_scores
 
     assert (tmp_path / "w.width.png") in plot_scores(out) and (tmp_path / "w.width.png").stat().st_size > 1000
     assert d["layers"][4].get("width_kl") is None

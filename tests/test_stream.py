@@ -13,12 +13,13 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch, save_file
 
-from gguf_prune import scores as scores_io, stream
+from gguf_prune import scores as scores_io
+from gguf_prune.scoring import stream
 from gguf_prune.cli import main
-from gguf_prune.hfmodel import ModelDirError, fingerprint
+from gguf_prune.models.checkpoint import ModelDirError, fingerprint
 from gguf_prune.plan import ModelShape
-from gguf_prune.planner import PlanOptions, build_plan
-from gguf_prune.score import ScoreError, ScoreOptions, score_model
+from gguf_prune.planning.strategies import PlanOptions, build_plan
+from gguf_prune.scoring.measure import ScoreError, ScoreOptions, score_model
 
 TOL = 1e-5  # float32, as the in-memory engine against the naive ablation
 SMALL = dict(seq_len=16, samples=3, progress=False, plots=False)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from gguf_prune import llamacpp, toolchain
+from gguf_prune.runtime import llamacpp
+from gguf_prune.runtime import toolchain
 from gguf_prune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +109,7 @@ def test_second_setup_builds_nothing():
     tc = toolchain.find()
     stamp_before = tc.stamp.read_text()
     log_size = (tc.build_dir / "build.log").stat().st_size if (tc.build_dir / "build.log").exists() else 0
-    proc = subprocess.run([sys.executable, "-m", "gguf_prune.toolchain", "setup", "--python", sys.executable],
+    proc = subprocess.run([sys.executable, "-m", "gguf_prune.runtime.toolchain", "setup", "--python", sys.executable],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "already built" in proc.stderr
@@ -173,7 +174,7 @@ def test_doctor_says_which_build_is_which_and_lists_the_cpu_variants():
 
 def test_the_long_build_shows_a_progress_line_every_ten_percent(caplog):
     progress = toolchain._BuildProgress("portable llama-server")
-    with caplog.at_level("INFO", logger="gguf_prune.toolchain"):
+    with caplog.at_level("INFO", logger="gguf_prune.runtime.toolchain"):
         for line in ["-- Configuring done", "[  3%] Building C object a.o", "[ 10%] Building C object b.o",
                      "[ 12%] Building C object c.o", "[ 35%] Linking CXX shared library x.so", "make: warning",
                      "[ 35%] Built target x", "[100%] Built target llama-server"]:

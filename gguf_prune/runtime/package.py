@@ -33,8 +33,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import llamacpp, toolchain
-from .errors import GgufPruneError
+from gguf_prune.runtime import llamacpp
+from gguf_prune.runtime import toolchain
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def _portable_server_files(tc: toolchain.Toolchain) -> tuple[Path, list[Path], l
     for lib in libs.values():
         if lib.name.startswith(("libllama", "libggml", "libmtmd")) and lib.resolve().parent != own:
             raise PackageError(f"{server} loads {lib}, which is not from the portable build in {own}; "
-                               f"rebuild it with `python -m gguf_prune.toolchain portable`")
+                               f"rebuild it with `python -m gguf_prune.runtime.toolchain portable`")
     return server, variants, sorted(libs.values())
 
 

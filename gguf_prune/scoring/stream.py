@@ -1,6 +1,6 @@
 """Layer-major streamed scoring: score a model bigger than memory, reading each layer's weights once.
 
-The in-memory engine (:mod:`gguf_prune.ablate`) holds the whole model and, at each layer i, sends the
+The in-memory engine (:mod:`gguf_prune.scoring.ablate`) holds the whole model and, at each layer i, sends the
 variants born there through layers i+1… before moving on. This engine turns the loops round: it reads
 decoder layer j's tensors from the safetensors shards (memory-mapped, one layer at a time, closed after
 the read), and advances through it *every* variant that needs it before reading layer j+1:
@@ -29,7 +29,6 @@ states and the checkpoint stay on the CPU / disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -42,10 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ablate, scores as scores_io
-from .hfmodel import DTYPE_BYTES, TensorInfo, check_weights, expected_tensors, read_config, tied_embeddings
-from .plan import ModelShape, save_tensors_atomic
-from .errors import GgufPruneError
+from gguf_prune.scoring import ablate
+from gguf_prune import scores as scores_io
+from gguf_prune.models.checkpoint import (DTYPE_BYTES, TensorInfo, check_weights, expected_tensors, read_config,
+                                          tied_embeddings)
+from gguf_prune.plan import ModelShape
+from gguf_prune.atomic import save_tensors_atomic
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import scores as scores_io
-from .plan import save_figure_atomic
+from gguf_prune import scores as scores_io
+from gguf_prune.atomic import save_figure_atomic
 
 log = logging.getLogger(__name__)
 

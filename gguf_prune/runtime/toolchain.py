@@ -22,7 +22,7 @@ version and build flags (a second run finds the stamp and returns in seconds):
   once, the first time ``package`` needs it (with a progress line every 10%).
 
 This module imports only the standard library so that set-up can run it
-before anything else is installed (``python -m gguf_prune.toolchain setup``).
+before anything else is installed (``python -m gguf_prune.runtime.toolchain setup``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GgufPruneError
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Toolchain:
         if not path.exists():
             raise ToolchainError(
                 f"{name} not found at {path}: the llama.cpp build is incomplete; "
-                "run scripts/setup.sh (or `python -m gguf_prune.toolchain setup`)"
+                "run scripts/setup.sh (or `python -m gguf_prune.runtime.toolchain setup`)"
             )
         return path
 
@@ -500,7 +500,7 @@ def link_vendor(tc: Toolchain, repo: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m gguf_prune.toolchain")
+    parser = argparse.ArgumentParser(prog="python -m gguf_prune.runtime.toolchain")
     parser.add_argument("command", choices=["setup", "path", "portable"],
                         help="setup: the native build and the Python side; path: print the build directory; "
                              "portable: build the portable llama-server that `package` ships now "

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import DATA_DIR, llamacpp
-from .llamacpp import LlamaCppError
-from .errors import GgufPruneError
+from gguf_prune.data import DATA_DIR
+from gguf_prune.runtime import llamacpp
+from gguf_prune.runtime.llamacpp import LlamaCppError
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def run_prompts(model: Path, prompts: list[dict[str, Any]], o: EvalOptions) -> d
 def evaluate(base: Path, models: list[Path], out_dir: Path, text: Path | None = None,
              options: EvalOptions | None = None) -> dict[str, Any]:
     """Evaluate ``models`` against ``base`` in llama.cpp; write report.json/.md/PNGs to ``out_dir``."""
-    from . import report
+    from gguf_prune.runtime import report
 
     o = options or EvalOptions()
     base = Path(base)

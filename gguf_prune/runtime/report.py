@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .plan import save_figure_atomic, write_text_atomic
+from gguf_prune.atomic import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -53,11 +53,12 @@ from typing import Callable, Mapping
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from . import arch as archmod
-from .gguf_io import (CHUNK_BYTES, SLICEABLE_TYPES, GGUFFile, GGUFFormatError, GGUFStreamWriter, OutOfSpaceError,
-                      TensorRef, atomic_output, read_gguf, read_rows)
-from .plan import ModelShape, Plan, validate
-from .errors import GgufPruneError
+from gguf_prune.models import arch as archmod
+from gguf_prune.writing.gguf_io import (CHUNK_BYTES, SLICEABLE_TYPES, GGUFFile, GGUFFormatError, GGUFStreamWriter,
+                                        TensorRef, read_gguf, read_rows)
+from gguf_prune.atomic import OutOfSpaceError, atomic_output
+from gguf_prune.plan import ModelShape, Plan, validate
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 

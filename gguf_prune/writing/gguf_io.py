@@ -17,21 +17,19 @@ Naming: ``ne`` is ggml order (ne0 = row length first); ``shape`` is numpy order.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
-from .errors import GgufPruneError
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +46,6 @@ CHUNK_BYTES = 16 << 20  # rows are read in chunks of about this size when a tens
 
 class GGUFFormatError(GgufPruneError, ValueError):
     """A file that is not a readable GGUF: what is wrong, where, and what to do."""
-
-
-class OutOfSpaceError(GgufPruneError, OSError):
-    """The output disk filled up; the partial output was removed."""
 
 
 # ------------------------------------------------------------------------- reading
@@ -566,52 +560,3 @@ def read_rows(src_fd: int, ref: TensorRef, row_start: int, row_stop: int) -> np.
     return np.frombuffer(buf, dtype=ref.element).reshape(row_stop - row_start, row_len)
 
 
-# ------------------------------------------------------------------------- atomic output
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file that another program wrote to disk (before renaming it into place)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def default_file_mode() -> int:
-    """0666 less the process umask: the mode ``open()`` would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, fsync: bool = True) -> Iterator[int]:
-    """Yield a file descriptor of a temporary file next to ``out``; rename it to ``out``
-    when the block completes (after fsync, so a crash cannot leave a half-written file
-    under the final name), remove it when the block raises. A full disk becomes
-    OutOfSpaceError naming the path. ``fsync=False`` for intermediates that are read
-    back at once and deleted."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        try:
-            os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; a model file is as readable as any other
-            yield fd
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            err = OutOfSpaceError(f"no space left on the device of {out.parent} while writing {out.name}; "
-                                  "free some space or write elsewhere; the partial file was removed")
-            err.errno = e.errno
-            raise err from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

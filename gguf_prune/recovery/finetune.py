@@ -1,6 +1,6 @@
 """Fine-tuning a pruned model in PyTorch: LoRA (peft) or full, by distillation or next-token loss.
 
-The student is ``hfmodel.apply_plan(model, plan, patches)``: removed layers are gone,
+The student is ``cuts.apply_plan(model, plan, patches)``: removed layers are gone,
 patches are in place, and removed heads / neurons are *masked at the input of o_proj
 / down_proj* by forward pre-hooks. Masking the input (not the weight columns) is what
 keeps training from reviving them: whatever o_proj's removed columns or the LoRA
@@ -36,11 +36,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .calibration import Calibration
-from . import hfmodel
-from .hfmodel import PatchLayer, _ZeroAttention, _ZeroMLP
-from .plan import Plan, save_torch_atomic
-from .errors import GgufPruneError
+from gguf_prune.calibration import Calibration
+from gguf_prune.models import cuts
+from gguf_prune.models.cuts import PatchLayer, _ZeroAttention, _ZeroMLP
+from gguf_prune.plan import Plan
+from gguf_prune.atomic import save_torch_atomic
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class FinetuneResult:
 
 
 def resolve_device(device: str) -> str:
-    return hfmodel.resolve_device(device, FinetuneError)
+    return cuts.resolve_device(device, FinetuneError)
 
 
 def check_options(o: FinetuneOptions) -> None:
@@ -201,7 +202,7 @@ class Student:
 
 
 def prepare_student(student, plan: Plan, o: FinetuneOptions, device: str | torch.device = "cpu") -> Student:
-    """Make ``student`` (``hfmodel.apply_plan(model, plan, patches)``) trainable as ``o`` says, on ``device``."""
+    """Make ``student`` (``cuts.apply_plan(model, plan, patches)``) trainable as ``o`` says, on ``device``."""
     model, params = _prepare(student, o)
     model.to(device)
     # after LoRA is injected: the hooks sit on the wrapper, so that the LoRA path sees the mask too

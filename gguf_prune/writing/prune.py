@@ -22,13 +22,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import hfmodel, llamacpp, toolchain
-from .gguf_io import OutOfSpaceError, fsync_path
-from .plan import Plan, validate, write_text_atomic
-from .quantize import QuantizeError, check_quant_type, quantize
-from .recover import open_recovered
-from .rewrite import rewrite
-from .errors import GgufPruneError
+from gguf_prune.runtime import llamacpp
+from gguf_prune.runtime import toolchain
+from gguf_prune.models import checkpoint
+from gguf_prune.atomic import OutOfSpaceError, fsync_path
+from gguf_prune.plan import Plan, validate
+from gguf_prune.atomic import write_text_atomic
+from gguf_prune.writing.quantize import QuantizeError, check_quant_type, quantize
+from gguf_prune.recovery.recover import open_recovered
+from gguf_prune.writing.rewrite import rewrite
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = 
     """The checkpoint converted with the pinned convert_hf_to_gguf.py, made once per
     (conversion key, outtype, llama.cpp commit) under ``cache_dir``.
 
-    The key (:func:`hfmodel.conversion_key`) covers every file the converter reads: the bytes of the config,
+    The key (:func:`checkpoint.conversion_key`) covers every file the converter reads: the bytes of the config,
     generation config, tokenizer files and chat template, and each weight file's size, mtime, ctime and inode.
     ``verify``: key on the SHA-256 of every weight byte instead (one full read), for an edit a file's stat cannot
     show (a file system with coarse timestamps, a clock set back); the quick key is then pointed at the
@@ -91,7 +94,7 @@ def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = 
         raise PruneError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     commit = (toolchain.find().info().get("commit") or "unknown")[:10]
     cache_dir = Path(cache_dir) if cache_dir is not None else converted_cache_dir()
-    key = hfmodel.conversion_key(hf_dir)
+    key = checkpoint.conversion_key(hf_dir)
     quick = cache_dir / f"{key}-{outtype}-{commit}.gguf"
     if not verify:
         if quick.exists():
@@ -99,7 +102,7 @@ def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = 
             return quick
         return _convert(hf_dir, quick, outtype, key)
     t0 = time.perf_counter()
-    exact = cache_dir / f"{hfmodel.conversion_key(hf_dir, verify=True)}-{outtype}-{commit}.gguf"
+    exact = cache_dir / f"{checkpoint.conversion_key(hf_dir, verify=True)}-{outtype}-{commit}.gguf"
     log.info("hashed every weight byte of %s in %.1f s", hf_dir, time.perf_counter() - t0)
     if exact.exists():
         log.info("using the cached conversion %s (verified)", exact)
@@ -111,9 +114,9 @@ def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = 
 
 def _convert(hf_dir: Path, path: Path, outtype: str, key: str) -> Path:
     """Convert into the cache, keeping the result only if the checkpoint did not change while the converter read it."""
-    hfmodel.check_tokenizer_files(hf_dir)  # one line, not the converter's traceback
+    checkpoint.check_tokenizer_files(hf_dir)  # one line, not the converter's traceback
     llamacpp.convert_hf_to_gguf(hf_dir, path, outtype=outtype)
-    if hfmodel.conversion_key(hf_dir) != key:
+    if checkpoint.conversion_key(hf_dir) != key:
         path.unlink(missing_ok=True)
         raise PruneError(f"{hf_dir} changed while it was being converted; run again once it is complete")
     return path
@@ -144,7 +147,7 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
     """
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
-    shape = hfmodel.check_model_dir(hf_dir)
+    shape = checkpoint.check_model_dir(hf_dir)
     if outtype not in OUTTYPES:
         raise PruneError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     q = str(quant).strip().upper()
@@ -158,12 +161,12 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
         raise QuantizeError(f"calibration text {imatrix_text} does not exist")
     if out.is_dir():
         raise PruneError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")
-    fp = hfmodel.fingerprint(hf_dir)
+    fp = checkpoint.fingerprint(hf_dir)
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(Path(plan))
     overrides = None
     if recovered is not None:
-        tied = bool(hfmodel.read_config(hf_dir).get("tie_word_embeddings", False))
+        tied = bool(checkpoint.read_config(hf_dir).get("tie_word_embeddings", False))
         rec = open_recovered(recovered, shape, fp, plan=plan, tied=tied)
         plan, overrides = rec.plan, rec.overrides()
     if plan is not None:

@@ -6,15 +6,15 @@ Round r of R reaches the budget b·r/R (a fraction of the source model's block p
 
 1. **score** the current model on top of the cuts so far. The current model is the source
    checkpoint with the previous round's cut applied and the tensors its recovery left loaded
-   over the checkpoint's (``hfmodel.apply_plan(model, plan, recovered weights)``, exactly the
+   over the checkpoint's (``cuts.apply_plan(model, plan, recovered weights)``, exactly the
    model ``prune --recovered`` writes). Every remaining layer and attention / MLP sub-block is
-   bypassed in turn (the prefix-cached engine of :mod:`gguf_prune.ablate`) and scored by
+   bypassed in turn (the prefix-cached engine of :mod:`gguf_prune.scoring.ablate`) and scored by
    KL(unpruned ‖ current model without it): the reference is always the *unpruned* checkpoint,
    so every round measures distance to the same target, not to the last round's model;
 2. **extend the plan** to the round's budget: the planner's budget fill on top of the previous
    plan (the scores' ``base_plan``), cheapest units by KL per parameter first. A unit removed in
    an earlier round is never revived (checked; the recovery refuses it too);
-3. **recover** the new cut (:func:`gguf_prune.recover.recover` with ``start=`` the previous
+3. **recover** the new cut (:func:`gguf_prune.recovery.recover.recover` with ``start=`` the previous
    round's recover directory): the tensors the new cut still uses are loaded first, patches are
    fitted on that model, and fine-tuning continues from there, distilling from the unpruned model.
 
@@ -59,11 +59,14 @@ from typing import Any
 
 import torch
 
-from . import ablate, hfmodel
-from . import scores as scores_io
-from .calibration import Calibration, check_calibration_file, load_calibration
-from .plan import Plan, write_text_atomic
-from .errors import GgufPruneError
+from gguf_prune.scoring import ablate
+from gguf_prune.models import checkpoint
+from gguf_prune.models import cuts
+from gguf_prune import scores as scores_io
+from gguf_prune.calibration import Calibration, check_calibration_file, load_calibration
+from gguf_prune.plan import Plan
+from gguf_prune.atomic import write_text_atomic
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +135,8 @@ class IterateResult:
 
 def _check(hf_dir: Path, out_dir: Path, o: IterateOptions):
     """Every check that needs no weights; returns (shape, fingerprint, patch?, finetune options or None)."""
-    from .finetune import FinetuneOptions, check_options
-    from .recover import PATCH_FITS
+    from gguf_prune.recovery.finetune import FinetuneOptions, check_options
+    from gguf_prune.recovery.recover import PATCH_FITS
 
     p = []
     if not isinstance(o.rounds, int) or o.rounds < 1:
@@ -160,9 +163,9 @@ def _check(hf_dir: Path, out_dir: Path, o: IterateOptions):
     if method:
         fto = replace(o.finetune_options or FinetuneOptions(), method=method)
         check_options(fto)
-    shape = hfmodel.check_model_dir(hf_dir)
+    shape = checkpoint.check_model_dir(hf_dir)
     check_calibration_file(o.calibration, o.calibration_kind)
-    return shape, hfmodel.fingerprint(hf_dir), patch, fto
+    return shape, checkpoint.fingerprint(hf_dir), patch, fto
 
 
 def _key(*parts: Any) -> str:
@@ -174,14 +177,14 @@ def _key(*parts: Any) -> str:
 
 def current_model(hf_dir: Path, plan: Plan | None, recovered: Path | None, device: str = "cpu"):
     """The model a round ends with: the checkpoint, ``plan``'s cut, the recovered tensors loaded over it."""
-    from .recover import load_recovered_model
+    from gguf_prune.recovery.recover import load_recovered_model
 
     if recovered is not None:
         model = load_recovered_model(hf_dir, recovered)
     else:
-        model = hfmodel.load_model(hf_dir)
+        model = cuts.load_model(hf_dir)
         if plan is not None:
-            hfmodel.apply_plan(model, plan)
+            cuts.apply_plan(model, plan)
     return model.to(device).eval()
 
 
@@ -201,7 +204,7 @@ def score_current(teacher, student, plan: Plan | None, cal: Calibration, seqs: l
     removes are marked removed (a patch standing in for them is not a unit the planner may cut).
     """
     t0 = time.perf_counter()
-    shape = hfmodel.check_model_dir(hf_dir)
+    shape = checkpoint.check_model_dir(hf_dir)
     groups = _groups(cal, seqs, cal.seq_len, batch_tokens)
     with torch.inference_mode():
         te = ablate.Engine(teacher, batch_tokens=batch_tokens)
@@ -238,7 +241,7 @@ def score_current(teacher, student, plan: Plan | None, cal: Calibration, seqs: l
         "schema": scores_io.SCORES_SCHEMA, "version": scores_io.SCORES_VERSION,
         "model": {"fingerprint": fingerprint, "shape": shape.to_dict(), "path": str(hf_dir)},
         "calibration": cal.to_dict() | {"sequences": list(seqs)},
-        "settings": {"scorer": "gguf_prune.iterate.score_current", "sublayers": True, "neurons": False,
+        "settings": {"scorer": "gguf_prune.pipeline.iterate.score_current", "sublayers": True, "neurons": False,
                      "heads": False, "batch_tokens": batch_tokens, "torch": torch.__version__} | settings,
         "base_plan": base, "full": {"nll": full_nll, "ppl": math.exp(full_nll)}, "layers": layers,
         "heads": None, "neurons": None, "greedy": None,
@@ -298,9 +301,9 @@ def iterate(hf_dir: Path, out_dir: Path, options: IterateOptions = IterateOption
     """Prune ``hf_dir`` in ``options.rounds`` rounds, recovering after each; see the module docstring."""
     from transformers import AutoTokenizer
 
-    from .finetune import check_data, resolve_device
-    from .planner import PlanOptions, make_plan, revived
-    from .recover import RecoverOptions, open_recovered, recover, split_heldout
+    from gguf_prune.recovery.finetune import check_data, resolve_device
+    from gguf_prune.planning.strategies import PlanOptions, make_plan, revived
+    from gguf_prune.recovery.recover import RecoverOptions, open_recovered, recover, split_heldout
 
     t_start = time.time()
     hf_dir, out_dir, o = Path(hf_dir), Path(out_dir), options
@@ -324,7 +327,7 @@ def iterate(hf_dir: Path, out_dir: Path, options: IterateOptions = IterateOption
              "sequences, %d held out", hf_dir, o.rounds, 100 * o.budget, o.recover, len(score_seqs), len(ho))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    teacher = hfmodel.load_model(hf_dir).to(device)
+    teacher = cuts.load_model(hf_dir).to(device)
     plan: Plan | None = None  # the cut so far (with patches, as recovered)
     rec_dir: Path | None = None
     student = teacher  # the current model; round 1 scores the checkpoint itself
@@ -408,7 +411,7 @@ def iterate(hf_dir: Path, out_dir: Path, options: IterateOptions = IterateOption
 
 def _finished_round(rdir: Path, rkey: str) -> tuple[Plan, Path | None, dict] | None:
     """A round that a run with the same inputs completed: (its plan, recover directory, figures), else None."""
-    from .recover import RecoverError, open_recovered
+    from gguf_prune.recovery.recover import RecoverError, open_recovered
 
     f = rdir / "round.json"
     if not f.is_file():

@@ -18,7 +18,7 @@ Strategies combine, applied in this order on top of the scores' base plan
 
 Layers in the protected ranges are never cut. With ``uniform`` (``plan --uniform``, and always for
 families whose llama.cpp architecture loads nothing else: Qwen3, Gemma 3) steps 2–5 keep one shape for every
-kept layer, so the file stays in the model's own architecture; see :mod:`gguf_prune.uniform`.
+kept layer, so the file stays in the model's own architecture; see :mod:`gguf_prune.planning.uniform`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import arch, uniform
-from . import scores as scores_io
-from .plan import LayerPlan, ModelShape, Plan, PlanError, ranges, validate
+from gguf_prune.models import arch
+from gguf_prune.planning import uniform
+from gguf_prune import scores as scores_io
+from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
+from gguf_prune.ranges import ranges
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def is_align(v: Any) -> bool:
 def option_problems(o: PlanOptions) -> list[str]:
     """Every option of ``o`` outside its range, one message each (empty: all in range). The model's own limits
     (at most the layers that are not protected, at most its heads) are checked by :func:`build_plan`."""
-    from .quantize import QUANT_TYPES
+    from gguf_prune.writing.quantize import QUANT_TYPES
 
     p = []
     for flag, v, what in (("--drop-layers", o.drop_layers, "whole layers to remove"),
@@ -606,7 +608,7 @@ def _interp(curve: list[tuple[int, float]], d: int) -> float:
 def _width_curves(scores: Mapping[str, Any], layers: Mapping[int, Mapping[str, Any]], o: PlanOptions,
                   stats_loader) -> dict[int, tuple[list[tuple[int, float]], np.ndarray]]:
     """layer → (measured (removed neurons, KL) points, live neurons in energy order)."""
-    from .scores import energy_order
+    from gguf_prune.scores import energy_order
 
     wd = scores.get("width")
     if not wd:

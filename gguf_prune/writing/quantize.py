@@ -24,9 +24,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import llamacpp
-from .gguf_io import GGUFFormatError, default_file_mode, fsync_path, read_gguf
-from .errors import GgufPruneError
+from gguf_prune.runtime import llamacpp
+from gguf_prune.writing.gguf_io import GGUFFormatError, read_gguf
+from gguf_prune.atomic import default_file_mode, fsync_path
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 

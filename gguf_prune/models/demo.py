@@ -18,8 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .toolchain import cache_root
-from .errors import GgufPruneError
+from gguf_prune.runtime.toolchain import cache_root
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import importlib.metadata as md
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import toolchain
+from gguf_prune.runtime import toolchain
 
 
 @dataclass
@@ -36,7 +36,7 @@ def _portable(tc: toolchain.Toolchain) -> str:
     flags = "GGML_NATIVE=OFF, GGML_BACKEND_DL=ON, GGML_CPU_ALL_VARIANTS=ON"
     if not tc.portable_ready():
         return (f"not built yet ({flags}): the first `gguf-prune package` builds it once, about 27 CPU-minutes "
-                f"(13 min on 2 idle cores); or build it now: python -m gguf_prune.toolchain portable")
+                f"(13 min on 2 idle cores); or build it now: python -m gguf_prune.runtime.toolchain portable")
     info = tc.portable_info()
     variants = info["cpu_variants"]
     return (f"llama-server for packages, runs on any {info.get('machine', '?')} CPU ({flags}), "
@@ -105,7 +105,7 @@ def diagnose() -> Report:
     except md.PackageNotFoundError:
         r.add("transformers", False, "not installed; run scripts/setup.sh")
 
-    from .demo import demo_dir
+    from gguf_prune.models.demo import demo_dir
 
     hf = demo_dir() / "hf"
     r.add("demo model", (hf / "config.json").exists(),

@@ -52,11 +52,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from . import hfmodel
-from .calibration import Calibration, check_calibration_file, load_calibration
-from .plan import ModelShape, Plan, save_tensors_atomic, validate, write_text_atomic
-from .rewrite import Override
-from .errors import GgufPruneError
+from gguf_prune.models import checkpoint
+from gguf_prune.models import cuts
+from gguf_prune.calibration import Calibration, check_calibration_file, load_calibration
+from gguf_prune.plan import ModelShape, Plan, validate
+from gguf_prune.atomic import save_tensors_atomic, write_text_atomic
+from gguf_prune.writing.rewrite import Override
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +195,9 @@ def check_names(names: Mapping[str, tuple[int, ...]], plan: Plan, tied: bool | N
         elif lp.mlp_removed and suffix in _MLP_SUFFIXES:
             problems.append(f"{name} belongs to the MLP of layer {layer}, which the plan removes")
     for lp in plan.patches():
-        if hfmodel.PATCH_NAME.format(lp.index) not in names:
+        if cuts.PATCH_NAME.format(lp.index) not in names:
             problems.append(f"layer {lp.index} has a {lp.patch} patch in the plan but "
-                            f"{hfmodel.PATCH_NAME.format(lp.index)} is missing")
+                            f"{cuts.PATCH_NAME.format(lp.index)} is missing")
     return problems
 
 
@@ -213,7 +215,7 @@ class Recovered:
         return self.path / TENSORS
 
     def weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Every recovered tensor (float32), for hfmodel.apply_plan."""
+        """Every recovered tensor (float32), for cuts.apply_plan."""
         from safetensors.torch import load_file
 
         return {k: v.float() for k, v in load_file(str(self.tensors_path), device=str(device)).items()}
@@ -416,7 +418,7 @@ def _pruned_layers(model, cut: Plan) -> list:
     idx = [getattr(layer.self_attn, "layer_idx", None) for layer in full]
     shell = SimpleNamespace(model=SimpleNamespace(layers=torch.nn.ModuleList(layers)),
                             config=copy.deepcopy(model.config))
-    hfmodel.apply_plan(shell, cut)
+    cuts.apply_plan(shell, cut)
     for layer, i in zip(full, idx):  # apply_plan renumbered the shared layers' cache slots: put them back
         if i is not None:
             layer.self_attn.layer_idx = i
@@ -437,7 +439,7 @@ def fit_patches(model, plan: Plan, cal: Calibration, heldout: set[int], fit: str
     ``weighting="rms"`` weighs each token by 1/mean(h_out²): the next layer sees rmsnorm(h), so an error
     matters relative to the size of the state (without it the few huge "attention sink" states dominate).
     """
-    from .ablate import Engine
+    from gguf_prune.scoring.ablate import Engine
 
     if fit not in PATCH_FITS:
         raise RecoverError(f"patch fit {fit!r} is not one of {', '.join(PATCH_FITS)}")
@@ -481,7 +483,7 @@ def fit_patches(model, plan: Plan, cal: Calibration, heldout: set[int], fit: str
             log.info("patch at layer %d (%s %s): %d tokens, ridge %.0e, held-out residual %.3f of the "
                      "removed part's update (no patch: 1)", index, st["replaces"],
                      ",".join(map(str, st["layers"])), st["tokens"], st["ridge"], st.get("heldout_residual", -1))
-            weights[hfmodel.PATCH_NAME.format(index)] = W
+            weights[cuts.PATCH_NAME.format(index)] = W
             return W
 
         for lp in plan.layers:
@@ -616,7 +618,7 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     Every input is checked before anything is written; the files in ``out`` are replaced one by one
     (each atomically), ``recover.json`` last.
     """
-    from .finetune import FinetuneError, FinetuneOptions, check_data, finetune, resolve_device
+    from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions, check_data, finetune, resolve_device
 
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
@@ -632,12 +634,12 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     fto = o.finetune_options or FinetuneOptions(method=o.finetune or "lora")
     if o.finetune:
         fto = replace(fto, method=o.finetune)
-    shape = hfmodel.check_model_dir(hf_dir)
+    shape = checkpoint.check_model_dir(hf_dir)
     if shape.architecture != "llama":
         raise RecoverError(f"{hf_dir}: recovery (linear patches, fine-tuning) writes llama-layout tensors into a "
                            f"llama or deci GGUF; it supports llama-family models (llama, mistral), not "
                            f"{shape.architecture} yet. Prune without --recovered.")
-    fp = hfmodel.fingerprint(hf_dir)
+    fp = checkpoint.fingerprint(hf_dir)
     if not isinstance(plan, Plan):
         plan = Plan.load(Path(plan))
     validate(plan, shape, fp, source="plan")
@@ -645,18 +647,18 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     target = mark_patches(cut) if o.patch else cut
     if o.patch and not target.patches():
         log.warning("the plan removes no layer and no attention sub-block: there is nothing to patch")
-    tied = bool(hfmodel.read_config(hf_dir).get("tie_word_embeddings", False))
+    tied = bool(checkpoint.read_config(hf_dir).get("tie_word_embeddings", False))
     start_rec = None if start is None else _check_start(Path(start), shape, fp, cut, tied, out)
     _check_output(out)
     cal_path, kind = check_calibration_file(o.calibration, o.calibration_kind)
     device = resolve_device(o.device)
 
-    tokenizer = hfmodel.load_tokenizer(hf_dir)
+    tokenizer = cuts.load_tokenizer(hf_dir)
     cal = load_calibration(cal_path, tokenizer, seq_len=o.seq_len, samples=o.samples, seed=o.seed, kind=kind)
     heldout = split_heldout(cal.n_seq, o.heldout, o.seed)
     if o.finetune:
         check_data(cal, heldout, fto)  # before any model is loaded or any file written
-    model = hfmodel.load_model(hf_dir)
+    model = cuts.load_model(hf_dir)
 
     weights: dict[str, torch.Tensor] = {}
     manifest: dict[str, Any] = {
@@ -688,7 +690,7 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
                                          "heldout": sorted(heldout), "ft": asdict(fto),
                                          "patches": _digest_tensors(weights)}, sort_keys=True,
                                         default=str).encode()).hexdigest()[:16]
-        student = hfmodel.apply_plan(copy.deepcopy(model), target, weights)
+        student = cuts.apply_plan(copy.deepcopy(model), target, weights)
         try:
             ft = finetune(model, student, target, cal, heldout, fto, device=device, state_dir=state_dir, key=key)
         except FinetuneError as e:
@@ -712,7 +714,7 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
 
 def _check_start(start: Path, shape: ModelShape, fp: str, cut: Plan, tied: bool, out: Path) -> Recovered:
     """Open ``start`` (an earlier round's recover directory) and check that ``cut`` only cuts more."""
-    from .planner import revived
+    from gguf_prune.planning.strategies import revived
 
     if start.resolve() == out.resolve():
         raise RecoverError(f"the start directory {start} is also the output: write the new recovery elsewhere "
@@ -793,8 +795,8 @@ def _jsonable(x):
 
 def load_recovered_model(hf_dir: Path, recovered: Path | Recovered):
     """The recovered PyTorch model (float32, eval): the reference a recovered GGUF must match."""
-    shape = hfmodel.check_model_dir(hf_dir)
+    shape = checkpoint.check_model_dir(hf_dir)
     rec = recovered if isinstance(recovered, Recovered) else open_recovered(recovered, shape,
-                                                                            hfmodel.fingerprint(hf_dir))
-    model = hfmodel.load_model(hf_dir)
-    return hfmodel.apply_plan(model, rec.plan, rec.weights())
+                                                                            checkpoint.fingerprint(hf_dir))
+    model = cuts.load_model(hf_dir)
+    return cuts.apply_plan(model, rec.plan, rec.weights())

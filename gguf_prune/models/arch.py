@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import GgufPruneError
+from gguf_prune.errors import GgufPruneError
 
 
 class ArchError(GgufPruneError, ValueError):

@@ -7,7 +7,7 @@ so a run can be inspected, edited and resumed stage by stage:
 
 With recovery (``recover`` other than "none") the cut model is recovered before it is
 written (``recovered/``, then ``prune --recovered``); with ``rounds`` > 1 scoring, planning
-and recovery are iterated (:mod:`gguf_prune.iterate`, files under ``rounds/``), each round
+and recovery are iterated (:mod:`gguf_prune.pipeline.iterate`, files under ``rounds/``), each round
 reaching budget·r/R.
 """
 
@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import DATA_DIR
-from .errors import GgufPruneError
-from .plan import Plan, is_int, ranges, save_figure_atomic, write_text_atomic
+from gguf_prune.data import DATA_DIR
+from gguf_prune.errors import GgufPruneError
+from gguf_prune.plan import Plan, is_int
+from gguf_prune.ranges import ranges
+from gguf_prune.atomic import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def _count_problems(o: Any, fields: tuple[tuple[str, str, int, bool], ...]) -> l
 
 
 def _quant_problem(quant: Any) -> list[str]:
-    from .quantize import QUANT_TYPES
+    from gguf_prune.writing.quantize import QUANT_TYPES
 
     if str(quant).strip().upper() in QUANT_TYPES + ("NONE",):
         return []
@@ -76,7 +78,7 @@ def _quant_problem(quant: Any) -> list[str]:
 
 def _run_option_problems(o: "RunOptions") -> list[str]:
     """Every option of a run outside its range (no file is read): what RunOptions refuses on construction."""
-    from .iterate import RECOVER_MODES
+    from gguf_prune.pipeline.iterate import RECOVER_MODES
 
     p = []
     if not is_int(o.rounds) or o.rounds < 1:
@@ -148,8 +150,8 @@ def greedy_steps_for(budget: float, n_layer: int, units: tuple[str, ...]) -> int
 
 def _recovery_options(o: RunOptions, patch: bool, method: str | None):
     """The recovery settings of a run: RecoverOptions for one-shot runs and IterateOptions' parts."""
-    from .finetune import FinetuneOptions
-    from .recover import RecoverOptions
+    from gguf_prune.recovery.finetune import FinetuneOptions
+    from gguf_prune.recovery.recover import RecoverOptions
 
     fto = FinetuneOptions(method=method, steps=o.finetune_steps) if method else None
     return fto, RecoverOptions(calibration=o.calibration, seq_len=o.seq_len, samples=o.recover_samples,
@@ -160,8 +162,8 @@ def _recovery_options(o: RunOptions, patch: bool, method: str | None):
 def _check_run(o: RunOptions) -> tuple[bool, str | None]:
     """Options that would fail late (after scoring): refuse them before any work. (RunOptions checks its ranges
     when it is made; they are checked again here because its fields can be changed after.)"""
-    from .finetune import check_options
-    from .iterate import parse_recover
+    from gguf_prune.recovery.finetune import check_options
+    from gguf_prune.pipeline.iterate import parse_recover
 
     _refuse("run options are invalid", _run_option_problems(o))
     patch, method = parse_recover(o.recover)
@@ -175,8 +177,8 @@ def _max_removable(shape, uniform: bool) -> tuple[float, list[int]]:
     """The largest fraction of block parameters a run's plan can remove (an upper bound), and the layers it may
     remove: every layer outside the protected ones (the planner's defaults), plus, uniform, the widest width cut
     scored (WIDTH_FRACTIONS) of the protected layers' MLPs."""
-    from .planner import PlanOptions
-    from .score import ScoreOptions, width_drops
+    from gguf_prune.planning.strategies import PlanOptions
+    from gguf_prune.scoring.measure import ScoreOptions, width_drops
 
     d = PlanOptions()
     n = shape.n_layer
@@ -191,7 +193,7 @@ def _max_removable(shape, uniform: bool) -> tuple[float, list[int]]:
 def _check_family(o: RunOptions, shape) -> bool:
     """Whether the run plans uniformly; options the model's family or size cannot take are refused before any
     work."""
-    from . import arch
+    from gguf_prune.models import arch
 
     fam = arch.family_of_arch(shape.architecture)
     uniform = o.uniform or fam.uniform_only
@@ -216,7 +218,7 @@ def _check_family(o: RunOptions, shape) -> bool:
 def _check_text(text: Path | None, tokenizer, ctx: int) -> list[str]:
     """The held-out text exists and holds the 2 × ctx tokens llama-perplexity needs (counted with the
     checkpoint's own tokenizer, which the GGUF carries)."""
-    from .evaluate import DEFAULT_TEXT
+    from gguf_prune.runtime.evaluate import DEFAULT_TEXT
 
     path = Path(text) if text else DEFAULT_TEXT
     if not path.is_file():
@@ -238,9 +240,10 @@ def _check_inputs(model: Path, out: Path, calibration: Path | None, text: Path |
                   device: str, tools: tuple[str, ...]) -> list[str]:
     """Every input of every stage that can be checked before the first starts: the output directory, the
     calibration file, the tokenizer, the held-out text, the prompts, the device and the llama.cpp tools."""
-    from . import hfmodel, toolchain
-    from .calibration import check_calibration_file
-    from .evaluate import EvalOptions, prompt_problems
+    from gguf_prune.runtime import toolchain
+    from gguf_prune.models import cuts
+    from gguf_prune.calibration import check_calibration_file
+    from gguf_prune.runtime.evaluate import EvalOptions, prompt_problems
 
     p = []
     if out.exists() and not out.is_dir():
@@ -261,7 +264,7 @@ def _check_inputs(model: Path, out: Path, calibration: Path | None, text: Path |
     if prompts is not None:
         p += prompt_problems(prompts)
     try:
-        hfmodel.resolve_device(device, RunError)
+        cuts.resolve_device(device, RunError)
     except RunError as e:
         p.append(str(e))
     try:
@@ -277,9 +280,9 @@ def _check_training_data(model: Path, ropts, fto) -> None:
     """Refuse training data shorter than one batch before scoring, not after it."""
     from transformers import AutoTokenizer
 
-    from .calibration import load_calibration
-    from .finetune import check_data
-    from .recover import split_heldout
+    from gguf_prune.calibration import load_calibration
+    from gguf_prune.recovery.finetune import check_data
+    from gguf_prune.recovery.recover import split_heldout
 
     cal = load_calibration(ropts.calibration, AutoTokenizer.from_pretrained(str(model)), seq_len=ropts.seq_len,
                            samples=ropts.samples, seed=ropts.seed, kind=ropts.calibration_kind)
@@ -290,22 +293,22 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
     """The main job: score → plan → [recover] → prune (base and pruned) → eval → package → summary.
 
     ``rounds`` > 1: score → plan → recover is repeated, each round cutting on top of the last and
-    recovering from its weights (:func:`gguf_prune.iterate.iterate`); the last round's recover
+    recovering from its weights (:func:`gguf_prune.pipeline.iterate.iterate`); the last round's recover
     directory is what the pruned GGUF is written from. Round figures go into summary.json.
     """
-    from . import evaluate as ev
-    from . import hfmodel
-    from .demo import MODEL_NAME, ensure_demo_checkpoint
-    from .package import PackageOptions, build_package
-    from .planner import UNIFORM_UNITS, UNITS, PlanOptions, make_plan
-    from .prune import prune
-    from .score import ScoreOptions, score_model
+    from gguf_prune.runtime import evaluate as ev
+    from gguf_prune.models import checkpoint
+    from gguf_prune.models.demo import MODEL_NAME, ensure_demo_checkpoint
+    from gguf_prune.runtime.package import PackageOptions, build_package
+    from gguf_prune.planning.strategies import UNIFORM_UNITS, UNITS, PlanOptions, make_plan
+    from gguf_prune.writing.prune import prune
+    from gguf_prune.scoring.measure import ScoreOptions, score_model
 
     o = options if options is not None else RunOptions()
     t_start = time.time()
     patch, method = _check_run(o)
     model = Path(o.model) if o.model else ensure_demo_checkpoint()
-    shape = hfmodel.check_model_dir(model)
+    shape = checkpoint.check_model_dir(model)
     uniform = _check_family(o, shape)
     name = MODEL_NAME if o.model is None else model.name
     out = Path(o.out_dir) if o.out_dir else Path("runs") / name
@@ -329,7 +332,7 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
     if fto is not None and not iterative:  # iterate() checks its own data before any work
         _check_training_data(model, ropts, fto)
     if iterative:
-        from .iterate import IterateOptions, iterate
+        from gguf_prune.pipeline.iterate import IterateOptions, iterate
 
         t = stage("iterate", f"iterative pruning: {o.rounds} rounds to {100 * o.budget:.0f}% of block parameters "
                              f"(score on top of the cuts so far, extend the plan, recover: {o.recover})")
@@ -366,7 +369,7 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
         timings["plan"] = time.time() - t
 
         if recovering:
-            from .recover import recover
+            from gguf_prune.recovery.recover import recover
 
             t = stage("recover", f"recover the cut model ({o.recover}) on {o.recover_samples} calibration sequences")
             rec = recover(model, plan, out / "recovered", ropts)
@@ -497,7 +500,7 @@ def _sweep_option_problems(o: SweepOptions) -> list[str]:
 
 def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_layers: Path,
                   scores_greedy_mixed: Path, n_layer: int, out: Path, protect: tuple[int, int] = (2, 2)) -> Plan:
-    from .planner import UNITS, PlanOptions, make_plan
+    from gguf_prune.planning.strategies import UNITS, PlanOptions, make_plan
 
     n = max(1, math.ceil(budget * n_layer - 1e-9))
     p = dict(protect_first=protect[0], protect_last=protect[1])
@@ -521,7 +524,7 @@ def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_
 def _reusable(path: Path, common: dict, width: bool = False) -> bool:
     """A scores file an earlier sweep into the same directory left, measured with the same calibration
     settings (and with width scores if they are needed): scoring is the slow part, so it is not repeated."""
-    from .scores import ScoresError, load
+    from gguf_prune.scores import ScoresError, load
 
     if not path.exists():
         return False
@@ -541,15 +544,15 @@ def _reusable(path: Path, common: dict, width: bool = False) -> bool:
 
 def sweep(hf_dir: Path, options: SweepOptions | None = None) -> dict[str, Any]:
     """Build a pruned GGUF per (strategy, budget), evaluate all against the base in one run, draw the curve."""
-    from . import evaluate as ev
-    from . import hfmodel
-    from .prune import prune
-    from .score import ScoreOptions, score_model
+    from gguf_prune.runtime import evaluate as ev
+    from gguf_prune.models import checkpoint
+    from gguf_prune.writing.prune import prune
+    from gguf_prune.scoring.measure import ScoreOptions, score_model
 
     o = options if options is not None else SweepOptions()
     hf_dir = Path(hf_dir)
     _refuse("sweep options are invalid", _sweep_option_problems(o))
-    shape = hfmodel.check_model_dir(hf_dir)
+    shape = checkpoint.check_model_dir(hf_dir)
     out = Path(o.out_dir)
     _refuse("sweep inputs are invalid", _check_inputs(
         hf_dir, out, o.calibration, o.text, None, o.device,

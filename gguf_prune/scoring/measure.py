@@ -6,7 +6,7 @@ Hugging Face llama-family model does, on calibration tokens, and write scores.js
 Everything that can be wrong with the inputs (model directory, calibration
 file, --head-layers, a base plan for another model, options) is checked before
 the model is loaded. The measurements themselves run on the prefix-cached
-engine in :mod:`gguf_prune.ablate`; the file format lives in :mod:`gguf_prune.scores`.
+engine in :mod:`gguf_prune.scoring.ablate`; the file format lives in :mod:`gguf_prune.scores`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ablate, hfmodel, scores as scores_io
-from .calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file,
-                          load_calibration)
-from .hfmodel import apply_plan, check_model_dir, fingerprint, load_model, load_tokenizer
-from .plan import ModelShape, Plan, save_tensors_atomic, validate
-from .errors import GgufPruneError
+from gguf_prune.scoring import ablate
+from gguf_prune import scores as scores_io
+from gguf_prune.models import cuts
+from gguf_prune.calibration import (DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, Calibration, check_calibration_file,
+                                    load_calibration)
+from gguf_prune.models.cuts import apply_plan, load_model, load_tokenizer
+from gguf_prune.models.checkpoint import check_model_dir, fingerprint
+from gguf_prune.plan import ModelShape, Plan, validate
+from gguf_prune.atomic import save_tensors_atomic
+from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class ScoreOptions:
     batch_tokens: int | None = None  # max tokens in one forward; None: from a memory budget
     plots: bool = True
     progress: bool = True
-    stream: bool = False  # layer-major from the shards (gguf_prune.stream); also chosen when the model would not fit
+    stream: bool = False  # layer-major from the shards (gguf_prune.scoring.stream); also chosen when the model would not fit
     max_memory: str | None = None  # memory budget, e.g. "24GB" (default: what the device has free)
     units: str | None = None  # a slice of the ablation units: "K/N" (0-based) or layers "3,5-8"; implies stream
 
@@ -126,7 +130,7 @@ def parse_layers(spec: str, n_layer: int, what: str = "--head-layers") -> list[i
 
 
 def _resolve_device(device: str) -> str:
-    return hfmodel.resolve_device(device, ScoreError)
+    return cuts.resolve_device(device, ScoreError)
 
 
 def _check_options(o: ScoreOptions) -> None:
@@ -407,7 +411,7 @@ def score_model(hf_dir: Path, out: Path, options: ScoreOptions = ScoreOptions())
     scores_io.save(out, doc)
     log.info("wrote %s (%.0f s, %d layer evaluations)", out, seconds["total"], doc["timing"]["layer_evals"])
     if o.plots:
-        from .score_plots import plot_scores
+        from gguf_prune.scoring.plots import plot_scores
 
         try:
             for png in plot_scores(out):
@@ -586,7 +590,7 @@ def summary(path: Path, top: int = 5) -> str:
 
 def _in_memory_bytes(hf_dir: Path, shape: ModelShape, o: ScoreOptions, device: str) -> int:
     """What loading the model for the in-memory engine takes: weights in the compute dtype + activations."""
-    from .hfmodel import read_config
+    from gguf_prune.models.checkpoint import read_config
 
     tied = bool(read_config(hf_dir).get("tie_word_embeddings", False))
     elt = 2 if o.dtype in ("bf16", "bfloat16") else 4
@@ -597,7 +601,7 @@ def _in_memory_bytes(hf_dir: Path, shape: ModelShape, o: ScoreOptions, device: s
 
 def _parse_units(spec: str, shape: ModelShape, o: ScoreOptions, head_layers: list[int]) -> list[int]:
     """--units K/N (slice K of N, 0-based, of about equal cost) or a layer list '3,5-8' → the layers owned."""
-    from .stream import slice_layers
+    from gguf_prune.scoring.stream import slice_layers
 
     spec = str(spec).strip()
     if "/" not in spec:
@@ -619,7 +623,7 @@ def _parse_units(spec: str, shape: ModelShape, o: ScoreOptions, head_layers: lis
 
 def _stream_choice(hf_dir: Path, o: ScoreOptions, inp: _Inputs):
     """None for the in-memory engine, or a stream.StreamChoice: asked for, or the model would not fit."""
-    from . import stream
+    from gguf_prune.scoring import stream
 
     try:
         budget = stream.parse_bytes(o.max_memory)
@@ -663,7 +667,7 @@ def _stream_choice(hf_dir: Path, o: ScoreOptions, inp: _Inputs):
 
 def _score_streamed(hf_dir: Path, out: Path, o: ScoreOptions, inp: _Inputs, choice, seconds: dict,
                     t_start: float) -> Path:
-    from . import stream
+    from gguf_prune.scoring import stream
 
     try:
         parts = stream.score_streamed(hf_dir, out, o, inp, choice,
@@ -691,7 +695,7 @@ def _score_streamed(hf_dir: Path, out: Path, o: ScoreOptions, inp: _Inputs, choi
     scores_io.save(out, doc)
     log.info("wrote %s (%.0f s, %d pass(es) over the weights)", out, seconds["total"], parts["stream"]["passes"])
     if o.plots and choice.units is None:
-        from .score_plots import plot_scores
+        from gguf_prune.scoring.plots import plot_scores
 
         try:
             for png in plot_scores(out):
@@ -703,7 +707,7 @@ def _score_streamed(hf_dir: Path, out: Path, o: ScoreOptions, inp: _Inputs, choi
 
 def merge_scores(paths: list[Path], out: Path) -> Path:
     """Join --units slices into one scores.json (refusing slices of other models, data or settings)."""
-    from . import stream
+    from gguf_prune.scoring import stream
 
     try:
         stream.merge_slices(paths, Path(out))

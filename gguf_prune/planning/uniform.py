@@ -4,7 +4,7 @@
 head counts, so a file in the native architecture (the one every llama.cpp runtime loads) can only hold a
 *uniform* cut: whole layers removed, then the same FFN width and the same query-head / KV-group counts in every
 kept layer. Each layer still keeps its *own* best neurons and heads. ``qwen3`` and ``gemma3`` take nothing else
-(see :mod:`gguf_prune.arch`); for the other families it is ``plan --uniform``.
+(see :mod:`gguf_prune.models.arch`); for the other families it is ``plan --uniform``.
 
 What a uniform plan may do:
 
