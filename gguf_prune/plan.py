@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 from gguf_prune.models import arch
 from gguf_prune.atomic import write_text_atomic
+from gguf_prune.ranges import protected_layers
 from gguf_prune.errors import GgufPruneError
 
 PLAN_SCHEMA = "gguf-prune/plan"
@@ -478,7 +479,7 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
             p.append(f"settings.{key} is {_kind(protect[key])}, expected a number of layers (0 or more)")
             protect[key] = 0  # the other checks go on without it
     protect_first, protect_last = protect["protect_first"], protect["protect_last"]
-    protected = set(range(min(protect_first, s.n_layer))) | set(range(max(0, s.n_layer - protect_last), s.n_layer))
+    protected = protected_layers(s.n_layer, protect_first, protect_last)
 
     uniform = plan.settings.get("uniform", False)  # a uniform plan narrows protected layers like every other
     if not isinstance(uniform, bool):

@@ -16,3 +16,8 @@ def ranges(indices: Iterable[int]) -> str:
         out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def protected_layers(n_layer: int, first: int, last: int) -> set[int]:
+    """The layers no cut removes: the first ``first`` and the last ``last`` of ``n_layer`` (they may overlap)."""
+    return set(range(min(first, n_layer))) | set(range(max(0, n_layer - last), n_layer))

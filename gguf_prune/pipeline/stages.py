@@ -24,7 +24,7 @@ from typing import Any
 from gguf_prune.data import DATA_DIR
 from gguf_prune.errors import GgufPruneError
 from gguf_prune.plan import Plan, is_int
-from gguf_prune.ranges import ranges
+from gguf_prune.ranges import protected_layers, ranges
 from gguf_prune.atomic import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _max_removable(shape, uniform: bool) -> tuple[float, list[int]]:
 
     d = PlanOptions()
     n = shape.n_layer
-    free = [i for i in range(n) if d.protect_first <= i < n - d.protect_last]
+    free = [i for i in range(n) if i not in protected_layers(n, d.protect_first, d.protect_last)]
     removable = len(free) * shape.layer_params()
     if uniform:
         drop = max(width_drops(WIDTH_FRACTIONS, shape.n_ff, ScoreOptions().width_align), default=0)

@@ -35,7 +35,7 @@ from gguf_prune.models import arch
 from gguf_prune.planning import uniform
 from gguf_prune import scores as scores_io
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
-from gguf_prune.ranges import ranges
+from gguf_prune.ranges import protected_layers, ranges
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _neuron_stats(scores: Mapping[str, Any], scores_path: Path | None) -> dict[s
 
 def _protected(shape: ModelShape, o: PlanOptions) -> set[int]:
     n = shape.n_layer
-    return set(range(min(o.protect_first, n))) | set(range(max(0, n - o.protect_last), n))
+    return protected_layers(n, o.protect_first, o.protect_last)
 
 
 def _layer_score(entry: Mapping[str, Any], key: str) -> float | None:
