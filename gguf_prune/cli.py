@@ -136,19 +136,19 @@ class _Layers(click.ParamType):
 
 
 def _plan_units():
-    from gguf_prune.planning.strategies import UNITS
+    from gguf_prune.planning.options import UNITS
 
     return UNITS
 
 
 def _greedy_units():
-    from gguf_prune.scoring.measure import GREEDY_UNITS
+    from gguf_prune.scoring.inputs import GREEDY_UNITS
 
     return GREEDY_UNITS
 
 
 def _strategies():
-    from gguf_prune.pipeline.stages import STRATEGIES
+    from gguf_prune.pipeline.strategy import STRATEGIES
 
     return STRATEGIES
 
@@ -218,7 +218,9 @@ def doctor() -> None:
 def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     """Turn SCORES (scores.json) into plan.json, or --explain an existing plan."""
     from gguf_prune.plan import Plan, PlanError
-    from gguf_prune.planning.strategies import PlanOptions, explain, make_plan
+    from gguf_prune.planning.explain import explain
+    from gguf_prune.planning.options import PlanOptions
+    from gguf_prune.planning.strategies import make_plan
 
     try:
         if explain_path:
@@ -312,7 +314,7 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
     from gguf_prune.plan import PlanError
     from gguf_prune.writing.prune import PruneError, prune
     from gguf_prune.writing.quantize import QuantizeError
-    from gguf_prune.recovery.recover import RecoverError
+    from gguf_prune.recovered import RecoverError
     from gguf_prune.writing.rewrite import RewriteError
 
     try:
@@ -372,7 +374,8 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
     from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
     from gguf_prune.models.checkpoint import ModelDirError, WeightsError
     from gguf_prune.plan import PlanError
-    from gguf_prune.recovery.recover import RecoverError, RecoverOptions, recover
+    from gguf_prune.recovered import RecoverError
+    from gguf_prune.recovery.recover import RecoverOptions, recover
 
     method = None if finetune == "none" else finetune
     fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, batch_size=batch_size, lr=lr,
@@ -448,7 +451,9 @@ def score_cmd(inputs, output, plan_path, greedy_units, no_plots, merge, width_sp
     from gguf_prune.calibration import CalibrationError
     from gguf_prune.models.checkpoint import ModelDirError
     from gguf_prune.plan import PlanError
-    from gguf_prune.scoring.measure import ScoreError, ScoreOptions, merge_scores, score_model, summary
+    from gguf_prune.scoring.inputs import ScoreError, ScoreOptions
+    from gguf_prune.scoring.measure import score_model, summary
+    from gguf_prune.scoring.merge import merge_scores
     from gguf_prune.scores import ScoresError
 
     if merge:
@@ -540,7 +545,7 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
             prompts, eval_chunks, threads, no_package, device, rounds, recover_mode, recover_samples,
             finetune_steps, uniform) -> None:
     """The main job: score, plan, [recover,] prune to Q4_K_M, evaluate against the uncut base, package."""
-    from gguf_prune.pipeline.stages import DEFAULT_PROMPTS, RunOptions, format_summary, run
+    from gguf_prune.pipeline.job import DEFAULT_PROMPTS, RunOptions, format_summary, run
 
     opts = RunOptions(model=model, out_dir=out_dir, calibration=calibration, samples=samples, seq_len=seq_len,
                       budget=budget, strategy=strategy, greedy_steps=greedy_steps, heads=heads, greedy_pool=greedy_pool or None,
@@ -580,7 +585,8 @@ def run_cmd(model, out_dir, calibration, samples, seq_len, budget, strategy, gre
 def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, quant, eval_chunks, threads,
               no_bench, out_dir, device) -> None:
     """Prune HF_DIR at several budgets with several strategies; evaluate all; draw quality vs size."""
-    from gguf_prune.pipeline.stages import STRATEGIES, SweepOptions, sweep, sweep_markdown
+    from gguf_prune.pipeline.strategy import STRATEGIES
+    from gguf_prune.pipeline.sweep import SweepOptions, sweep, sweep_markdown
 
     try:
         opts = SweepOptions(calibration=calibration, text=text, budgets=budgets, strategies=strategies or STRATEGIES,

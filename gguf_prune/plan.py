@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 from gguf_prune.models import arch
 from gguf_prune.atomic import write_text_atomic
+from gguf_prune.values import is_int, kind
 from gguf_prune.ranges import protected_layers
 from gguf_prune.errors import GgufPruneError
 
@@ -264,45 +265,9 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> "Plan":
         """A plan from its JSON form; every problem of structure and type in one PlanError (what
         :func:`validate` checks against a model comes after)."""
-        if not isinstance(d, Mapping):
-            raise PlanError([f"the plan is {_kind(d)}, expected a JSON object (a plan.json that "
-                             "`gguf-prune plan` wrote)"], source)
-        if d.get("schema") != PLAN_SCHEMA:
-            raise PlanError([f"'schema' is {_kind(d.get('schema'))}, expected {PLAN_SCHEMA!r}: not a gguf-prune plan"],
-                            source)
-        if not is_int(d.get("version")) or d.get("version") != PLAN_VERSION:
-            raise PlanError([f"'version' is {_kind(d.get('version'))}; this gguf-prune reads version {PLAN_VERSION}"],
-                            source)
-        p: list[str] = []
-        _unknown_keys(d, _PLAN_KEYS, "the plan", p)
-        model = d.get("model")
-        shape = None
-        if not isinstance(model, Mapping):
-            p.append(f"'model' is {_kind(model)}, expected an object "
-                     '{"fingerprint": "...", "shape": {...}}')
-        else:
-            _unknown_keys(model, _MODEL_KEYS, "'model'", p)
-            for key in ("fingerprint", "gguf"):
-                if not isinstance(model.get(key, ""), str):
-                    p.append(f"'model.{key}' is {_kind(model[key])}, expected a string")
-            shape = _shape_from_dict(model.get("shape"), p)
-        layers = []
-        entries = d.get("layers")
-        if not isinstance(entries, list):
-            p.append(f"'layers' is {_kind(entries)}, expected an array with one entry per source layer")
-        else:
-            for k, entry in enumerate(entries):
-                lp = _layer_from_dict(entry, f"layers[{k}]", p)
-                if lp is not None:
-                    layers.append(lp)
-        for key in ("settings", "predicted"):
-            if d.get(key) is not None and not isinstance(d[key], Mapping):
-                p.append(f"'{key}' is {_kind(d[key])}, expected an object")
-        if p:
-            raise PlanError(p, source)
-        return cls(shape=shape, layers=tuple(layers), fingerprint=model.get("fingerprint", ""),
-                   gguf=model.get("gguf", ""),
-                   settings=dict(d.get("settings") or {}), predicted=dict(d.get("predicted") or {}))
+        from gguf_prune.plan_reading import plan_from_dict  # it builds a Plan: imported here, not at the top
+
+        return plan_from_dict(d, source)
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
@@ -333,110 +298,12 @@ class Plan:
         return replace(self, layers=tuple(lp if x.index == lp.index else x for x in self.layers))
 
 
-# ------------------------------------------------------------------------- reading plan.json
-
-_PLAN_KEYS = ("schema", "version", "model", "settings", "predicted", "layers")
-_MODEL_KEYS = ("fingerprint", "shape", "gguf")
-_LAYER_KEYS = ("index", "removed", "heads", "neurons", "patch", "why")
-_LAYER_EXAMPLE = '{"index": N, "removed": true} or {"index": N, "heads": [...]|null, "neurons": [...]|null}'
-# Bounds far above any real model that keep a damaged plan from asking for absurd work (a tuple of
-# n_ff neurons is built per layer); 512 layers is llama.cpp's own LLAMA_MAX_LAYERS.
-SHAPE_LIMITS = {"n_layer": 512, "n_embd": 1 << 20, "n_head": 1 << 16, "n_head_kv": 1 << 16, "head_dim": 1 << 16,
-                "n_ff": 1 << 20, "n_vocab": 1 << 24}
-
-
 def _few(xs: list, n: int = 5) -> str:
     """The first ``n`` of a list for a message: ``[1, 2, 3, 4, 5, …]`` (12 in all)."""
     return str(xs) if len(xs) <= n else f"{str(xs[:n])[:-1]}, …] ({len(xs)} in all)"
 
 
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
-
-
-def _show(v: Any) -> str:
-    """A value as the message shows it: short, even for a long array."""
-    text = json.dumps(v) if isinstance(v, (list, dict)) else repr(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(v: Any) -> str:
-    """What a JSON value is, for messages: ``missing``, ``an array [1, 2]``, ``a string '3'``."""
-    if v is None:
-        return "missing or null"
-    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                    (list, "an array"), (Mapping, "an object")):
-        if isinstance(v, t):
-            return f"{name} {_show(v)}"
-    return repr(v)
-
-
-def _unknown_keys(d: Mapping, known: tuple[str, ...], where: str, p: list[str]) -> None:
-    """A misspelt or misplaced key would be ignored and the cut silently differ: refuse it."""
-    extra = [k for k in d if k not in known]
-    if extra:
-        p.append(f"{where} has unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(_show, extra))} "
-                 f"(known: {', '.join(known)})")
-
-
-def _shape_from_dict(d: Any, p: list[str]) -> ModelShape | None:
-    fields = tuple(ModelShape.__dataclass_fields__)
-    if not isinstance(d, Mapping):
-        p.append(f"'model.shape' is {_kind(d)}, expected an object with {', '.join(fields)}")
-        return None
-    n = len(p)
-    _unknown_keys(d, fields, "'model.shape'", p)
-    missing = [f for f in fields if f not in d]
-    if missing:
-        p.append(f"'model.shape' lacks {', '.join(missing)}")
-    if "architecture" in d and not isinstance(d["architecture"], str):
-        p.append(f"'model.shape.architecture' is {_kind(d['architecture'])}, expected a string such as 'llama'")
-    for f, top in SHAPE_LIMITS.items():
-        if f in d and not (is_int(d[f]) and 1 <= d[f] <= top):
-            p.append(f"'model.shape.{f}' is {_kind(d[f])}, expected an integer from 1 to {top}")
-    if len(p) > n:
-        return None
-    if d["n_head"] % d["n_head_kv"]:
-        p.append(f"'model.shape': n_head {d['n_head']} is not a multiple of n_head_kv {d['n_head_kv']}")
-        return None
-    return ModelShape(**{f: d[f] for f in fields})
-
-
-shape_from_dict = _shape_from_dict  # scores.json carries the same shape: one check for both files
-
-
-def _layer_from_dict(e: Any, where: str, p: list[str]) -> LayerPlan | None:
-    if not isinstance(e, Mapping):
-        p.append(f"{where} is {_kind(e)}, expected {_LAYER_EXAMPLE}")
-        return None
-    n = len(p)
-    _unknown_keys(e, _LAYER_KEYS, where, p)
-    if not is_int(e.get("index")):
-        p.append(f"{where}.index is {_kind(e.get('index'))}, expected the source layer's number")
-    removed = e.get("removed", False)
-    if not isinstance(removed, bool):
-        p.append(f"{where}.removed is {_kind(removed)}, expected true or false")
-    for key, unit in (("heads", "query heads"), ("neurons", "FFN neurons")):
-        v = e.get(key)
-        if v is not None and not isinstance(v, list):
-            p.append(f"{where}.{key} is {_kind(v)}, expected null (all kept) or an array of the numbers of the "
-                     f"kept {unit} ([] removes them all)")
-        elif v is not None and not all(is_int(x) for x in v):
-            i = next(i for i, x in enumerate(v) if not is_int(x))
-            p.append(f"{where}.{key}[{i}] is {_kind(v[i])}, expected the number of one of the kept {unit}")
-        elif v is not None and removed is True:
-            p.append(f"{where} is removed, so it cannot keep {unit}: drop {key!r} or 'removed'")
-    if e.get("patch") is not None and not isinstance(e["patch"], str):
-        p.append(f"{where}.patch is {_kind(e['patch'])}, expected null or one of: {', '.join(PATCH_KINDS)}")
-    if e.get("why") is not None and not isinstance(e["why"], Mapping):
-        p.append(f"{where}.why is {_kind(e['why'])}, expected an object (the scores behind the choice)")
-    if len(p) > n:
-        return None
-    heads, neurons = e.get("heads"), e.get("neurons")
-    return LayerPlan(index=e["index"], removed=removed,
-                     heads=None if heads is None or removed else tuple(heads),
-                     neurons=None if neurons is None or removed else tuple(neurons),
-                     why=dict(e.get("why") or {}), patch=e.get("patch"))
+# ------------------------------------------------------------------------- validating a plan
 
 
 def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | None = None,
@@ -444,6 +311,33 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
     """Check ``plan`` (against the model it will be applied to: its shape, its checkpoint ``fingerprint`` or
     the ``gguf`` identity of the file it will cut); raise one PlanError naming every problem."""
     p: list[str] = []
+    _check_model(plan, shape, fingerprint, gguf, p)
+    s = plan.shape
+    # an unknown architecture or a broken head grouping makes every later check meaningless: stop here
+    if s.architecture not in arch.BY_GGUF_ARCH:
+        p.append(f"architecture {s.architecture!r} is not supported (supported: {', '.join(arch.BY_GGUF_ARCH)})")
+        raise PlanError(p, source)
+    if s.n_head_kv <= 0 or s.n_head % s.n_head_kv:
+        p.append(f"model shape: n_head {s.n_head} is not a multiple of n_head_kv {s.n_head_kv}")
+        raise PlanError(p, source)
+    _check_layer_list(plan, p)
+    protection = _protection(plan, p)
+    for lp in plan.layers:
+        _check_layer(lp, s, protection, p)
+    if plan.layers and all(lp.removed for lp in plan.layers):
+        p.append("the plan removes every layer")
+    if not p:
+        out_arch, why = plan.output_architecture()
+        if out_arch is None:
+            p.append(f"no stock llama.cpp architecture loads this cut: {why}")
+    if p:
+        raise PlanError(p, source)
+    return plan
+
+
+def _check_model(plan: Plan, shape: ModelShape | None, fingerprint: str | None, gguf: str | None,
+                 p: list[str]) -> None:
+    """The plan was made for this model: the same shape, checkpoint fingerprint and GGUF identity."""
     s = plan.shape
     if shape is not None and shape != s:
         diffs = [f"{k} {getattr(s, k)} in the plan vs {getattr(shape, k)} in the model"
@@ -456,77 +350,84 @@ def validate(plan: Plan, shape: ModelShape | None = None, fingerprint: str | Non
         p.append(f"the plan was applied to another GGUF (identity {plan.gguf}; this file is {gguf}): the same "
                  "shape, other weights. Cut the GGUF it was made for, or remove \"gguf\" from the plan's "
                  "\"model\" if you mean to apply it to this one")
-    if s.architecture not in arch.BY_GGUF_ARCH:
-        p.append(f"architecture {s.architecture!r} is not supported (supported: {', '.join(arch.BY_GGUF_ARCH)})")
-        raise PlanError(p, source)
-    if s.n_head_kv <= 0 or s.n_head % s.n_head_kv:
-        p.append(f"model shape: n_head {s.n_head} is not a multiple of n_head_kv {s.n_head_kv}")
-        raise PlanError(p, source)
 
+
+def _check_layer_list(plan: Plan, p: list[str]) -> None:
+    """One entry per source layer, each index once."""
+    n_layer = plan.shape.n_layer
     indices = [lp.index for lp in plan.layers]
-    if sorted(indices) != list(range(s.n_layer)):
-        missing = sorted(set(range(s.n_layer)) - set(indices))
-        extra = sorted(i for i in set(indices) if not 0 <= i < s.n_layer)
+    if sorted(indices) != list(range(n_layer)):
+        missing = sorted(set(range(n_layer)) - set(indices))
+        extra = sorted(i for i in set(indices) if not 0 <= i < n_layer)
         dup = sorted(i for i, c in Counter(indices).items() if c > 1)
-        p.append(f"layers must list each of the {s.n_layer} source layers once"
+        p.append(f"layers must list each of the {n_layer} source layers once"
                  + (f"; missing {_few(missing)}" if missing else "")
                  + (f"; out of range {_few(extra)}" if extra else "") + (f"; duplicated {_few(dup)}" if dup else ""))
 
+
+@dataclass(frozen=True)
+class _Protection:
+    """The protected layers a plan's settings name, and whether a cut may narrow them."""
+
+    first: int
+    last: int
+    layers: set[int]
+    uniform: Any  # settings.uniform as written (a non-bool is reported, and counts as its truth value)
+
+
+def _protection(plan: Plan, p: list[str]) -> _Protection:
     protect = {}
     for key in ("protect_first", "protect_last"):
         protect[key] = plan.settings.get(key, 0)
         if not (is_int(protect[key]) and protect[key] >= 0):
-            p.append(f"settings.{key} is {_kind(protect[key])}, expected a number of layers (0 or more)")
+            p.append(f"settings.{key} is {kind(protect[key])}, expected a number of layers (0 or more)")
             protect[key] = 0  # the other checks go on without it
-    protect_first, protect_last = protect["protect_first"], protect["protect_last"]
-    protected = protected_layers(s.n_layer, protect_first, protect_last)
-
+    first, last = protect["protect_first"], protect["protect_last"]
     uniform = plan.settings.get("uniform", False)  # a uniform plan narrows protected layers like every other
     if not isinstance(uniform, bool):
-        p.append(f"settings.uniform is {_kind(uniform)}, expected true or false")
-    for lp in plan.layers:
-        where = f"layer {lp.index}"
-        removes = lp.removed or lp.attention_removed or lp.mlp_removed
-        if lp.index in protected and not lp.untouched and (removes or not uniform):
-            p.append(f"{where} is protected (protect_first={protect_first}, protect_last={protect_last}) but the plan cuts it")
-        if lp.heads is not None:
-            bad = sorted(h for h in lp.heads if not 0 <= h < s.n_head)
-            if bad:
-                p.append(f"{where}: head indices {_few(bad)} out of range 0..{s.n_head - 1}")
-            if len(set(lp.heads)) != len(lp.heads):
-                p.append(f"{where}: duplicated head indices")
-            if list(lp.heads) != sorted(lp.heads):
-                p.append(f"{where}: head indices must be sorted ascending")
-            if not bad and lp.heads:
-                counts: dict[int, int] = {}
-                for h in lp.heads:
-                    counts[h // s.group_size] = counts.get(h // s.group_size, 0) + 1
-                if len(set(counts.values())) > 1:
-                    per = ", ".join(f"group {g}: {c}" for g, c in sorted(counts.items()))
-                    p.append(f"{where}: GQA groups left uneven ({per} query heads); llama.cpp maps query head h "
-                             f"to KV head h*n_head_kv/n_head, so every kept KV group must keep the same number "
-                             f"of query heads (or remove whole groups)")
-        if lp.neurons is not None:
-            bad = sorted(n for n in lp.neurons if not 0 <= n < s.n_ff)
-            if bad:
-                p.append(f"{where}: neuron indices {_few(bad)} out of range 0..{s.n_ff - 1}")
-            if len(set(lp.neurons)) != len(lp.neurons):
-                p.append(f"{where}: duplicated neuron indices")
-            if list(lp.neurons) != sorted(lp.neurons):
-                p.append(f"{where}: neuron indices must be sorted ascending")
-        if lp.patch is not None:
-            if lp.patch not in PATCH_KINDS:
-                p.append(f"{where}: patch {lp.patch!r} is not a known kind (known: {', '.join(PATCH_KINDS)})")
-            elif not (lp.removed or lp.attention_removed):
-                p.append(f"{where}: a {lp.patch} patch stands in for a removed layer or a removed attention "
-                         "sub-block, but this layer keeps its attention (llama.cpp's deci layer has no linear "
-                         "FFN, so a removed MLP alone cannot carry one)")
-    if plan.layers and all(lp.removed for lp in plan.layers):
-        p.append("the plan removes every layer")
-    if not p:
-        out_arch, why = plan.output_architecture()
-        if out_arch is None:
-            p.append(f"no stock llama.cpp architecture loads this cut: {why}")
-    if p:
-        raise PlanError(p, source)
-    return plan
+        p.append(f"settings.uniform is {kind(uniform)}, expected true or false")
+    return _Protection(first, last, protected_layers(plan.shape.n_layer, first, last), uniform)
+
+
+def _check_layer(lp: LayerPlan, s: ModelShape, protection: _Protection, p: list[str]) -> None:
+    """One layer's cut: not in a protected layer, indices in range, sorted, once each, GQA-consistent heads,
+    and a patch only where something was removed."""
+    where = f"layer {lp.index}"
+    removes = lp.removed or lp.attention_removed or lp.mlp_removed
+    if lp.index in protection.layers and not lp.untouched and (removes or not protection.uniform):
+        p.append(f"{where} is protected (protect_first={protection.first}, protect_last={protection.last}) "
+                 "but the plan cuts it")
+    if lp.heads is not None:
+        _check_heads(lp.heads, s, where, p)
+    if lp.neurons is not None:
+        _check_indices(lp.neurons, s.n_ff, "neuron", where, p)
+    if lp.patch is not None:
+        if lp.patch not in PATCH_KINDS:
+            p.append(f"{where}: patch {lp.patch!r} is not a known kind (known: {', '.join(PATCH_KINDS)})")
+        elif not (lp.removed or lp.attention_removed):
+            p.append(f"{where}: a {lp.patch} patch stands in for a removed layer or a removed attention "
+                     "sub-block, but this layer keeps its attention (llama.cpp's deci layer has no linear "
+                     "FFN, so a removed MLP alone cannot carry one)")
+
+
+def _check_indices(kept: tuple[int, ...], n: int, unit: str, where: str, p: list[str]) -> bool:
+    """Kept head / neuron indices: in range 0..n-1, once each, ascending. True when all are in range."""
+    bad = sorted(x for x in kept if not 0 <= x < n)
+    if bad:
+        p.append(f"{where}: {unit} indices {_few(bad)} out of range 0..{n - 1}")
+    if len(set(kept)) != len(kept):
+        p.append(f"{where}: duplicated {unit} indices")
+    if list(kept) != sorted(kept):
+        p.append(f"{where}: {unit} indices must be sorted ascending")
+    return not bad
+
+
+def _check_heads(heads: tuple[int, ...], s: ModelShape, where: str, p: list[str]) -> None:
+    if not _check_indices(heads, s.n_head, "head", where, p) or not heads:
+        return
+    per_group = Counter(h // s.group_size for h in heads)  # KV group → query heads kept in it
+    if len(set(per_group.values())) > 1:
+        per = ", ".join(f"group {g}: {c}" for g, c in sorted(per_group.items()))
+        p.append(f"{where}: GQA groups left uneven ({per} query heads); llama.cpp maps query head h "
+                 f"to KV head h*n_head_kv/n_head, so every kept KV group must keep the same number "
+                 f"of query heads (or remove whole groups)")

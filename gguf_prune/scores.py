@@ -28,6 +28,9 @@ layers are null, so nothing but ``score --merge`` reads it.
 All KLs are KL(reference ‖ variant) in nats per real calibration token, where the
 reference is the unpruned model (also when a base plan was applied: then every
 variant includes the base plan's cuts, and ``base_plan.kl`` is the plan alone).
+
+Every scorer (in memory, streamed, the iterative pipeline's per-round one) builds its document with
+:func:`document`, :func:`layer_entry` and their helpers here, next to :func:`save` and :func:`validate`.
 """
 
 from __future__ import annotations
@@ -35,11 +38,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from gguf_prune.plan import ModelShape, is_int, shape_from_dict
+from gguf_prune.plan import ModelShape
+from gguf_prune.plan_reading import shape_from_dict
+from gguf_prune.values import is_int, python_kind
 from gguf_prune.atomic import write_text_atomic
 from gguf_prune.errors import GgufPruneError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCORES_SCHEMA = "gguf-prune/scores"
 SLICE_SCHEMA = "gguf-prune/scores-slice"  # one --units slice: only `score --merge` reads it
@@ -95,6 +103,36 @@ def load(path: Path, allow_slice: bool = False) -> dict:
 
 def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
     """Check the structure; raise one ScoresError naming every problem."""
+    _check_header(d, source, allow_slice)
+    p: list[str] = [f"missing key {k!r}" for k in TOP_KEYS if k not in d]
+    if p:
+        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
+    _entry_kinds(d, p)
+    if p:
+        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
+    shape = shape_from_dict(d["model"].get("shape"), p)
+    if shape is None:
+        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
+    if not d["model"].get("fingerprint"):
+        p.append("'model.fingerprint' is empty")
+    _layers_problems(d["layers"], shape, p)
+    if d["heads"] is not None:
+        _heads_problems(d["heads"], shape, p)
+    if d["neurons"] is not None:
+        _neurons_problems(d["neurons"], p)
+    if d["greedy"] is not None:
+        for k, st in enumerate(d["greedy"].get("steps", [])):
+            missing = [key for key in STEP_KEYS if key not in st]
+            if missing:
+                p.append(f"greedy.steps[{k}] lacks {', '.join(missing)}")
+    if p:
+        raise ScoresError(f"{source} is malformed ({len(p)} problem{'s' if len(p) != 1 else ''}):\n  - "
+                          + "\n  - ".join(p))
+    return dict(d)
+
+
+def _check_header(d: Any, source: str, allow_slice: bool) -> None:
+    """A JSON object of this schema (a slice only where allowed, and then with its units) and version."""
     if not isinstance(d, Mapping):
         raise ScoresError(f"{source}: expected a JSON object, got {type(d).__name__}")
     if d.get("schema") == SLICE_SCHEMA and not allow_slice:
@@ -109,77 +147,69 @@ def validate(d: Any, source: str = "scores", allow_slice: bool = False) -> dict:
     if d.get("version") != SCORES_VERSION:
         raise ScoresError(f"{source}: 'version' is {d.get('version')!r}; this gguf-prune reads version "
                           f"{SCORES_VERSION}: re-run `gguf-prune score`")
-    p: list[str] = [f"missing key {k!r}" for k in TOP_KEYS if k not in d]
-    if p:
-        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
+
+
+def _entry_kinds(d: Mapping[str, Any], p: list[str]) -> None:
+    """The top-level entries are objects (or null where a measurement is optional)."""
     for key in ("model", "calibration", "settings", "full", "timing"):
         if not isinstance(d[key], Mapping):
-            p.append(f"{key!r} is {_kind(d[key])}, expected an object")
+            p.append(f"{key!r} is {python_kind(d[key])}, expected an object")
     bp = d["base_plan"]
     if bp is not None and not (isinstance(bp, Mapping) and isinstance(bp.get("plan"), Mapping)):
-        p.append(f"'base_plan' is {_kind(bp)}, expected null or an object with the 'plan' scored on top of")
+        p.append(f"'base_plan' is {python_kind(bp)}, expected null or an object with the 'plan' scored on top of")
     for key in ("heads", "neurons", "greedy"):
         if d[key] is not None and not isinstance(d[key], Mapping):
-            p.append(f"{key!r} is {_kind(d[key])}, expected an object or null")
-    if p:
-        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
-    shape = shape_from_dict(d["model"].get("shape"), p)
-    if shape is None:
-        raise ScoresError(f"{source} is malformed: " + "; ".join(p))
-    if not d["model"].get("fingerprint"):
-        p.append("'model.fingerprint' is empty")
-    layers = d["layers"]
+            p.append(f"{key!r} is {python_kind(d[key])}, expected an object or null")
+
+
+def _layers_problems(layers: Any, shape: ModelShape, p: list[str]) -> None:
+    """One entry per source layer, in source order, with every LAYER_KEYS key of the right type."""
     if not isinstance(layers, list) or len(layers) != shape.n_layer:
         p.append(f"'layers' must list all {shape.n_layer} source layers, got "
                  f"{len(layers) if isinstance(layers, list) else type(layers).__name__}")
-    else:
-        for k, e in enumerate(layers):
-            missing = [key for key in LAYER_KEYS if not isinstance(e, Mapping) or key not in e]
-            if missing:
-                p.append(f"layers[{k}] lacks {', '.join(missing)}")
-            elif e["index"] != k or not is_int(e["index"]):
-                p.append(f"layers[{k}] has index {e['index']!r}; layers must be in source order")
-            else:
-                _layer_types(e, f"layers[{k}]", p)
-    heads = d["heads"]
-    if heads is not None:
-        hl = heads.get("layers", [])
-        if not isinstance(hl, list) or not all(is_int(i) and 0 <= i < shape.n_layer for i in hl):
-            p.append(f"heads.layers is {_kind(hl)}, expected a list of layer numbers 0..{shape.n_layer - 1}")
-            hl = []
-        for key, n in (("kl", shape.n_head), ("kv_kl", shape.n_head_kv), ("norm", shape.n_head),
-                       ("taylor", shape.n_head)):
-            per_layer = heads.get(key)
-            if per_layer is None and key in ("norm", "taylor"):
-                continue  # not measured
-            if not isinstance(per_layer, Mapping):
-                p.append(f"heads.{key} is {_kind(per_layer)}, expected an object of per-layer lists")
-                continue
-            for i in hl:
-                vals = per_layer.get(str(i))
-                if not isinstance(vals, list) or len(vals) != n or not all(
-                        v is None or _is_number(v, nan_ok=True) for v in vals):  # null: a head already removed
-                    p.append(f"heads.{key}[{i}] must be a list of {n} numbers (null for a removed head)")
-    if d["neurons"] is not None:
-        nd = d["neurons"]
-        for key in ("file", "tau", "stats"):
-            if key not in nd:
-                p.append(f"neurons lacks {key!r}")
-        if not isinstance(nd.get("file", ""), str) or not nd.get("file", "x"):
-            p.append(f"neurons.file is {_kind(nd.get('file'))}, expected the side file's name")
-        if not _is_number(nd.get("tau", 0.0)):
-            p.append(f"neurons.tau is {_kind(nd.get('tau'))}, expected a number")
-        if not (isinstance(nd.get("stats", []), list) and all(isinstance(x, str) for x in nd.get("stats", []))):
-            p.append(f"neurons.stats is {_kind(nd.get('stats'))}, expected a list of statistic names")
-    if d["greedy"] is not None:
-        for k, st in enumerate(d["greedy"].get("steps", [])):
-            missing = [key for key in STEP_KEYS if key not in st]
-            if missing:
-                p.append(f"greedy.steps[{k}] lacks {', '.join(missing)}")
-    if p:
-        raise ScoresError(f"{source} is malformed ({len(p)} problem{'s' if len(p) != 1 else ''}):\n  - "
-                          + "\n  - ".join(p))
-    return dict(d)
+        return
+    for k, e in enumerate(layers):
+        missing = [key for key in LAYER_KEYS if not isinstance(e, Mapping) or key not in e]
+        if missing:
+            p.append(f"layers[{k}] lacks {', '.join(missing)}")
+        elif e["index"] != k or not is_int(e["index"]):
+            p.append(f"layers[{k}] has index {e['index']!r}; layers must be in source order")
+        else:
+            _layer_types(e, f"layers[{k}]", p)
+
+
+def _heads_problems(heads: Mapping[str, Any], shape: ModelShape, p: list[str]) -> None:
+    """heads.layers are layer numbers; every per-head list has one number (or null) per head or KV group."""
+    hl = heads.get("layers", [])
+    if not isinstance(hl, list) or not all(is_int(i) and 0 <= i < shape.n_layer for i in hl):
+        p.append(f"heads.layers is {python_kind(hl)}, expected a list of layer numbers 0..{shape.n_layer - 1}")
+        hl = []
+    for key, n in (("kl", shape.n_head), ("kv_kl", shape.n_head_kv), ("norm", shape.n_head),
+                   ("taylor", shape.n_head)):
+        per_layer = heads.get(key)
+        if per_layer is None and key in ("norm", "taylor"):
+            continue  # not measured
+        if not isinstance(per_layer, Mapping):
+            p.append(f"heads.{key} is {python_kind(per_layer)}, expected an object of per-layer lists")
+            continue
+        for i in hl:
+            vals = per_layer.get(str(i))
+            if not isinstance(vals, list) or len(vals) != n or not all(
+                    v is None or _is_number(v, nan_ok=True) for v in vals):  # null: a head already removed
+                p.append(f"heads.{key}[{i}] must be a list of {n} numbers (null for a removed head)")
+
+
+def _neurons_problems(nd: Mapping[str, Any], p: list[str]) -> None:
+    """The neurons entry names its side file, tau and statistics."""
+    for key in ("file", "tau", "stats"):
+        if key not in nd:
+            p.append(f"neurons lacks {key!r}")
+    if not isinstance(nd.get("file", ""), str) or not nd.get("file", "x"):
+        p.append(f"neurons.file is {python_kind(nd.get('file'))}, expected the side file's name")
+    if not _is_number(nd.get("tau", 0.0)):
+        p.append(f"neurons.tau is {python_kind(nd.get('tau'))}, expected a number")
+    if not (isinstance(nd.get("stats", []), list) and all(isinstance(x, str) for x in nd.get("stats", []))):
+        p.append(f"neurons.stats is {python_kind(nd.get('stats'))}, expected a list of statistic names")
 
 
 _METRICS = ("bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi")
@@ -190,22 +220,73 @@ def _is_number(v: Any, nan_ok: bool = False) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and (nan_ok or math.isfinite(v))
 
 
-def _kind(v: Any) -> str:
-    return "missing" if v is None else f"{type(v).__name__} {v!r}"[:60]
-
-
 def _layer_types(e: Mapping[str, Any], where: str, p: list[str]) -> None:
     """The value types of one layer entry: what the planner does arithmetic with."""
     if not isinstance(e["removed"], bool):
-        p.append(f"{where}.removed is {_kind(e['removed'])}, expected true or false")
+        p.append(f"{where}.removed is {python_kind(e['removed'])}, expected true or false")
     for key in _METRICS:
         v = e.get(key)
         if v is not None and not _is_number(v, nan_ok=True):
-            p.append(f"{where}.{key} is {_kind(v)}, expected a number or null")
+            p.append(f"{where}.{key} is {python_kind(v)}, expected a number or null")
     if "width_kl" in e:
         w = e["width_kl"]
         if not (isinstance(w, list) and all(v is None or _is_number(v, nan_ok=True) for v in w)):
-            p.append(f"{where}.width_kl is {_kind(w)}, expected a list of numbers, one per --width level")
+            p.append(f"{where}.width_kl is {python_kind(w)}, expected a list of numbers, one per --width level")
+
+
+# ----------------------------------------------------------------------------- building a document
+# The one place that spells out a scores document: the in-memory scorer, the streamed scorer and the iterative
+# pipeline's per-round scorer all build theirs here, so the three cannot drift apart.
+
+
+def per_token(total: Any, n_real: int) -> float | None:
+    """A sum over the real calibration tokens as a per-token mean; None for a unit not measured (None, NaN)."""
+    return None if total is None or not math.isfinite(total) else float(total) / n_real
+
+
+def layer_entry(index: int, *, removed: bool = False, bi: float | None = None, kl: float | None = None,
+                ppl: float | None = None, attn_kl: float | None = None, mlp_kl: float | None = None,
+                attn_bi: float | None = None, mlp_bi: float | None = None,
+                width_kl: list | None = None) -> dict:
+    """One ``layers`` entry: every LAYER_KEYS key (a removed layer: all scores null), and ``width_kl`` only when
+    width scores were measured (older files have none)."""
+    e = {"index": index, "removed": removed, "bi": bi, "kl": kl, "ppl": ppl, "attn_kl": attn_kl, "mlp_kl": mlp_kl,
+         "attn_bi": attn_bi, "mlp_bi": mlp_bi}
+    if width_kl is not None:
+        e["width_kl"] = width_kl
+    return e
+
+
+def neurons_entry(file_name: str, tau: float, tensors: Mapping[str, Any]) -> dict:
+    """The ``neurons`` entry for a side file named ``file_name`` holding ``tensors`` (see neuron_tensors)."""
+    return {"file": file_name, "tau": tau, "stats": list(NEURON_STATS),
+            "layers": sorted(int(k.split(".")[1]) for k in tensors if k.startswith("freq."))}
+
+
+def base_plan_entry(plan: Any, path: str | None, kl: float, nll: float) -> dict:
+    """The ``base_plan`` entry: the plan scored on top of (a gguf_prune.plan.Plan), its KL and NLL alone."""
+    return {"digest": plan.digest(), "path": path, "plan": plan.to_dict(), "kl": kl, "nll": nll, "ppl": math.exp(nll)}
+
+
+def document(*, fingerprint: str, shape: ModelShape, model_path: Path, calibration: Mapping[str, Any],
+             settings: Mapping[str, Any], full_nll: float, layers: list, seconds: Mapping[str, float],
+             layer_evals: int, base_plan: dict | None = None, heads: dict | None = None,
+             neurons: dict | None = None, greedy: dict | None = None, width: dict | None = None,
+             stream: dict | None = None, units: dict | None = None) -> dict:
+    """A whole scores document, ready for :func:`save`. ``width``, ``stream`` and ``units`` are written only when
+    given; ``units`` ({"spec", "layers"}) makes it a slice (SLICE_SCHEMA) that only ``score --merge`` reads."""
+    doc = {
+        "schema": SLICE_SCHEMA if units is not None else SCORES_SCHEMA, "version": SCORES_VERSION,
+        "model": {"fingerprint": fingerprint, "shape": shape.to_dict(), "path": str(model_path)},
+        "calibration": calibration, "settings": settings, "base_plan": base_plan,
+        "full": {"nll": full_nll, "ppl": math.exp(full_nll)},
+        "layers": layers, "heads": heads, "neurons": neurons, "greedy": greedy,
+        "timing": {"seconds": seconds, "layer_evals": layer_evals},
+    }
+    for key, value in (("width", width), ("stream", stream), ("units", units)):
+        if value is not None:
+            doc[key] = value
+    return doc
 
 
 def shape_of(d: Mapping[str, Any]) -> ModelShape:

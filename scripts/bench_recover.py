@@ -48,16 +48,20 @@ def _default_plan(model_dir: Path):
 
 
 def _measure(args) -> dict:
+    import contextlib
     import copy
 
     import torch
     from transformers import AutoTokenizer
 
-    from gguf_prune.models import cuts
     from gguf_prune.calibration import load_calibration
-    from gguf_prune.recovery.finetune import FinetuneOptions, _loss, _teacher_states, prepare_student
+    from gguf_prune.models import cuts
+    from gguf_prune.models.tensors import PATCH_NAME
     from gguf_prune.plan import Plan
-    from gguf_prune.recovery.recover import fit_patches, mark_patches, split_heldout
+    from gguf_prune.recovery.finetune import FinetuneOptions, batch_loss, teacher_states
+    from gguf_prune.recovery.patches import fit_patches, mark_patches
+    from gguf_prune.recovery.recover import split_heldout
+    from gguf_prune.recovery.student import prepare_student
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,18 +79,18 @@ def _measure(args) -> dict:
                    residuals=[p.get("heldout_residual") for p in stats["patches"]])
     elif args.measure.startswith("step-"):
         method = args.measure.split("-", 1)[1]
-        patches = {cuts.PATCH_NAME.format(lp.index): torch.zeros(plan.shape.n_embd, plan.shape.n_embd)
+        patches = {PATCH_NAME.format(lp.index): torch.zeros(plan.shape.n_embd, plan.shape.n_embd)
                    for lp in plan.patches()}
         o = FinetuneOptions(method=method, batch_size=args.batch_size)
         ids, mask = cal.input_ids[:args.batch_size], cal.attention_mask[:args.batch_size].long()
-        t_states = _teacher_states(model, ids, mask, "cpu", args.batch_size)
+        t_states = teacher_states(model, ids, mask, "cpu", args.batch_size)
         st = prepare_student(cuts.apply_plan(copy.deepcopy(model), plan, patches), plan, o)
         del model
         opt = torch.optim.AdamW([p for _, p in st.params], lr=o.learning_rate)
         times = []
         for k in range(args.steps + 1):
             t = time.perf_counter()
-            loss, _ = _loss(st.core, st.lm_head, ids, mask, t_states, "distill", _Null)
+            loss, _ = batch_loss(st.core, st.lm_head, ids, mask, t_states, "distill", contextlib.nullcontext)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -98,12 +102,22 @@ def _measure(args) -> dict:
     return out
 
 
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _print_table(results: dict) -> None:
+    """One row per measure: seconds, peak RSS and what it adds over ``load``."""
+    base = results.get("load", {}).get("peak_rss_mb")
+    rows = [("measure", "seconds", "peak RSS MB", "over load MB", "note")]
+    for m, r in results.items():
+        secs = r.get("seconds", r.get("seconds_per_step"))
+        note = ""
+        if m == "patch":
+            note = f"{r['patches']} patch(es) on {r['tokens']} tokens; held-out KL {r['heldout_kl']}"
+        elif m.startswith("step"):
+            note = f"per step of {r['tokens_per_step']} tokens, {r['trainable_params'] / 1e6:.2f}M trainable"
+        rows.append((m, "" if secs is None else f"{secs:.2f}", f"{r['peak_rss_mb']:.0f}",
+                     "" if base is None or m == "load" else f"{r['peak_rss_mb'] - base:+.0f}", note))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
 def main() -> int:
@@ -142,20 +156,7 @@ def main() -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
         results[m] = json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall_seconds": time.perf_counter() - t}
-    base = results.get("load", {}).get("peak_rss_mb")
-    rows = [("measure", "seconds", "peak RSS MB", "over load MB", "note")]
-    for m, r in results.items():
-        secs = r.get("seconds", r.get("seconds_per_step"))
-        note = ""
-        if m == "patch":
-            note = f"{r['patches']} patch(es) on {r['tokens']} tokens; held-out KL {r['heldout_kl']}"
-        elif m.startswith("step"):
-            note = f"per step of {r['tokens_per_step']} tokens, {r['trainable_params'] / 1e6:.2f}M trainable"
-        rows.append((m, "" if secs is None else f"{secs:.2f}", f"{r['peak_rss_mb']:.0f}",
-                     "" if base is None or m == "load" else f"{r['peak_rss_mb'] - base:+.0f}", note))
-    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+    _print_table(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     import torch
 

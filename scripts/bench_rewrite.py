@@ -103,7 +103,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from gguf_prune.models.demo import ensure_demo_checkpoint
-    from gguf_prune.writing.gguf_io import read_gguf
+    from gguf_prune.writing.gguf_read import read_gguf
     from gguf_prune.plan import ModelShape
     from gguf_prune.writing.prune import convert_cached
 

@@ -34,10 +34,10 @@ def _measure(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from gguf_prune.scoring import ablate
+    from gguf_prune.scoring import ablate, naive, oneshot
     from gguf_prune.calibration import load_calibration
     from gguf_prune.models.cuts import load_model
-    from gguf_prune.scoring.measure import parse_layers
+    from gguf_prune.scoring.inputs import parse_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +58,7 @@ def _measure(args) -> dict:
             units = ([[("heads", i, (q,))] for i in head_layers for q in range(nh)]
                      + [[("heads", i, tuple(range(g * gs, (g + 1) * gs)))] for i in head_layers for g in range(nkv)])
         split: dict = {}
-        kl, _, _, _ = ablate.naive_divergence(model, groups, units, timing=split)
+        kl, _, _, _ = naive.naive_divergence(model, groups, units, timing=split)
         vocab_s = split["vocab"]
         evals = len(units) * L + L  # every variant runs the whole model (the bypassed layer too), plus the reference
         if kind == "heads":
@@ -70,7 +70,7 @@ def _measure(args) -> dict:
         refs = [eng.reference(i, m) for i, m in groups]
         spec = ablate.ScanSpec(layers=kind == "layers", sublayers=False,
                                head_layers=tuple(head_layers) if kind == "heads" else ())
-        r = ablate.scan(eng, groups, refs, spec)
+        r = oneshot.scan(eng, groups, refs, spec)
         if kind == "layers":
             kl = r.kl / r.n_real
         else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gguf_prune.scoring import ablate
+from gguf_prune.scoring import ablate, greedy_search, naive, oneshot
 from gguf_prune.calibration import load_calibration
 from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
@@ -49,7 +49,7 @@ def groups(tiny_tied):
 def _scan(model, groups, spec, batch_tokens=64):
     eng = ablate.Engine(model, batch_tokens=batch_tokens)
     refs = [eng.reference(i, m) for i, m in groups]
-    return eng, refs, ablate.scan(eng, groups, refs, spec)
+    return eng, refs, oneshot.scan(eng, groups, refs, spec)
 
 
 def test_fast_equals_naive_for_layers_sublayers_heads_and_kv_groups(tied, groups):
@@ -59,7 +59,7 @@ def test_fast_equals_naive_for_layers_sublayers_heads_and_kv_groups(tied, groups
     units = ([[("layer", i)] for i in range(L)] + [[("attn", i)] for i in range(L)] + [[("mlp", i)] for i in range(L)]
              + [[("heads", 4, (q,))] for q in range(nh)]
              + [[("heads", 4, tuple(range(g * 4, g * 4 + 4)))] for g in range(nkv)])
-    kl, nll, n_real, n_tgt = ablate.naive_divergence(tied, groups, units)
+    kl, nll, n_real, n_tgt = naive.naive_divergence(tied, groups, units)
     assert (n_real, n_tgt) == (r.n_real, r.n_tgt) == (20 + 14 + 10, 19 + 13 + 9)
     fast = np.concatenate([r.kl, r.attn_kl, r.mlp_kl, r.head_kl[4], r.kv_kl[4]]) / n_real
     assert np.abs(fast - kl).max() <= TOL, np.abs(fast - kl).max()
@@ -84,7 +84,7 @@ def test_fast_path_costs_half_the_layer_evaluations(tied, groups):
     after_ref = eng.seq_layer_evals
     n_seq, L = 3, 6
     assert after_ref == n_seq * L
-    ablate.scan(eng, groups, refs, ablate.ScanSpec(sublayers=False))
+    oneshot.scan(eng, groups, refs, ablate.ScanSpec(sublayers=False))
     # the carried walk (L) + each layer's bypass variant running layers i+1… (L·(L−1)/2), per sequence
     assert eng.seq_layer_evals - after_ref == n_seq * (L + L * (L - 1) // 2)
 
@@ -93,7 +93,7 @@ def test_greedy_steps_match_naive_removal_of_the_chosen_units(tied, groups):
     eng = ablate.Engine(tied, batch_tokens=64)
     refs = [eng.reference(i, m) for i, m in groups]
     n_real = sum(r.n_real for r in refs)
-    scan = ablate.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True))
+    scan = oneshot.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True))
 
     def cands(modes):
         for pos in range(1, 5):
@@ -104,7 +104,7 @@ def test_greedy_steps_match_naive_removal_of_the_chosen_units(tied, groups):
             elif modes[pos] != "layer":
                 yield ("mlp" if modes[pos] == "attn" else "attn", pos)
 
-    steps = ablate.greedy(eng, groups, refs, 2, cands, lambda k, p, m: 1)
+    steps = greedy_search.greedy(eng, groups, refs, 2, cands, lambda k, p, m: 1)
     assert [s.candidates for s in steps][0] == 12
     # step 1 is the cheapest single unit
     singles = {("layer", i): scan.kl[i] for i in range(1, 5)} | {("attn", i): scan.attn_kl[i] for i in range(1, 5)} \
@@ -114,7 +114,7 @@ def test_greedy_steps_match_naive_removal_of_the_chosen_units(tied, groups):
     assert abs(steps[0].kl - singles[first] / n_real) <= TOL
     # every step's KL is the naive KL of removing all the chosen units together
     chosen = [(s.kind, s.pos) for s in steps]
-    kl, _, _, _ = ablate.naive_divergence(tied, groups, [chosen[:1], chosen[:2]])
+    kl, _, _, _ = naive.naive_divergence(tied, groups, [chosen[:1], chosen[:2]])
     assert np.abs(np.array([s.kl for s in steps]) - kl).max() <= TOL
     assert abs(steps[1].delta_kl - (kl[1] - kl[0])) <= TOL
     assert kl[1] > kl[0] > 0 and steps[1].candidates in (10, 11)
@@ -132,10 +132,10 @@ def test_fast_equals_naive_on_a_pruned_model_against_the_unpruned_reference(tiny
     apply_plan(pruned, plan)
     eng = ablate.Engine(pruned, batch_tokens=64)
     # positions after removing layer 2: 0 1 | 3→2 | 4→3 | 5→4
-    r = ablate.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True, head_layers=(2,),
+    r = oneshot.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True, head_layers=(2,),
                                                        removed_heads={2: {2, 3, 6, 7}}, neurons=True))
     units = [[], [("layer", 1)], [("mlp", 3)], [("heads", 2, (0,))], [("heads", 2, (4, 5))]]
-    kl, _, n_real, _ = ablate.naive_divergence(pruned, groups, units, reference_model=original)
+    kl, _, n_real, _ = naive.naive_divergence(pruned, groups, units, reference_model=original)
     assert abs(r.base_kl / n_real - kl[0]) <= TOL and kl[0] > 1e-3
     assert abs(r.kl[1] / n_real - kl[1]) <= TOL
     assert abs(r.mlp_kl[3] / n_real - kl[2]) <= TOL
@@ -166,7 +166,7 @@ def test_untied_head_and_unpadded_batches(tiny_untied):
     model = load_model(tiny_untied)
     groups = _groups(tiny_untied, pad=False)
     eng, refs, r = _scan(model, groups, ablate.ScanSpec(sublayers=False))
-    kl, nll, n_real, n_tgt = ablate.naive_divergence(model, groups, [[("layer", i)] for i in range(4)])
+    kl, nll, n_real, n_tgt = naive.naive_divergence(model, groups, [[("layer", i)] for i in range(4)])
     assert np.abs(r.kl / n_real - kl).max() <= TOL
     assert np.abs(r.nll / n_tgt - nll).max() <= TOL
 
@@ -183,15 +183,15 @@ def test_lazy_greedy_measures_fewer_candidates_and_stays_exact_in_what_it_report
             elif modes[pos] in ("attn", "mlp"):
                 yield ("mlp" if modes[pos] == "attn" else "attn", pos)
 
-    exact = ablate.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1)
-    wide = ablate.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=100)
+    exact = greedy_search.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1)
+    wide = greedy_search.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=100)
     assert [(s.kind, s.pos) for s in wide] == [(s.kind, s.pos) for s in exact]  # a pool ≥ all = exact greedy
-    lazy = ablate.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=2)
+    lazy = greedy_search.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=2)
     assert lazy[0].candidates == 8 and lazy[1].candidates == 2 and lazy[2].candidates == 2
     assert (lazy[0].kind, lazy[0].pos) == (exact[0].kind, exact[0].pos)
     # whatever it picks, the KL it reports is the true KL of removing those units together
     chosen = [(s.kind, s.pos) for s in lazy]
-    kl, _, _, _ = ablate.naive_divergence(tied, groups, [chosen[:k] for k in (1, 2, 3)])
+    kl, _, _, _ = naive.naive_divergence(tied, groups, [chosen[:k] for k in (1, 2, 3)])
     assert np.abs(np.array([s.kl for s in lazy]) - kl).max() <= TOL
 
 
@@ -199,7 +199,7 @@ def test_lazy_greedy_seeded_by_the_scan_measures_only_the_pool(tied, groups):
     eng = ablate.Engine(tied, batch_tokens=64)
     refs = [eng.reference(i, m) for i, m in groups]
     n_real = sum(r.n_real for r in refs)
-    scan = ablate.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True))
+    scan = oneshot.scan(eng, groups, refs, ablate.ScanSpec(sublayers=True))
 
     def cands(modes):
         for pos in range(1, 5):
@@ -209,8 +209,8 @@ def test_lazy_greedy_seeded_by_the_scan_measures_only_the_pool(tied, groups):
 
     initial = {(k, p): float(arr[p]) / n_real for p in range(1, 5)
                for k, arr in (("attn", scan.attn_kl), ("mlp", scan.mlp_kl))}
-    exact = ablate.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1)
-    seeded = ablate.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1, pool=3, initial=initial)
+    exact = greedy_search.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1)
+    seeded = greedy_search.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1, pool=3, initial=initial)
     assert seeded[0].candidates == 3  # only the pool was measured in step 1
     assert (seeded[0].kind, seeded[0].pos) == (exact[0].kind, exact[0].pos)
     assert abs(seeded[0].kl - exact[0].kl) <= TOL

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from gguf_prune.runtime import llamacpp
 from gguf_prune.cli import main
-from gguf_prune.runtime.evaluate import (DEFAULT_TEXT, EvalError, EvalOptions, check_output, evaluate,
-                                         has_repetition_loop, load_prompts, parse_kld_output)
+from gguf_prune.runtime.evaluate import DEFAULT_TEXT, EvalError, EvalOptions, evaluate, load_prompts, parse_kld_output
+from gguf_prune.runtime.prompts import check_output, has_repetition_loop
 
 
 @pytest.fixture(scope="module")

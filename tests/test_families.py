@@ -197,7 +197,7 @@ def test_gemma3_dropping_layers_keeps_each_layers_attention_kind(tmp_path_factor
 
 
 def llamacpp_kv(path: Path, key: str):
-    from gguf_prune.writing.gguf_io import read_gguf
+    from gguf_prune.writing.gguf_read import read_gguf
 
     return read_gguf(path).get(key)
 
@@ -296,7 +296,7 @@ def test_scores_equal_the_naive_ablation_on_every_family(family):
     """Layer, sub-block, head, KV-group and width KL from the prefix-reusing engine equal full forwards with
     the unit bypassed, on each family's own modules (Gemma's sandwich norms and local RoPE, Qwen's biases and
     q/k norms, tied and untied heads)."""
-    from gguf_prune.scoring import ablate
+    from gguf_prune.scoring import ablate, naive, oneshot
     from gguf_prune.calibration import load_calibration
 
     tok = AutoTokenizer.from_pretrained(family.hf_dir)
@@ -307,12 +307,12 @@ def test_scores_equal_the_naive_ablation_on_every_family(family):
     order = np.random.default_rng(0).permutation(family.shape.n_ff)
     eng = ablate.Engine(model, batch_tokens=64)
     refs = [eng.reference(ids, m) for ids, m in groups]
-    r = ablate.scan(eng, groups, refs, ablate.ScanSpec(head_layers=(i,), width_drops=(256, 512),
+    r = oneshot.scan(eng, groups, refs, ablate.ScanSpec(head_layers=(i,), width_drops=(256, 512),
                                                          width_order={i: order}))
     units = ([[("layer", j)] for j in range(L)] + [[("attn", j)] for j in range(L)] + [[("mlp", j)] for j in range(L)]
              + [[("heads", i, (q,))] for q in range(8)] + [[("heads", i, tuple(range(g * 4, g * 4 + 4)))] for g in (0, 1)]
              + [[("neurons", i, tuple(order[:d]))] for d in (256, 512)])
-    kl, _, n_real, _ = ablate.naive_divergence(model, groups, units)
+    kl, _, n_real, _ = naive.naive_divergence(model, groups, units)
     fast = np.concatenate([r.kl, r.attn_kl, r.mlp_kl, r.head_kl[i], r.kv_kl[i], r.width_kl[i]]) / n_real
     assert np.abs(fast - kl).max() <= 1e-5, (family.name, np.abs(fast - kl).max())
     assert kl.min() > 1e-5  # every unit matters: the comparison is not between zeros
@@ -348,7 +348,8 @@ def test_every_score_runs_on_every_family(family, tmp_path):
 
 
 def _scored(hf_dir: Path, out: Path, **kw) -> Path:
-    from gguf_prune.scoring.measure import ScoreOptions, score_model
+    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.measure import score_model
 
     return score_model(hf_dir, out, ScoreOptions(samples=4, seq_len=32, heads=True, neurons=True,
                                                  width=(0.17, 0.33, 0.5), protect_first=0, protect_last=0, **kw))
@@ -363,7 +364,8 @@ def qwen2_scores(tmp_path_factory) -> tuple[Path, Path]:
 def test_uniform_plans_keep_one_shape_and_the_native_architecture(qwen2_scores, tmp_path):
     """plan --uniform: layers by score, one FFN width for every kept layer (each its own neurons); Qwen2 with a
     uniform width cut stays qwen2, and each layer keeps its highest-energy neurons."""
-    from gguf_prune.planning.strategies import PlanOptions, make_plan
+    from gguf_prune.planning.options import PlanOptions
+    from gguf_prune.planning.strategies import make_plan
 
     hf_dir, scores = qwen2_scores
     mixed = make_plan(scores, tmp_path / "mixed.json", PlanOptions(target_params=0.3, uniform=True))
@@ -386,7 +388,8 @@ def test_uniform_plans_keep_one_shape_and_the_native_architecture(qwen2_scores, 
 
 @pytest.mark.bad_input
 def test_qwen3_plans_are_uniform_and_per_layer_options_are_refused(tmp_path_factory, tmp_path):
-    from gguf_prune.planning.strategies import PlanOptions, make_plan
+    from gguf_prune.planning.options import PlanOptions
+    from gguf_prune.planning.strategies import make_plan
 
     d = make_tiny_model(tmp_path_factory.mktemp("qwen3-plan"), FAMILY_SPECS["qwen3"])
     scores = _scored(d, tmp_path / "scores.json")
@@ -405,7 +408,7 @@ def test_qwen3_plans_are_uniform_and_per_layer_options_are_refused(tmp_path_fact
 def test_run_end_to_end_on_a_realistic_qwen(name, tmp_path):
     """gguf-prune run on a random Qwen2 / Qwen3 of realistic shape ratios (hidden 512, 8 query heads in 2 KV
     groups, FFN 1536, tied): scored, planned (Qwen3 uniformly), cut, quantized, evaluated, packaged."""
-    from gguf_prune.pipeline.stages import RunOptions, run
+    from gguf_prune.pipeline.job import RunOptions, run
 
     spec = TinySpec(family=name, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, head_dim=64,
                     init_std=0.05, seed=21)

@@ -64,7 +64,7 @@ def fuzz_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fuzz_shape(fuzz_gguf):
-    from gguf_prune.writing.gguf_io import read_gguf
+    from gguf_prune.writing.gguf_read import read_gguf
     from gguf_prune.writing.rewrite import shape_from_gguf
 
     return shape_from_gguf(read_gguf(fuzz_gguf))
@@ -171,7 +171,7 @@ def _check_plan_file(path: Path, shape, gguf: Path, out: Path) -> str:
     """What happens to one plan file, as every command that reads plans would see it; returns the outcome."""
     from gguf_prune.errors import GgufPruneError
     from gguf_prune.plan import Plan, PlanError, validate
-    from gguf_prune.planning.strategies import explain
+    from gguf_prune.planning.explain import explain
     from gguf_prune.writing.rewrite import rewrite
 
     try:
@@ -479,7 +479,7 @@ def _entry(name: str, path: Path, out: Path, aux: dict) -> None:
     """One library entry that reads the GGUF at ``path`` (in the worker)."""
     from gguf_prune.runtime import llamacpp
     from gguf_prune.runtime.evaluate import EvalError, EvalOptions, evaluate
-    from gguf_prune.writing.gguf_io import read_gguf
+    from gguf_prune.writing.gguf_read import read_gguf
     from gguf_prune.runtime.package import PackageOptions, build_package
     from gguf_prune.plan import Plan
     from gguf_prune.writing.quantize import quantize

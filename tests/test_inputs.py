@@ -52,7 +52,8 @@ def invoke(*args) -> object:
 def scores(tiny_tied, tmp_path_factory) -> Path:
     """scores.json of the 6-layer tiny model (8 query heads in 2 KV groups, FFN 768), with head and neuron
     scores, measured for real."""
-    from gguf_prune.scoring.measure import ScoreOptions, score_model
+    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.measure import score_model
 
     out = tmp_path_factory.mktemp("scores") / "scores.json"
     return score_model(tiny_tied, out, ScoreOptions(seq_len=16, samples=2, heads=True, neurons=True, plots=False,
@@ -152,25 +153,25 @@ def test_the_largest_counts_the_model_has_are_taken(scores, tmp_path):
 
 
 BAD_OPTIONS = {  # the option dataclasses refuse what the CLI refuses: an API user gets the same clear error
-    "PlanOptions drop_layers=-1": ("gguf_prune.planning.strategies", "PlanOptions", dict(drop_layers=-1),
+    "PlanOptions drop_layers=-1": ("gguf_prune.planning.options", "PlanOptions", dict(drop_layers=-1),
                                    "invalid plan options: --drop-layers -1: must be a whole number, 0 or more "
                                    "(whole layers to remove)"),
-    "PlanOptions prune_heads=-0.3": ("gguf_prune.planning.strategies", "PlanOptions", dict(prune_heads=-0.3),
+    "PlanOptions prune_heads=-0.3": ("gguf_prune.planning.options", "PlanOptions", dict(prune_heads=-0.3),
                                      "invalid plan options: --prune-heads -0.3: must be a fraction of the query "
                                      "heads in [0, 1)"),
-    "PlanOptions neuron_fraction=1.5": ("gguf_prune.planning.strategies", "PlanOptions",
+    "PlanOptions neuron_fraction=1.5": ("gguf_prune.planning.options", "PlanOptions",
                                         dict(prune_neurons=True, neuron_fraction=1.5),
                                         "invalid plan options: --neuron-fraction 1.5: must be a fraction of each "
                                         "layer's neurons in [0, 1)"),
-    "PlanOptions align=48": ("gguf_prune.planning.strategies", "PlanOptions", dict(align=48),
+    "PlanOptions align=48": ("gguf_prune.planning.options", "PlanOptions", dict(align=48),
                              "invalid plan options: --align 48: must be a positive multiple of 32 (256 for "
                              "k-quants), or 1 for no rounding (F16/BF16/F32 files only)"),
-    "PlanOptions units=(neurons,)": ("gguf_prune.planning.strategies", "PlanOptions", dict(units=("neurons",)),
+    "PlanOptions units=(neurons,)": ("gguf_prune.planning.options", "PlanOptions", dict(units=("neurons",)),
                                      "invalid plan options: --units 'neurons': unknown unit 'neurons'; use a comma "
                                      "list of layer, attn, mlp, width"),
-    "ScoreOptions seq_len=1": ("gguf_prune.scoring.measure", "ScoreOptions", dict(seq_len=1),
+    "ScoreOptions seq_len=1": ("gguf_prune.scoring.inputs", "ScoreOptions", dict(seq_len=1),
                                "invalid options: --seq-len 1: must be at least 2"),
-    "ScoreOptions width_align=48": ("gguf_prune.scoring.measure", "ScoreOptions", dict(width=(0.5,), width_align=48),
+    "ScoreOptions width_align=48": ("gguf_prune.scoring.inputs", "ScoreOptions", dict(width=(0.5,), width_align=48),
                                     "invalid options: --width-align 48: must be a positive multiple of 32 (256 for "
                                     "k-quants), or 1 for no rounding (F16/BF16/F32 files only)"),
     "RecoverOptions heldout=1": ("gguf_prune.recovery.recover", "RecoverOptions", dict(heldout=1.0),
@@ -180,11 +181,11 @@ BAD_OPTIONS = {  # the option dataclasses refuse what the CLI refuses: an API us
                           "invalid eval options: --ctx 2: must be a whole number, 3 or more"),
     "PackageOptions port=0": ("gguf_prune.runtime.package", "PackageOptions", dict(port=0),
                               "invalid package options: --port 0: must be a whole number, 1..65535"),
-    "RunOptions samples=0": ("gguf_prune.pipeline.stages", "RunOptions", dict(samples=0),
+    "RunOptions samples=0": ("gguf_prune.pipeline.job", "RunOptions", dict(samples=0),
                              "run options are invalid: --samples 0 must be a whole number, 1 or more"),
-    "RunOptions quant=Q9": ("gguf_prune.pipeline.stages", "RunOptions", dict(quant="Q9"),
+    "RunOptions quant=Q9": ("gguf_prune.pipeline.job", "RunOptions", dict(quant="Q9"),
                             "run options are invalid: --quant 'Q9' is not a llama-quantize type; use one of Q1_0,"),
-    "SweepOptions budgets=(0.1, 2.0)": ("gguf_prune.pipeline.stages", "SweepOptions", dict(budgets=(0.1, 2.0)),
+    "SweepOptions budgets=(0.1, 2.0)": ("gguf_prune.pipeline.sweep", "SweepOptions", dict(budgets=(0.1, 2.0)),
                                         "sweep options are invalid: --budgets: 2.0 is not a fraction of the block "
                                         "parameters in (0, 1)"),
 }
@@ -413,7 +414,8 @@ def test_run_lists_every_bad_input_at_once(small_run, tmp_path):
 
 
 def test_run_refuses_an_output_path_that_is_a_file(small_run, tiny_tied, tmp_path):
-    from gguf_prune.pipeline.stages import RunError, RunOptions, run
+    from gguf_prune.pipeline.checks import RunError
+    from gguf_prune.pipeline.job import RunOptions, run
 
     go, out = small_run
     out.write_text("not a directory")
@@ -438,7 +440,8 @@ def test_sweep_refuses_bad_inputs_before_scoring(tiny_tied, tmp_path):
 
 def test_the_inputs_of_a_run_are_checked_in_the_library_too(tiny_tied, tmp_path):
     """An API user of run() gets the same refusal, before any stage."""
-    from gguf_prune.pipeline.stages import RunError, RunOptions, run
+    from gguf_prune.pipeline.checks import RunError
+    from gguf_prune.pipeline.job import RunOptions, run
 
     p = _prompts(tmp_path, '{"prompt": "Hi", "max_len": "600"}')
     with pytest.raises(RunError) as e:

@@ -20,15 +20,17 @@ from gguf_prune.models import cuts
 from gguf_prune.calibration import load_calibration
 from gguf_prune.cli import main
 from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
-from gguf_prune.pipeline.iterate import IterateError, IterateOptions, current_model, iterate, new_cuts, score_current
+from gguf_prune.pipeline.iterate import IterateError, IterateOptions, current_model, iterate, score_current
 from divergence import kl_per_token
-from gguf_prune.pipeline.stages import RunOptions
+from gguf_prune.pipeline.job import RunOptions
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
-from gguf_prune.planning.strategies import revived
+from gguf_prune.planning.diff import new_cuts, revived
 from gguf_prune.writing.prune import prune
-from gguf_prune.recovery.recover import (RecoverError, RecoverOptions, _with_weights, carry_weights, fit_patches,
-                                         load_recovered_model, open_recovered, recover)
-from gguf_prune.scoring.measure import ScoreOptions, score_model
+from gguf_prune.recovered import RecoverError, load_recovered_model, open_recovered
+from gguf_prune.recovery.patches import fit_patches
+from gguf_prune.recovery.recover import RecoverOptions, _with_weights, carry_weights, recover
+from gguf_prune.scoring.inputs import ScoreOptions
+from gguf_prune.scoring.measure import score_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread is faster
 
@@ -160,7 +162,7 @@ def test_run_writes_the_pruned_gguf_from_the_last_recovery(tiny_tied, small_text
     """`run --rounds 2 --recover patch`: the GGUF is written from the last round's recover directory, and the
     round figures land in summary.json; `--rounds 1` recovers once after the usual scoring; llama.cpp evaluates
     the recovered GGUF against the base."""
-    from gguf_prune.pipeline.stages import format_summary, run
+    from gguf_prune.pipeline.job import format_summary, run
 
     s = run(RunOptions(model=tiny_tied, out_dir=tmp_path / "run", calibration=small_text, samples=2, seq_len=32,
                        budget=0.2, eval_chunks=2, threads=2, prompts=None, bench=False, package=False, quant="F16",
@@ -239,7 +241,7 @@ def test_bad_options_are_refused_before_anything_is_written(tiny_tied, small_tex
 
 
 def test_one_shot_recovery_checks_its_data_before_scoring(tiny_tied, tmp_path):
-    from gguf_prune.pipeline.stages import run
+    from gguf_prune.pipeline.job import run
 
     short = tmp_path / "short.txt"
     short.write_text(TEXT * 3)
@@ -268,7 +270,7 @@ def test_cli_run_takes_rounds_and_recover(monkeypatch, tmp_path):
         seen["opts"] = opts
         return {}
 
-    import gguf_prune.pipeline.stages as pipeline
+    import gguf_prune.pipeline.job as pipeline
 
     monkeypatch.setattr(pipeline, "run", fake_run)
     monkeypatch.setattr(pipeline, "format_summary", lambda s: "ok")

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from gguf_prune.runtime import toolchain
 from gguf_prune.models import checkpoint
 from gguf_prune.cli import main
-from gguf_prune.writing.gguf_io import read_gguf
+from gguf_prune.writing.gguf_read import read_gguf
 from gguf_prune.plan import ModelShape, Plan, validate
 from gguf_prune.writing.prune import convert_cached, converted_cache_dir
 from tiny_models import TinySpec, make_tiny_llama

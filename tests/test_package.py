@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from gguf_prune.runtime import llamacpp
-from gguf_prune.runtime import toolchain
+from gguf_prune.runtime import portable_build, toolchain
 from gguf_prune.runtime.package import GLIBC, PackageError, PackageOptions, build_package, describe, packed_options
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -160,7 +160,7 @@ def test_a_library_in_the_current_directory_is_never_loaded(packaged, tmp_path):
 def test_set_runpath_rewrites_in_place_and_refuses_what_does_not_fit(tmp_path):
     from gguf_prune.runtime.package import set_runpath
 
-    server = toolchain.build_portable().portable_bin_dir / "llama-server"
+    server = portable_build.build_portable().portable_bin_dir / "llama-server"
     before = server.read_bytes()
     after = set_runpath(before, "$ORIGIN/../lib")
     assert len(after) == len(before)

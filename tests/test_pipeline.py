@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from gguf_prune.pipeline.stages import RunOptions, SweepOptions, format_summary, greedy_steps_for, run, sweep
+from gguf_prune.pipeline.job import RunOptions, format_summary, run
+from gguf_prune.pipeline.strategy import greedy_steps_for
+from gguf_prune.pipeline.sweep import SweepOptions, sweep
 from gguf_prune.plan import Plan
 
 

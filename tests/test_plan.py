@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from gguf_prune.cli import main
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
-from gguf_prune.planning.strategies import PlanOptions, build_plan, explain, make_plan
+from gguf_prune.planning.explain import explain
+from gguf_prune.planning.options import PlanOptions
+from gguf_prune.planning.strategies import build_plan, make_plan
 
 SHAPE = ModelShape(architecture="llama", n_layer=8, n_embd=256, n_head=8, n_head_kv=2, head_dim=32,
                    n_ff=768, n_vocab=1000)

@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from gguf_prune.models import checkpoint
-from gguf_prune.writing.gguf_io import read_gguf
+from gguf_prune.writing.gguf_read import read_gguf
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
 from gguf_prune.writing.prune import PruneError, plan_path_for, prune
 from gguf_prune.writing.quantize import QUANT_TYPES, QuantizeError
-from gguf_prune.writing.rewrite import PLAN_DIGEST_KEY, gguf_identity
+from gguf_prune.writing.gguf_names import PLAN_DIGEST_KEY
+from gguf_prune.writing.rewrite import gguf_identity
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gguf_prune.runtime import llamacpp
-from gguf_prune.writing.gguf_io import read_gguf
+from gguf_prune.writing.gguf_read import read_gguf
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
 from gguf_prune.writing.prune import convert_cached
 from gguf_prune.writing.quantize import (QUANT_TYPES, Fallback, QuantizeError, check_quant_type, parse_fallbacks,

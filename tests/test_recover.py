@@ -19,13 +19,16 @@ from gguf_prune.runtime import llamacpp
 from gguf_prune.models import checkpoint
 from gguf_prune.models import cuts
 from gguf_prune.cli import main
-from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions, prepare_student
+from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
+from gguf_prune.recovery.student import prepare_student
 from divergence import kl_per_token
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
-from gguf_prune.planning.strategies import explain
+from gguf_prune.planning.explain import explain
 from gguf_prune.writing.prune import PruneError, prune
-from gguf_prune.recovery.recover import (RecoverError, RecoverOptions, load_recovered_model, mark_patches,
-                                         open_recovered, recover, rope_permute)
+from gguf_prune.models.tensors import rope_permute
+from gguf_prune.recovered import RecoverError, load_recovered_model, open_recovered
+from gguf_prune.recovery.patches import mark_patches
+from gguf_prune.recovery.recover import RecoverOptions, recover
 
 log = logging.getLogger(__name__)
 

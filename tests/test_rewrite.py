@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gguf_prune.writing.gguf_io import GGUFStreamWriter, read_gguf
+from gguf_prune.writing.gguf_read import read_gguf
+from gguf_prune.writing.gguf_write import GGUFStreamWriter
 from gguf_prune.atomic import OutOfSpaceError
 from gguf_prune.plan import LayerPlan, Plan, PlanError, ModelShape
 from gguf_prune.writing.prune import convert_cached
-from gguf_prune.writing.rewrite import PLAN_DIGEST_KEY, PLAN_KEY, RewriteError, rewrite
+from gguf_prune.writing.gguf_names import PLAN_DIGEST_KEY, PLAN_KEY
+from gguf_prune.writing.rewrite import RewriteError, rewrite
 
 HD = 32  # the fixtures' head_dim
 

@@ -13,15 +13,17 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
-from gguf_prune.scoring import ablate
+from gguf_prune.scoring import naive
 from gguf_prune import scores as scores_io
 from gguf_prune.calibration import CalibrationError, load_calibration
 from gguf_prune.cli import main
 from gguf_prune.models.checkpoint import ModelDirError, fingerprint
 from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
-from gguf_prune.planning.strategies import PlanOptions, build_plan
-from gguf_prune.scoring.measure import ScoreError, ScoreOptions, parse_layers, score_model
+from gguf_prune.planning.options import PlanOptions
+from gguf_prune.planning.strategies import build_plan
+from gguf_prune.scoring.inputs import ScoreError, ScoreOptions, parse_layers
+from gguf_prune.scoring.measure import score_model
 
 TOL = 1e-5
 SMALL = dict(seq_len=16, samples=3, progress=False)
@@ -78,7 +80,7 @@ def test_layer_scores_equal_the_naive_ablation(scored, tiny_tied):
     model = load_model(tiny_tied)
     groups = list(cal.batches(cal.n_seq))
     units = [[("layer", 2)], [("attn", 4)], [("mlp", 0)], [("heads", 3, (5,))], [("heads", 1, (4, 5, 6, 7))]]
-    kl, nll, _, _ = ablate.naive_divergence(model, groups, units)
+    kl, nll, _, _ = naive.naive_divergence(model, groups, units)
     got = [d["layers"][2]["kl"], d["layers"][4]["attn_kl"], d["layers"][0]["mlp_kl"], d["heads"]["kl"]["3"][5],
            d["heads"]["kv_kl"]["1"][1]]
     assert np.abs(np.array(got) - kl).max() <= TOL
@@ -162,7 +164,7 @@ def test_scoring_on_top_of_a_plan(tiny_tied, tmp_path):
     # source-layer 5 bypassed on the pruned model, against the unpruned model, the naive way
     cal = _calibration(tiny_tied)
     original, pruned = load_model(tiny_tied), apply_plan(load_model(tiny_tied), plan)
-    kl, nll, _, _ = ablate.naive_divergence(pruned, list(cal.batches(3)), [[], [("layer", 4)]],
+    kl, nll, _, _ = naive.naive_divergence(pruned, list(cal.batches(3)), [[], [("layer", 4)]],
                                             reference_model=original)
     assert d["base_plan"]["kl"] == pytest.approx(kl[0], abs=TOL) and kl[0] > 1e-3
     assert d["layers"][5]["kl"] == pytest.approx(kl[1], abs=TOL)
@@ -360,7 +362,7 @@ def test_width_scores_equal_the_naive_ablation_and_follow_the_energy_order(tiny_
         for k, dd in enumerate((192, 384)):
             sets.append([("neurons", pos, tuple(int(j) for j in order[:dd]))])
             want.append(d["layers"][s]["width_kl"][k])
-    kl, _, _, _ = ablate.naive_divergence(pruned, list(cal.batches(3)), sets, reference_model=original)
+    kl, _, _, _ = naive.naive_divergence(pruned, list(cal.batches(3)), sets, reference_model=original)
     assert np.allclose(kl, want, atol=TOL, rtol=0)
     assert all(a < b for a, b in zip(want[0::2], want[1::2]))  # more neurons cut, more KL
     assert d["layers"][0]["width_kl"][2] > d["layers"][0]["width_kl"][1]

@@ -14,12 +14,16 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch, save_file
 
 from gguf_prune import scores as scores_io
-from gguf_prune.scoring import stream
+from gguf_prune.scoring import memory, stream
+from gguf_prune.scoring.engine_choice import slice_layers
+from gguf_prune.scoring.stream_engine import open_checkpoint
 from gguf_prune.cli import main
 from gguf_prune.models.checkpoint import ModelDirError, fingerprint
 from gguf_prune.plan import ModelShape
-from gguf_prune.planning.strategies import PlanOptions, build_plan
-from gguf_prune.scoring.measure import ScoreError, ScoreOptions, score_model
+from gguf_prune.planning.options import PlanOptions
+from gguf_prune.planning.strategies import build_plan
+from gguf_prune.scoring.inputs import ScoreError, ScoreOptions
+from gguf_prune.scoring.measure import score_model
 
 TOL = 1e-5  # float32, as the in-memory engine against the naive ablation
 SMALL = dict(seq_len=16, samples=3, progress=False, plots=False)
@@ -94,12 +98,12 @@ def test_streamed_scores_equal_in_memory_scores(tiny_tied, in_memory, tmp_path):
 def _budget_for(hf_dir, want_groups: bool) -> int:
     """A --max-memory that makes the streamed run cut its variants into passes (and token groups)."""
     shape = ModelShape.from_hf_dir(hf_dir)
-    ckpt = stream.open_checkpoint(hf_dir)
+    ckpt = open_checkpoint(hf_dir)
     vs = stream.variants_of(range(shape.n_layer), shape.n_head, shape.n_head_kv, True, [1, 3])
     for budget in range(40 << 20, 200 << 20, 1 << 18):
         try:
-            m = stream.plan_memory(ckpt, 3, 16, vs, budget, 4, True, batch_tokens=32)
-        except stream.StreamError:
+            m = memory.plan_memory(ckpt, 3, 16, vs, budget, 4, True, batch_tokens=32)
+        except memory.StreamError:
             continue
         groups = -(-3 // m.group_seqs)
         if len(m.passes) > 2 and (groups > 1) == want_groups:
@@ -149,7 +153,7 @@ def test_units_slices_merge_into_the_whole_run(tiny_tied, tmp_path):
 
 def test_units_as_layer_lists_and_balanced_slices(tiny_tied, tmp_path):
     cost = [6, 5, 4, 3, 2, 1]
-    parts = [stream.slice_layers(k, 3, cost) for k in range(3)]
+    parts = [slice_layers(k, 3, cost) for k in range(3)]
     assert sum(parts, []) == list(range(6)) and all(parts)
     assert sum(cost[i] for i in parts[0]) <= 9  # the early, costly layers get a short slice
     p = score_model(tiny_tied, tmp_path / "p.json", ScoreOptions(**SMALL, units="2,4-5", neurons=False))

@@ -16,7 +16,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from gguf_prune.runtime import llamacpp
-from gguf_prune.runtime import toolchain
+from gguf_prune.runtime import portable_build, toolchain
 from gguf_prune.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def _instructions(path: Path) -> str:
 
 
 def test_portable_server_carries_one_cpu_backend_per_x86_64_level():
-    tc = toolchain.build_portable()  # built once, the first time it is needed (here or by `package`)
+    tc = portable_build.build_portable()  # built once, the first time it is needed (here or by `package`)
     info = tc.portable_info()
     assert info["key"] == toolchain.PORTABLE_KEY
     for flag in ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"):
@@ -141,14 +141,14 @@ def test_portable_server_carries_one_cpu_backend_per_x86_64_level():
     # a second call builds nothing
     log_size = (tc.portable_build_dir / "build.log").stat().st_size
     stamp = tc.portable_stamp.read_text()
-    toolchain.build_portable()
+    portable_build.build_portable()
     assert (tc.portable_build_dir / "build.log").stat().st_size == log_size and tc.portable_stamp.read_text() == stamp
 
 
 def test_portable_code_outside_the_cpu_variants_uses_no_avx():
     # everything a CPU without AVX always loads (server, llama, ggml, the baseline variants) has no
     # AVX register in it; the native build's CPU backend (the control) is full of AVX-512
-    tc = toolchain.build_portable()
+    tc = portable_build.build_portable()
     always = [tc.portable_bin_dir / n for n in ("llama-server", "libllama.so", "libggml-base.so", "libggml.so",
                                                  "libllama-common.so", "libmtmd.so", "libggml-cpu-x64.so",
                                                  "libggml-cpu-sse42.so")]
@@ -160,7 +160,7 @@ def test_portable_code_outside_the_cpu_variants_uses_no_avx():
 
 
 def test_doctor_says_which_build_is_which_and_lists_the_cpu_variants():
-    tc = toolchain.build_portable()
+    tc = portable_build.build_portable()
     proc = subprocess.run([sys.executable, "-m", "gguf_prune.cli", "doctor"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {" ".join(line.split()[1:3]): line for line in proc.stdout.splitlines() if len(line.split()) > 2}
@@ -173,7 +173,7 @@ def test_doctor_says_which_build_is_which_and_lists_the_cpu_variants():
 
 
 def test_the_long_build_shows_a_progress_line_every_ten_percent(caplog):
-    progress = toolchain._BuildProgress("portable llama-server")
+    progress = toolchain.BuildProgress("portable llama-server")
     with caplog.at_level("INFO", logger="gguf_prune.runtime.toolchain"):
         for line in ["-- Configuring done", "[  3%] Building C object a.o", "[ 10%] Building C object b.o",
                      "[ 12%] Building C object c.o", "[ 35%] Linking CXX shared library x.so", "make: warning",

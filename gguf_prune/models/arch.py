@@ -179,9 +179,10 @@ FAMILIES: Mapping[str, Family] = {
     "qwen3": Family("qwen3", ("Qwen3ForCausalLM",), "qwen3", "Qwen3 (dense)", per_layer=False,
                     why_uniform="llama.cpp's qwen3 sizes every layer from layer 0's n_ff and head counts, and "
                                 "deci (per-layer shapes) has no per-head q/k norms"),
-    "gemma3_text": Family("gemma3_text", ("Gemma3ForCausalLM",), "gemma3", "Gemma 3 text models (270M, 1B)", per_layer=False,
-                     why_uniform="llama.cpp's gemma3 sizes every layer from layer 0's n_ff and head counts, and "
-                                 "deci (per-layer shapes) has neither q/k norms nor Gemma's sandwich norms"),
+    "gemma3_text": Family("gemma3_text", ("Gemma3ForCausalLM",), "gemma3", "Gemma 3 text models (270M, 1B)",
+                          per_layer=False,
+                          why_uniform="llama.cpp's gemma3 sizes every layer from layer 0's n_ff and head counts, and "
+                                      "deci (per-layer shapes) has neither q/k norms nor Gemma's sandwich norms"),
 }
 # GGUF architecture → the family whose cut rules it follows (llama and mistral convert to the same `llama`)
 BY_GGUF_ARCH: Mapping[str, Family] = {"llama": FAMILIES["llama"], "qwen2": FAMILIES["qwen2"],

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 
 from gguf_prune.models import arch
+from gguf_prune.models.tensors import global_shapes, layer_shapes
 from gguf_prune.plan import ModelShape
 from gguf_prune.errors import GgufPruneError
 
@@ -205,14 +206,8 @@ def tied_embeddings(config: Mapping[str, Any]) -> bool:
 def expected_tensors(shape: ModelShape, tied: bool) -> dict[str, tuple[int, ...]]:
     """The tensors every supported family's checkpoint has, with their shapes in torch order (out, in).
     Families add their own (biases, q/k norms, Gemma's extra norms): those are not checked here."""
-    d, ff, nh, nkv, hd = shape.n_embd, shape.n_ff, shape.n_head, shape.n_head_kv, shape.head_dim
-    per = {"input_layernorm.weight": (d,), "self_attn.q_proj.weight": (nh * hd, d),
-           "self_attn.k_proj.weight": (nkv * hd, d), "self_attn.v_proj.weight": (nkv * hd, d),
-           "self_attn.o_proj.weight": (d, nh * hd), "post_attention_layernorm.weight": (d,),
-           "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff)}
-    out = {"model.embed_tokens.weight": (shape.n_vocab, d), "model.norm.weight": (d,)}
-    if not tied:
-        out["lm_head.weight"] = (shape.n_vocab, d)
+    out = global_shapes(shape, tied)
+    per = layer_shapes(shape)
     for i in range(shape.n_layer):
         out.update({f"model.layers.{i}.{k}": v for k, v in per.items()})
     return out

@@ -13,12 +13,10 @@ from typing import Mapping
 import torch
 
 from gguf_prune.models.checkpoint import ModelDirError, WeightsError, check_model_dir
+from gguf_prune.models.tensors import PATCH_NAME  # a patch's matrix (n_embd, n_embd), by source layer index
 from gguf_prune.plan import Plan
 
 log = logging.getLogger(__name__)
-
-
-PATCH_NAME = "model.layers.{}.patch.weight"  # a patch's matrix (n_embd, n_embd) in HF terms, source layer index
 
 
 def resolve_device(device: str, error: type[Exception] = ValueError) -> str:
@@ -71,7 +69,7 @@ def apply_plan(model, plan: Plan, weights: Mapping[str, torch.Tensor] | None = N
                 if len(lp.heads) == 0 and lp.patch is not None:
                     layer.self_attn = LinearAttention(patches[lp.index])
                 elif len(lp.heads) == 0:
-                    layer.self_attn = _ZeroAttention()
+                    layer.self_attn = ZeroAttention()
                 else:
                     hd = shape.head_dim
                     w = layer.self_attn.o_proj.weight  # (n_embd, n_head*hd): columns are head outputs
@@ -79,7 +77,7 @@ def apply_plan(model, plan: Plan, weights: Mapping[str, torch.Tensor] | None = N
                         w[:, h * hd:(h + 1) * hd] = 0
             if lp.neurons is not None:
                 if len(lp.neurons) == 0:
-                    layer.mlp = _ZeroMLP()
+                    layer.mlp = ZeroMLP()
                 else:
                     w = layer.mlp.down_proj.weight  # (n_embd, n_ff): columns are neurons
                     drop = sorted(set(range(shape.n_ff)) - set(lp.neurons))
@@ -168,20 +166,20 @@ class PatchLayer(torch.nn.Module):
         self.input_layernorm.weight.requires_grad_(False)  # written as ones: never trained
         self.self_attn = LinearAttention(weight)
         self.post_attention_layernorm = torch.nn.Identity()
-        self.mlp = _ZeroMLP()
+        self.mlp = ZeroMLP()
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states + self.self_attn(self.input_layernorm(hidden_states))[0]
 
 
-class _ZeroAttention(torch.nn.Module):
+class ZeroAttention(torch.nn.Module):
     """Attention removed: contributes nothing to the residual stream."""
 
     def forward(self, hidden_states, *args, **kwargs):
         return torch.zeros_like(hidden_states), None
 
 
-class _ZeroMLP(torch.nn.Module):
+class ZeroMLP(torch.nn.Module):
     """MLP removed: contributes nothing to the residual stream."""
 
     def forward(self, x):

@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -59,10 +58,10 @@ from typing import Any
 
 import torch
 
-from gguf_prune.scoring import ablate
+from gguf_prune.scoring import ablate, oneshot
 from gguf_prune.models import checkpoint
 from gguf_prune.models import cuts
-from gguf_prune import scores as scores_io
+from gguf_prune import scores
 from gguf_prune.calibration import Calibration, check_calibration_file, load_calibration
 from gguf_prune.plan import Plan
 from gguf_prune.atomic import write_text_atomic
@@ -136,7 +135,7 @@ class IterateResult:
 def _check(hf_dir: Path, out_dir: Path, o: IterateOptions):
     """Every check that needs no weights; returns (shape, fingerprint, patch?, finetune options or None)."""
     from gguf_prune.recovery.finetune import FinetuneOptions, check_options
-    from gguf_prune.recovery.recover import PATCH_FITS
+    from gguf_prune.recovery.patches import PATCH_FITS
 
     p = []
     if not isinstance(o.rounds, int) or o.rounds < 1:
@@ -177,7 +176,7 @@ def _key(*parts: Any) -> str:
 
 def current_model(hf_dir: Path, plan: Plan | None, recovered: Path | None, device: str = "cpu"):
     """The model a round ends with: the checkpoint, ``plan``'s cut, the recovered tensors loaded over it."""
-    from gguf_prune.recovery.recover import load_recovered_model
+    from gguf_prune.recovered import load_recovered_model
 
     if recovered is not None:
         model = load_recovered_model(hf_dir, recovered)
@@ -210,44 +209,33 @@ def score_current(teacher, student, plan: Plan | None, cal: Calibration, seqs: l
         te = ablate.Engine(teacher, batch_tokens=batch_tokens)
         refs = [te.reference(ids, mask) for ids, mask in groups]
         se = ablate.Engine(student, batch_tokens=batch_tokens)
-        res = ablate.scan(se, groups, refs, ablate.ScanSpec(sublayers=True, neurons=False))
+        res = oneshot.scan(se, groups, refs, ablate.ScanSpec(sublayers=True, neurons=False))
     n_real, n_tgt = res.n_real, sum(r.n_tgt for r in refs)
     lps = {lp.index: lp for lp in plan.layers} if plan is not None else {}
     pos_of = ({layer.source_index: p for p, layer in enumerate(se.layers)} if plan is not None
               else {i: i for i in range(shape.n_layer)})
-
-    def mean(x) -> float | None:
-        return None if x is None or not math.isfinite(x) else float(x) / n_real
-
     layers = []
     for s in range(shape.n_layer):
         if s in lps and lps[s].removed:
-            layers.append({"index": s, "removed": True, "bi": None, "kl": None, "ppl": None, "attn_kl": None,
-                           "mlp_kl": None, "attn_bi": None, "mlp_bi": None})
+            layers.append(scores.layer_entry(s, removed=True))
             continue
         p, lay = pos_of[s], se.layers[pos_of[s]]
-        layers.append({"index": s, "removed": False, "bi": mean(res.bi[p]), "kl": mean(res.kl[p]), "ppl": None,
-                       "attn_kl": mean(res.attn_kl[p]), "mlp_kl": mean(res.mlp_kl[p]),
-                       "attn_bi": mean(res.attn_bi[p]) if ablate.has_attention(lay) else None,
-                       "mlp_bi": mean(res.mlp_bi[p]) if ablate.has_mlp(lay) else None})
-    full_nll = sum(r.nll for r in refs) / n_tgt
+        layers.append(scores.layer_entry(
+            s, bi=scores.per_token(res.bi[p], n_real), kl=scores.per_token(res.kl[p], n_real),
+            attn_kl=scores.per_token(res.attn_kl[p], n_real), mlp_kl=scores.per_token(res.mlp_kl[p], n_real),
+            attn_bi=scores.per_token(res.attn_bi[p], n_real) if ablate.has_attention(lay) else None,
+            mlp_bi=scores.per_token(res.mlp_bi[p], n_real) if ablate.has_mlp(lay) else None))
     base = None
     if plan is not None:
-        nll = res.base_nll / n_tgt
-        base = {"digest": plan.digest(), "path": settings.get("plan_path"), "plan": plan.to_dict(),
-                "kl": res.base_kl / n_real, "nll": nll, "ppl": math.exp(nll)}
+        base = scores.base_plan_entry(plan, settings.get("plan_path"), res.base_kl / n_real, res.base_nll / n_tgt)
     seconds = dict(res.seconds) | {"total": time.perf_counter() - t0}
-    doc = {
-        "schema": scores_io.SCORES_SCHEMA, "version": scores_io.SCORES_VERSION,
-        "model": {"fingerprint": fingerprint, "shape": shape.to_dict(), "path": str(hf_dir)},
-        "calibration": cal.to_dict() | {"sequences": list(seqs)},
-        "settings": {"scorer": "gguf_prune.pipeline.iterate.score_current", "sublayers": True, "neurons": False,
-                     "heads": False, "batch_tokens": batch_tokens, "torch": torch.__version__} | settings,
-        "base_plan": base, "full": {"nll": full_nll, "ppl": math.exp(full_nll)}, "layers": layers,
-        "heads": None, "neurons": None, "greedy": None,
-        "timing": {"seconds": seconds, "layer_evals": int(round(se.seq_layer_evals / max(1, len(seqs))))},
-    }
-    scores_io.save(out, doc)
+    doc = scores.document(
+        fingerprint=fingerprint, shape=shape, model_path=hf_dir, calibration=cal.to_dict() | {"sequences": list(seqs)},
+        settings={"scorer": "gguf_prune.pipeline.iterate.score_current", "sublayers": True, "neurons": False,
+                  "heads": False, "batch_tokens": batch_tokens, "torch": torch.__version__} | settings,
+        full_nll=sum(r.nll for r in refs) / n_tgt, layers=layers, seconds=seconds,
+        layer_evals=int(round(se.seq_layer_evals / max(1, len(seqs)))), base_plan=base)
+    scores.save(out, doc)
     log.info("wrote %s (%.0f s): %d units scored on %d sequences%s", out, seconds["total"],
              sum(e[k] is not None for e in layers for k in ("kl", "attn_kl", "mlp_kl")), len(seqs),
              "" if base is None else f"; the current model's KL to the unpruned one: {base['kl']:.4f}")
@@ -273,145 +261,161 @@ def heldout_kl(teacher, student, cal: Calibration, seqs: list[int], batch_tokens
     return total / max(n, 1)
 
 
-def new_cuts(before: Plan | None, after: Plan) -> list[str]:
-    """What ``after`` cuts that ``before`` did not: ``["layer 3", "attn 4", "mlp 2", "heads 5", ...]``."""
-    out = []
-    prev = {lp.index: lp for lp in before.layers} if before is not None else {}
-    for lp in after.layers:
-        b = prev.get(lp.index)
-        if lp.removed:
-            if b is None or not b.removed:
-                out.append(f"layer {lp.index}")
-            continue
-        if lp.attention_removed and not (b and b.attention_removed):
-            out.append(f"attn {lp.index}")
-        elif lp.heads is not None and (b is None or b.heads != lp.heads) and not lp.attention_removed:
-            out.append(f"heads {lp.index}")
-        if lp.mlp_removed and not (b and b.mlp_removed):
-            out.append(f"mlp {lp.index}")
-        elif lp.neurons is not None and (b is None or b.neurons != lp.neurons) and not lp.mlp_removed:
-            out.append(f"neurons {lp.index}")
-    return out
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 def iterate(hf_dir: Path, out_dir: Path, options: IterateOptions = IterateOptions()) -> IterateResult:
     """Prune ``hf_dir`` in ``options.rounds`` rounds, recovering after each; see the module docstring."""
-    from transformers import AutoTokenizer
-
-    from gguf_prune.recovery.finetune import check_data, resolve_device
-    from gguf_prune.planning.strategies import PlanOptions, make_plan, revived
-    from gguf_prune.recovery.recover import RecoverOptions, open_recovered, recover, split_heldout
-
     t_start = time.time()
-    hf_dir, out_dir, o = Path(hf_dir), Path(out_dir), options
-    shape, fp, patch, fto = _check(hf_dir, out_dir, o)
-    device = resolve_device(o.device)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    cal = load_calibration(o.calibration, tokenizer, seq_len=o.seq_len, samples=o.samples, seed=o.seed,
-                           kind=o.calibration_kind)
-    heldout = split_heldout(cal.n_seq, o.heldout, o.seed)
-    if fto is not None:
-        check_data(cal, heldout, fto)  # before any model is loaded or any file written
-    train = [i for i in range(cal.n_seq) if i not in heldout]
-    score_seqs = train[:o.score_samples] if o.score_samples else train
-    ho = sorted(heldout)
-    ropts = RecoverOptions(calibration=o.calibration, calibration_kind=o.calibration_kind, seq_len=o.seq_len,
-                           samples=o.samples, seed=o.seed, heldout=o.heldout, patch=patch, patch_fit=o.patch_fit,
-                           finetune=fto.method if fto else None, finetune_options=fto, device=o.device)
-    popts = PlanOptions(target_params=None, units=tuple(o.units), protect_first=o.protect_first,
-                        protect_last=o.protect_last, quant=o.quant)
-    log.info("iterative pruning of %s: %d round(s) to %.1f%% of block parameters, recovery %s; scoring on %d "
-             "sequences, %d held out", hf_dir, o.rounds, 100 * o.budget, o.recover, len(score_seqs), len(ho))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = _Rounds(Path(hf_dir), Path(out_dir), options)
+    for r in range(1, options.rounds + 1):
+        rounds.run_round(r)
+    return rounds.finish(t_start)
 
-    teacher = cuts.load_model(hf_dir).to(device)
-    plan: Plan | None = None  # the cut so far (with patches, as recovered)
-    rec_dir: Path | None = None
-    student = teacher  # the current model; round 1 scores the checkpoint itself
-    rounds: list[dict] = []
-    key = _key(fp, cal.fingerprint, asdict(popts), asdict(replace(ropts, finetune_options=None)),
-               asdict(fto) if fto else None, o.score_samples, o.rounds, o.budget)
-    for r in range(1, o.rounds + 1):
+
+class _Rounds:
+    """What iterate() carries from round to round (the cut so far, with patches as recovered; the last recover
+    directory; the current model) and what every round shares (checked options, calibration, its splits, the
+    unpruned teacher)."""
+
+    def __init__(self, hf_dir: Path, out_dir: Path, o: IterateOptions):
+        from transformers import AutoTokenizer
+
+        from gguf_prune.planning.options import PlanOptions
+        from gguf_prune.recovery.finetune import check_data, resolve_device
+        from gguf_prune.recovery.recover import RecoverOptions, split_heldout
+
+        self.hf_dir, self.out_dir, self.o = hf_dir, out_dir, o
+        self.shape, self.fp, self.patch, fto = _check(hf_dir, out_dir, o)
+        self.fto = fto
+        self.device = resolve_device(o.device)
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        self.cal = cal = load_calibration(o.calibration, tokenizer, seq_len=o.seq_len, samples=o.samples,
+                                          seed=o.seed, kind=o.calibration_kind)
+        heldout = split_heldout(cal.n_seq, o.heldout, o.seed)
+        if fto is not None:
+            check_data(cal, heldout, fto)  # before any model is loaded or any file written
+        train = [i for i in range(cal.n_seq) if i not in heldout]
+        self.score_seqs = train[:o.score_samples] if o.score_samples else train
+        self.heldout = sorted(heldout)
+        self.ropts = RecoverOptions(calibration=o.calibration, calibration_kind=o.calibration_kind, seq_len=o.seq_len,
+                                    samples=o.samples, seed=o.seed, heldout=o.heldout, patch=self.patch,
+                                    patch_fit=o.patch_fit, finetune=fto.method if fto else None, finetune_options=fto,
+                                    device=o.device)
+        self.popts = PlanOptions(target_params=None, units=tuple(o.units), protect_first=o.protect_first,
+                                 protect_last=o.protect_last, quant=o.quant)
+        log.info("iterative pruning of %s: %d round(s) to %.1f%% of block parameters, recovery %s; scoring on %d "
+                 "sequences, %d held out", hf_dir, o.rounds, 100 * o.budget, o.recover, len(self.score_seqs),
+                 len(self.heldout))
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        self.teacher = cuts.load_model(hf_dir).to(self.device)
+        self.plan: Plan | None = None  # the cut so far (with patches, as recovered)
+        self.rec_dir: Path | None = None
+        self.student = self.teacher  # the current model; round 1 scores the checkpoint itself
+        self.rounds: list[dict] = []
+        # a round is reused only when everything that shapes it is the same
+        self.key = _key(self.fp, cal.fingerprint, asdict(self.popts),
+                        asdict(replace(self.ropts, finetune_options=None)), asdict(fto) if fto else None,
+                        o.score_samples, o.rounds, o.budget)
+
+    def run_round(self, r: int) -> None:
+        """Round ``r``: reused when a run with the same inputs finished it, else scored, cut and recovered; then
+        the round's model becomes the current one."""
+        from gguf_prune.recovered import open_recovered
+
+        o = self.o
         t_round = time.time()
         target = o.budget * r / o.rounds
-        rdir = out_dir / f"round-{r}"
-        rkey = _key(key, r, plan.digest() if plan else None,
-                    open_recovered(rec_dir).manifest["tensors"]["sha256"] if rec_dir else None)
+        rdir = self.out_dir / f"round-{r}"
+        rkey = _key(self.key, r, self.plan.digest() if self.plan else None,
+                    open_recovered(self.rec_dir).manifest["tensors"]["sha256"] if self.rec_dir else None)
         log.info("")
         log.info("== round %d/%d: reach %.1f%% of block parameters removed (now %.1f%%)", r, o.rounds,
-                 100 * target, 100 * (plan.removed_fraction() if plan else 0.0))
+                 100 * target, 100 * (self.plan.removed_fraction() if self.plan else 0.0))
         done = _finished_round(rdir, rkey)
         if done is not None:
             new_plan, new_rec, figures = done
             log.info("round %d is complete in %s (same inputs): reusing it", r, rdir)
         else:
-            # 1. score the current model on top of the cuts so far
-            t = time.time()
-            scores_path = score_current(
-                teacher, student, plan, cal, score_seqs, rdir / "scores.json", hf_dir, fp,
-                {"round": r, "rounds": o.rounds, "recovered": str(rec_dir) if rec_dir else None,
-                 "plan_path": None if plan is None else str(rec_dir / "plan.json" if rec_dir
-                                                            else out_dir / f"round-{r - 1}" / "plan.json")},
-                o.batch_tokens)
-            t_score = time.time() - t
-            kl_in = json.loads(scores_path.read_text())["base_plan"]
-            # 2. extend the plan to this round's budget
-            new_cut = make_plan(scores_path, rdir / "plan.json", replace(popts, target_params=target))
-            back = revived(plan.without_patches(), new_cut) if plan else []
-            if back:  # the planner starts from the base plan and only adds: a bug, not a user error
-                raise RuntimeError("internal error: the extended plan revives removed units:\n  - "
-                                   + "\n  - ".join(back))
-            cut = new_cuts(plan, new_cut)
-            log.info("round %d: cut %s → %.1f%% of block parameters removed", r, ", ".join(cut) or "nothing",
-                     100 * new_cut.removed_fraction())
-            if student is not teacher:
-                del student
-            # 3. recover, starting from the last round's weights
-            t = time.time()
-            new_plan, new_rec, stages = new_cut, None, {}
-            if patch or fto is not None:
-                res = recover(hf_dir, new_cut, rdir / "recovered", ropts, start=rec_dir)
-                if res.manifest["calibration"]["fingerprint"] != cal.fingerprint:
-                    raise RuntimeError("internal error: recovery tokenised other calibration sequences")
-                new_plan, new_rec, stages = res.plan, res.path, dict(res.manifest.get("heldout_kl") or {})
-            t_recover = time.time() - t
-            figures = {"round": r, "target": target, "removed_fraction": new_cut.removed_fraction(), "cut": cut,
-                       "scores": str(scores_path), "plan": str(rdir / "plan.json"), "plan_digest": new_plan.digest(),
-                       "recovered": str(new_rec) if new_rec else None,
-                       "kl_in": None if kl_in is None else kl_in["kl"], "heldout_kl_stages": stages,
-                       "seconds": {"score": round(t_score, 1), "recover": round(t_recover, 1)}}
-        student = current_model(hf_dir, new_plan, new_rec, device)
+            new_plan, new_rec, figures = self._cut_and_recover(r, rdir, target)
+        self.student = current_model(self.hf_dir, new_plan, new_rec, self.device)
         if done is None:
-            figures["heldout_kl"] = heldout_kl(teacher, student, cal, ho, o.batch_tokens)
+            figures["heldout_kl"] = heldout_kl(self.teacher, self.student, self.cal, self.heldout, o.batch_tokens)
             figures["seconds"]["total"] = round(time.time() - t_round, 1)
             write_text_atomic(rdir / "round.json", json.dumps({"key": rkey, **figures}, indent=1, sort_keys=True,
                                                               default=str) + "\n")
         kl = figures.get("heldout_kl")
         log.info("round %d: %.1f%% removed; held-out KL to the unpruned model after recovery (%s): %s", r,
                  100 * figures["removed_fraction"], o.recover, "n/a (no held-out split)" if kl is None else f"{kl:.4f}")
-        rounds.append(figures)
-        plan, rec_dir = new_plan, new_rec
+        self.rounds.append(figures)
+        self.plan, self.rec_dir = new_plan, new_rec
 
-    del student, teacher
-    plan_path = plan.save(out_dir / "plan.json")
-    result = IterateResult(out_dir=out_dir, plan=plan, plan_path=plan_path, recovered=rec_dir, rounds=rounds)
-    write_text_atomic(out_dir / "iterate.json", json.dumps({
-        "schema": ITERATE_SCHEMA, "version": ITERATE_VERSION,
-        "model": {"path": str(hf_dir), "fingerprint": fp, "shape": shape.to_dict()},
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
-        "calibration": cal.to_dict() | {"heldout_sequences": ho, "score_sequences": score_seqs},
-        "rounds": rounds, "plan": str(plan_path), "recovered": str(rec_dir) if rec_dir else None,
-        "seconds": round(time.time() - t_start, 1)}, indent=1, sort_keys=True, default=str) + "\n")
-    log.info("iterative pruning done in %.0f s: %s", time.time() - t_start, plan_path)
-    return result
+    def _cut_and_recover(self, r: int, rdir: Path, target: float) -> tuple[Plan, Path | None, dict]:
+        """Score the current model, extend the plan to ``target``, recover: (the new plan, recover directory or
+        None, the round's figures)."""
+        from gguf_prune.planning.diff import new_cuts, revived
+        from gguf_prune.planning.strategies import make_plan
+        from gguf_prune.recovery.recover import recover
+
+        plan, rec_dir = self.plan, self.rec_dir
+        # 1. score the current model on top of the cuts so far
+        t = time.time()
+        scores_path = score_current(
+            self.teacher, self.student, plan, self.cal, self.score_seqs, rdir / "scores.json", self.hf_dir, self.fp,
+            {"round": r, "rounds": self.o.rounds, "recovered": str(rec_dir) if rec_dir else None,
+             "plan_path": None if plan is None else str(rec_dir / "plan.json" if rec_dir
+                                                        else self.out_dir / f"round-{r - 1}" / "plan.json")},
+            self.o.batch_tokens)
+        t_score = time.time() - t
+        kl_in = json.loads(scores_path.read_text())["base_plan"]
+        # 2. extend the plan to this round's budget
+        new_cut = make_plan(scores_path, rdir / "plan.json", replace(self.popts, target_params=target))
+        back = revived(plan.without_patches(), new_cut) if plan else []
+        if back:  # the planner starts from the base plan and only adds: a bug, not a user error
+            raise RuntimeError("internal error: the extended plan revives removed units:\n  - "
+                               + "\n  - ".join(back))
+        cut = new_cuts(plan, new_cut)
+        log.info("round %d: cut %s → %.1f%% of block parameters removed", r, ", ".join(cut) or "nothing",
+                 100 * new_cut.removed_fraction())
+        self.student = None  # free the current model (unless it is the teacher) before recovery loads its own
+        # 3. recover, starting from the last round's weights
+        t = time.time()
+        new_plan, new_rec, stages = new_cut, None, {}
+        if self.patch or self.fto is not None:
+            res = recover(self.hf_dir, new_cut, rdir / "recovered", self.ropts, start=rec_dir)
+            if res.manifest["calibration"]["fingerprint"] != self.cal.fingerprint:
+                raise RuntimeError("internal error: recovery tokenised other calibration sequences")
+            new_plan, new_rec, stages = res.plan, res.path, dict(res.manifest.get("heldout_kl") or {})
+        t_recover = time.time() - t
+        figures = {"round": r, "target": target, "removed_fraction": new_cut.removed_fraction(), "cut": cut,
+                   "scores": str(scores_path), "plan": str(rdir / "plan.json"), "plan_digest": new_plan.digest(),
+                   "recovered": str(new_rec) if new_rec else None,
+                   "kl_in": None if kl_in is None else kl_in["kl"], "heldout_kl_stages": stages,
+                   "seconds": {"score": round(t_score, 1), "recover": round(t_recover, 1)}}
+        return new_plan, new_rec, figures
+
+    def finish(self, t_start: float) -> IterateResult:
+        """The final plan and iterate.json, every round's figures."""
+        o, cal, plan, rec_dir = self.o, self.cal, self.plan, self.rec_dir
+        self.student = self.teacher = None
+        plan_path = plan.save(self.out_dir / "plan.json")
+        result = IterateResult(out_dir=self.out_dir, plan=plan, plan_path=plan_path, recovered=rec_dir,
+                               rounds=self.rounds)
+        write_text_atomic(self.out_dir / "iterate.json", json.dumps({
+            "schema": ITERATE_SCHEMA, "version": ITERATE_VERSION,
+            "model": {"path": str(self.hf_dir), "fingerprint": self.fp, "shape": self.shape.to_dict()},
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
+            "calibration": cal.to_dict() | {"heldout_sequences": self.heldout, "score_sequences": self.score_seqs},
+            "rounds": self.rounds, "plan": str(plan_path), "recovered": str(rec_dir) if rec_dir else None,
+            "seconds": round(time.time() - t_start, 1)}, indent=1, sort_keys=True, default=str) + "\n")
+        log.info("iterative pruning done in %.0f s: %s", time.time() - t_start, plan_path)
+        return result
 
 
 def _finished_round(rdir: Path, rkey: str) -> tuple[Plan, Path | None, dict] | None:
     """A round that a run with the same inputs completed: (its plan, recover directory, figures), else None."""
-    from gguf_prune.recovery.recover import RecoverError, open_recovered
+    from gguf_prune.recovered import RecoverError, open_recovered
 
     f = rdir / "round.json"
     if not f.is_file():

@@ -21,16 +21,21 @@ other layer: one width for all is what makes the cut uniform.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from gguf_prune.planning.budget import WidthCurves, width_kl_at
+from gguf_prune.planning.draft import Draft, head_counts
+from gguf_prune.planning.options import PlanOptions, aligned_width
 
 log = logging.getLogger(__name__)
 
 PER_LAYER_UNITS = ("attn", "mlp")  # remove a sub-block in some layers only: never uniform
 
 
-def refusals(o, why: str) -> list[str]:
+def refusals(o: PlanOptions, why: str) -> list[str]:
     """The options of ``o`` (PlanOptions) a uniform plan cannot honour, each with the reason."""
     p = []
     if o.drop_attn or o.drop_mlp:
@@ -46,10 +51,10 @@ def refusals(o, why: str) -> list[str]:
     return p
 
 
-def prune_neurons(w, stats: Mapping[str, np.ndarray], o, align: Callable[[int, int, int], int]) -> list[str]:
+def prune_neurons(w: Draft, stats: Mapping[str, np.ndarray], o: PlanOptions) -> list[str]:
     """Every kept layer keeps the same number of neurons: its own highest by ``o.neuron_metric``."""
     s = w.shape
-    n_keep = align(s.n_ff - int(round(o.neuron_fraction * s.n_ff)), o.align, s.n_ff)
+    n_keep = aligned_width(s.n_ff - int(round(o.neuron_fraction * s.n_ff)), o.align, s.n_ff)
     if n_keep >= s.n_ff:
         return []
     problems = []
@@ -83,7 +88,7 @@ def head_split(n_head: int, n_head_kv: int, remove: int, min_heads: int) -> tupl
     return None if best is None else best[1]
 
 
-def prune_heads(w, scores: Mapping[str, Any], o) -> list[str]:
+def prune_heads(w: Draft, scores: Mapping[str, Any], o: PlanOptions) -> list[str]:
     """The same (KV groups, heads per group) removed in every kept layer, each layer its cheapest ones."""
     s = w.shape
     heads = scores.get("heads") or {}
@@ -117,63 +122,81 @@ def prune_heads(w, scores: Mapping[str, Any], o) -> list[str]:
     return []
 
 
-def fill_budget(w, scores: Mapping[str, Any], o, protected: set[int], met: Callable[[], bool],
-                width_curves: Mapping[int, tuple[list[tuple[int, float]], np.ndarray]],
-                interp: Callable[[list, int], float]) -> list[str]:
+@dataclass(frozen=True, order=True)
+class _UniformMove:
+    """One uniform cut the budget may take next; moves sort cheapest first (the field order is the sort order)."""
+
+    kl_per_param: float
+    kind: str  # layer | width
+    at: int  # layer: the layer removed; width: neurons every kept layer has cut at that level
+    kl: float  # layer: its KL; width: the sum over the kept layers of the KL the level adds
+
+
+def fill_budget(w: Draft, scores: Mapping[str, Any], o: PlanOptions, protected: set[int], met: Callable[[], bool],
+                width_curves: WidthCurves) -> list[str]:
     """Cheapest uniform move per parameter until the budget is met: the next whole layer (by its KL), or the
     next width level for every kept layer at once (the sum of their measured width KLs)."""
-    s = w.shape
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
     drops = sorted({d for curve, _ in width_curves.values() for d, _ in curve}) if "width" in o.units else []
     if "width" in o.units and not width_curves and o.units == ("width",):
         return ["--units width needs width scores: run `gguf-prune score --width 0.17,0.33,0.5`"]
 
-    def width_now() -> int:  # neurons every kept layer has cut so far (uniform: the same in each)
-        alive = [i for i in range(s.n_layer) if w.alive(i)]
-        return s.n_ff - len(w.neurons.get(alive[0], range(s.n_ff))) if alive else 0
+    def moves() -> list[_UniformMove]:
+        return _uniform_moves(w, layers, drops, width_curves, o.units, protected)
 
-    def options() -> list[tuple[float, str, int, float]]:
-        out = []
-        alive = [i for i in range(s.n_layer) if w.alive(i)]
-        n_ff = s.n_ff - width_now()
-        attn_p = s.attn_params(*_counts(s, w.heads.get(alive[0]) if alive else None))
-        if "layer" in o.units:
-            for i in alive:
-                kl = layers.get(i, {}).get("kl")
-                if i not in protected and kl is not None:
-                    out.append((float(kl) / (attn_p + s.mlp_params(n_ff)), "layer", i, float(kl)))
-        done = width_now()
-        if drops and all(i in width_curves for i in alive):
-            for d in drops:
-                if d <= done or d >= s.n_ff:
-                    continue
-                dk = sum(max(interp(width_curves[i][0], d) - interp(width_curves[i][0], done), 0.0) for i in alive)
-                saved = len(alive) * (s.mlp_params(n_ff) - s.mlp_params(s.n_ff - d))
-                out.append((dk / saved, "width", d, dk))
-        return sorted(out)
-
-    if not options() and not met():
+    if not moves() and not met():
         return ["a uniform budget needs layer KL scores or width scores (`gguf-prune score --width ...`)"]
     while not met():
-        opts = options()
-        if not opts:
+        open_moves = moves()
+        if not open_moves:
             return ["the budget cannot be met with uniform cuts without cutting protected layers"]
-        _, kind, x, kl = opts[0]
-        if kind == "layer":
-            w.remove_layer(x)
-            w.note(x, layer_removed_by="budget/uniform-kl-per-param", layer_kl=kl)
-            continue
-        for i in range(s.n_layer):
-            if not w.alive(i):
-                continue
-            order = width_curves[i][1]  # this layer's neurons, least energy first
-            w.neurons[i] = tuple(sorted(int(j) for j in order[x:]))
-            w.note(i, width_removed_by="budget/uniform-width", neurons_kept=s.n_ff - x, width_level_kl=kl,
-                   uniform=True)
+        _take_uniform(w, open_moves[0], width_curves)
     return []
 
 
-def _counts(s, heads: tuple[int, ...] | None) -> tuple[int, int]:
-    if heads is None:
-        return s.n_head, s.n_head_kv
-    return len(heads), len({h // s.group_size for h in heads})
+def _width_now(w: Draft) -> int:
+    """Neurons every kept layer has cut so far (uniform: the same in each)."""
+    s = w.shape
+    alive = [i for i in range(s.n_layer) if w.alive(i)]
+    return s.n_ff - len(w.neurons.get(alive[0], range(s.n_ff))) if alive else 0
+
+
+def _uniform_moves(w: Draft, layers: Mapping[int, Mapping[str, Any]], drops: list[int], width_curves: WidthCurves,
+                   units: tuple[str, ...], protected: set[int]) -> list[_UniformMove]:
+    """Every uniform cut still open, priced from where the plan stands: each unprotected layer by its KL, each
+    width level below the current one by the summed KL it adds over the kept layers."""
+    s = w.shape
+    out = []
+    alive = [i for i in range(s.n_layer) if w.alive(i)]
+    done = _width_now(w)
+    n_ff = s.n_ff - done
+    attn_p = s.attn_params(*head_counts(s, w.heads.get(alive[0]) if alive else None))
+    if "layer" in units:
+        for i in alive:
+            kl = layers.get(i, {}).get("kl")
+            if i not in protected and kl is not None:
+                out.append(_UniformMove(float(kl) / (attn_p + s.mlp_params(n_ff)), "layer", i, float(kl)))
+    if drops and all(i in width_curves for i in alive):
+        for d in drops:
+            if d <= done or d >= s.n_ff:
+                continue
+            added_kl = sum(max(width_kl_at(width_curves[i][0], d) - width_kl_at(width_curves[i][0], done), 0.0)
+                           for i in alive)
+            saved = len(alive) * (s.mlp_params(n_ff) - s.mlp_params(s.n_ff - d))
+            out.append(_UniformMove(added_kl / saved, "width", d, added_kl))
+    return sorted(out)
+
+
+def _take_uniform(w: Draft, move: _UniformMove, width_curves: WidthCurves) -> None:
+    s = w.shape
+    if move.kind == "layer":
+        w.remove_layer(move.at)
+        w.note(move.at, layer_removed_by="budget/uniform-kl-per-param", layer_kl=move.kl)
+        return
+    for i in range(s.n_layer):
+        if not w.alive(i):
+            continue
+        order = width_curves[i][1]  # this layer's neurons, least energy first
+        w.neurons[i] = tuple(sorted(int(j) for j in order[move.at:]))
+        w.note(i, width_removed_by="budget/uniform-width", neurons_kept=s.n_ff - move.at, width_level_kl=move.kl,
+               uniform=True)

@@ -1,13 +1,7 @@
 """Fine-tuning a pruned model in PyTorch: LoRA (peft) or full, by distillation or next-token loss.
 
-The student is ``cuts.apply_plan(model, plan, patches)``: removed layers are gone,
-patches are in place, and removed heads / neurons are *masked at the input of o_proj
-/ down_proj* by forward pre-hooks. Masking the input (not the weight columns) is what
-keeps training from reviving them: whatever o_proj's removed columns or the LoRA
-delta on them become, they multiply zeros, so the model trained is exactly the model
-llama.cpp will run after those columns are sliced away (they are also zeroed in what
-is saved). Embeddings, the final norm and the output matrix are frozen (tied in many
-models; the teacher's logits are computed with the same matrix).
+The student (student.py) is the pruned model with the structure its GGUF will have: removed heads and
+neurons masked so that training cannot revive them, embeddings, final norm and output matrix frozen.
 
 Loss ``distill`` (default): mean per-token KL(teacher ‖ student) over real tokens; the
 teacher's final normed hidden states are computed once and its logits rebuilt per
@@ -36,18 +30,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gguf_prune.calibration import Calibration
-from gguf_prune.models import cuts
-from gguf_prune.models.cuts import PatchLayer, _ZeroAttention, _ZeroMLP
-from gguf_prune.plan import Plan
 from gguf_prune.atomic import save_torch_atomic
+from gguf_prune.calibration import Calibration
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.models import cuts
+from gguf_prune.plan import Plan
+from gguf_prune.recovery.student import prepare_student
 
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "full")
 LOSSES = ("distill", "nexttoken")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
 
@@ -119,131 +112,12 @@ def check_data(cal: Calibration, heldout: set[int], o: FinetuneOptions) -> None:
             f"{o.batch_size}: use more text (or --samples), a smaller --seq-len or --batch-size")
 
 
-# ----------------------------------------------------------------------------- the student
-
-
-def _masks(model, plan: Plan) -> list:
-    """Forward pre-hooks zeroing removed heads at o_proj's input and removed neurons at down_proj's."""
-    s = plan.shape
-    by_index = {lp.index: lp for lp in plan.layers}
-    hooks = []
-    for layer in model.model.layers:
-        lp = by_index[layer.source_index]
-        if lp.removed:
-            continue
-        if lp.heads and len(lp.heads) < s.n_head and hasattr(layer.self_attn, "o_proj"):
-            m = torch.zeros(s.n_head * s.head_dim)
-            for h in lp.heads:
-                m[h * s.head_dim:(h + 1) * s.head_dim] = 1
-            hooks.append((layer.self_attn.o_proj, m))
-        if lp.neurons and len(lp.neurons) < s.n_ff and hasattr(layer.mlp, "down_proj"):
-            m = torch.zeros(s.n_ff)
-            m[list(lp.neurons)] = 1
-            hooks.append((layer.mlp.down_proj, m))
-    return hooks
-
-
-def _install(hooks, device) -> list:
-    handles = []
-    for module, m in hooks:
-        mask = m.to(device)
-
-        def pre(mod, args, _mask=mask):
-            return (args[0] * _mask.to(args[0].dtype),) + tuple(args[1:])
-        handles.append(module.register_forward_pre_hook(pre))
-    return handles
-
-
-def _used(layer, name: str) -> bool:
-    """Does the parameter take part in the pruned model (and exist in its GGUF)?"""
-    if name == "input_layernorm.weight":
-        # a PatchLayer's norm gain is written as ones; a removed attention's norm is not read
-        return not isinstance(layer, PatchLayer) and not isinstance(layer.self_attn, _ZeroAttention)
-    if name == "post_attention_layernorm.weight":
-        return not isinstance(layer.mlp, _ZeroMLP)
-    return True
-
-
-def _source_name(layer, rest: str) -> str:
-    if rest == "self_attn.proj.weight":  # a patch's matrix (PatchLayer or LinearAttention)
-        return f"model.layers.{layer.source_index}.patch.weight"
-    return f"model.layers.{layer.source_index}.{rest}"
-
-
-@dataclass
-class Student:
-    """The pruned model made trainable: LoRA injected (or the used weights unfrozen), removed heads and
-    neurons masked at the input of o_proj / down_proj. ``core``/``lm_head`` are what the loss calls."""
-
-    model: Any  # the module to train (a peft model for LoRA)
-    base: Any  # the LlamaForCausalLM inside (the same object apply_plan returned)
-    params: list  # (name, parameter) that train
-    handles: list
-    plan: Plan
-    options: FinetuneOptions
-
-    @property
-    def core(self):
-        return self.base.model  # peft injects its layers in place: the same LlamaModel
-
-    @property
-    def lm_head(self):
-        return self.base.lm_head
-
-    def weights(self, trained: bool = True) -> dict:
-        """Remove the masks, merge LoRA, and return the changed tensors under source names ({} if not trained)."""
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        base = self.base
-        if self.options.method == "lora" and self.model is not self.base:
-            base = self.model.merge_and_unload()
-        return _changed(base, self.plan, self.params, self.options, trained)
-
-
-def prepare_student(student, plan: Plan, o: FinetuneOptions, device: str | torch.device = "cpu") -> Student:
-    """Make ``student`` (``cuts.apply_plan(model, plan, patches)``) trainable as ``o`` says, on ``device``."""
-    model, params = _prepare(student, o)
-    model.to(device)
-    # after LoRA is injected: the hooks sit on the wrapper, so that the LoRA path sees the mask too
-    handles = _install(_masks(student, plan), device)
-    return Student(model=model, base=student, params=params, handles=handles, plan=plan, options=o)
-
-
-def _prepare(student, o: FinetuneOptions):
-    """Freeze what does not train, add LoRA if asked; return (model to call, trainable named params)."""
-    for p in student.parameters():
-        p.requires_grad_(False)
-    model = student
-    if o.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        present = {n.rsplit(".", 1)[-1] for n, m in student.model.layers.named_modules()
-                   if isinstance(m, torch.nn.Linear)}
-        targets = [t for t in LORA_TARGETS if t in present]
-        if targets:
-            cfg = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
-                             target_modules=targets, bias="none")
-            model = get_peft_model(student, cfg)
-    else:
-        for layer in student.model.layers:
-            for n, p in layer.named_parameters():
-                p.requires_grad_(_used(layer, n))
-    if o.train_patches:
-        for layer in student.model.layers:
-            proj = getattr(layer.self_attn, "proj", None)
-            if proj is not None:
-                proj.weight.requires_grad_(True)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return model, params
-
-
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- losses and schedule
 
 
 @torch.no_grad()
-def _teacher_states(teacher, ids: torch.Tensor, mask: torch.Tensor, device, bs: int) -> torch.Tensor:
-    """The teacher's final normed hidden states (n, T, d), float32 on the CPU."""
+def teacher_states(teacher, ids: torch.Tensor, mask: torch.Tensor, device, bs: int) -> torch.Tensor:
+    """The teacher's final normed hidden states (n, T, d), float32 on the CPU, computed ``bs`` sequences at a time."""
     out = []
     for s in range(0, ids.shape[0], bs):
         h = teacher.model(input_ids=ids[s:s + bs].to(device),
@@ -252,8 +126,12 @@ def _teacher_states(teacher, ids: torch.Tensor, mask: torch.Tensor, device, bs: 
     return torch.cat(out)
 
 
-def _loss(core, lm_head, ids, mask, t_states, loss: str, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, per-token losses) of a batch: KL(teacher ‖ student) or next-token NLL over real tokens."""
+def batch_loss(core, lm_head, ids, mask, t_states, loss: str, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, per-token losses) of a batch: KL(teacher ‖ student) or next-token NLL over real tokens.
+
+    ``core``/``lm_head``: the student's (Student.core, Student.lm_head); ``t_states``: the batch's teacher
+    states (:func:`teacher_states`, unused for ``nexttoken``); ``autocast``: a context manager factory
+    (``contextlib.nullcontext`` on the CPU)."""
     with autocast():
         h = core(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, d) normed
     real = mask.bool()
@@ -264,13 +142,14 @@ def _loss(core, lm_head, ids, mask, t_states, loss: str, autocast) -> tuple[torc
         ls = torch.log_softmax(zs, -1)
         per = (lt.exp() * (lt - ls)).sum(-1)  # (n,)
         return per.mean(), per.detach()
-    pair = real[:, :-1] & real[:, 1:]
+    pair = real[:, :-1] & real[:, 1:]  # (b, T-1): token t predicts a real token t+1
     zs = lm_head(h[:, :-1][pair].float())
     per = F.cross_entropy(zs, ids[:, 1:][pair], reduction="none")
     return per.mean(), per.detach()
 
 
 def _lr_lambda(o: FinetuneOptions):
+    """The learning rate's factor at a step: linear warm-up, then cosine decay to ``min_lr_ratio``."""
     warm = max(1, int(o.warmup * o.steps)) if o.warmup > 0 else 0
 
     def f(step: int) -> float:
@@ -288,6 +167,13 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
 def finetune(teacher, student, plan: Plan, cal: Calibration, heldout: set[int], o: FinetuneOptions,
              device: str = "cpu", state_dir: Path | None = None, key: str = "") -> FinetuneResult:
     """Train ``student`` (the pruned model, apply_plan'd) toward ``teacher`` on ``cal``; return what changed.
@@ -295,46 +181,73 @@ def finetune(teacher, student, plan: Plan, cal: Calibration, heldout: set[int], 
     ``heldout``: sequence indices kept out of training (early stopping, figures). ``state_dir``: where
     checkpoints go; one whose ``key`` matches is resumed.
     """
-    check_data(cal, heldout, o)
-    t0 = time.time()
-    dev = torch.device(device)
-    train_idx = [i for i in range(cal.n_seq) if i not in heldout]
-    ho_idx = sorted(heldout)
-    ids, mask = cal.input_ids, cal.attention_mask.long()
+    return Trainer(teacher, student, plan, cal, heldout, o, device=device, state_dir=state_dir, key=key).run()
 
-    teacher.to(dev)
-    t_states = None
-    if o.loss == "distill" or ho_idx:
-        t_states = _teacher_states(teacher, ids, mask, dev, o.batch_size)  # (n_seq, T, d)
-    teacher.to("cpu")
 
-    st = prepare_student(student, plan, o, dev)
-    model, params, core, lm_head = st.model, st.params, st.core, st.lm_head
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
-    n_trainable = sum(p.numel() for _, p in params)
-    log.info("fine-tuning (%s, %s loss): %d trainable parameters, %d train / %d held-out sequences of %d tokens, "
-             "%d steps of %d, lr %.1e, on %s", o.method, o.loss, n_trainable, len(train_idx), len(ho_idx),
-             cal.seq_len, o.steps, o.batch_size, o.learning_rate, device)
+class Trainer:
+    """One fine-tuning run. Set up on construction (teacher states, the trainable student, optimizer and
+    schedule); :meth:`run` resumes a checkpoint or evaluates the starting point, then takes :meth:`step`
+    after step, :meth:`evaluate`-ing every ``eval_every`` and :meth:`save_checkpoint`-ing every
+    ``checkpoint_every``, and ends with the best weights."""
 
-    opt = torch.optim.AdamW([p for _, p in params], lr=o.learning_rate, weight_decay=o.weight_decay,
-                            betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(o))
+    def __init__(self, teacher, student, plan: Plan, cal: Calibration, heldout: set[int], o: FinetuneOptions,
+                 device: str = "cpu", state_dir: Path | None = None, key: str = ""):
+        check_data(cal, heldout, o)
+        self.t0 = time.time()
+        self.o, self.device, self.key = o, device, key
+        self.dev = dev = torch.device(device)
+        self.train_idx = [i for i in range(cal.n_seq) if i not in heldout]
+        self.ho_idx = sorted(heldout)
+        self.ids, self.mask = cal.input_ids, cal.attention_mask.long()  # (n_seq, T) each
 
-    def evaluate() -> dict:
-        if not ho_idx:
+        teacher.to(dev)
+        self.t_states = None
+        if o.loss == "distill" or self.ho_idx:  # held-out KL needs the teacher too
+            self.t_states = teacher_states(teacher, self.ids, self.mask, dev, o.batch_size)  # (n_seq, T, d)
+        teacher.to("cpu")
+
+        self.student = prepare_student(student, plan, o, dev)
+        self.params = self.student.params
+        self.autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda"
+                         else contextlib.nullcontext)
+        self.n_trainable = sum(p.numel() for _, p in self.params)
+        log.info("fine-tuning (%s, %s loss): %d trainable parameters, %d train / %d held-out sequences of %d tokens, "
+                 "%d steps of %d, lr %.1e, on %s", o.method, o.loss, self.n_trainable, len(self.train_idx),
+                 len(self.ho_idx), cal.seq_len, o.steps, o.batch_size, o.learning_rate, device)
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=o.learning_rate, weight_decay=o.weight_decay,
+                                     betas=(0.9, 0.95))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(o))
+
+        self.metric = "nll" if o.loss == "nexttoken" else "kl"  # what early stopping and "best" go by
+        self.state_path = None if state_dir is None else Path(state_dir) / "state.pt"
+        self.steps_done = 0
+        self.history: list[dict] = []
+        self.best: dict[str, Any] = {}  # {"step", "metric", "params", "eval"}
+        self.bad_evals = 0  # evaluations since the best
+        self.resumed = False
+        self.losses: list[float] = []  # training loss of every step taken in this process
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Held-out KL to the teacher (and NLL for ``nexttoken``) per real token; {} without a held-out split."""
+        o, dev, ids, mask = self.o, self.dev, self.ids, self.mask
+        if not self.ho_idx:
             return {}
+        model, core, lm_head = self.student.model, self.student.core, self.student.lm_head
         model.eval()
         kl_sum = nll_sum = 0.0
         n = 0
         with torch.no_grad():
-            for s in range(0, len(ho_idx), o.batch_size):
-                b = torch.tensor(ho_idx[s:s + o.batch_size])
-                ts = t_states[b].to(dev)
-                _, per = _loss(core, lm_head, ids[b].to(dev), mask[b].to(dev), ts, "distill", autocast)
+            for s in range(0, len(self.ho_idx), o.batch_size):
+                b = torch.tensor(self.ho_idx[s:s + o.batch_size])
+                ts = self.t_states[b].to(dev)
+                _, per = batch_loss(core, lm_head, ids[b].to(dev), mask[b].to(dev), ts, "distill", self.autocast)
                 kl_sum += float(per.double().sum())
                 n += per.numel()
                 if o.loss == "nexttoken":
-                    _, per_n = _loss(core, lm_head, ids[b].to(dev), mask[b].to(dev), ts, "nexttoken", autocast)
+                    _, per_n = batch_loss(core, lm_head, ids[b].to(dev), mask[b].to(dev), ts, "nexttoken",
+                                          self.autocast)
                     nll_sum += float(per_n.double().sum())
         model.train()
         r = {"kl": kl_sum / max(n, 1)}
@@ -342,138 +255,143 @@ def finetune(teacher, student, plan: Plan, cal: Calibration, heldout: set[int], 
             r["nll"] = nll_sum / max(n, 1)
         return r
 
-    metric = "nll" if o.loss == "nexttoken" else "kl"
-    snapshot = lambda: {n: p.detach().clone() for n, p in params}  # noqa: E731
-    state_path = None if state_dir is None else Path(state_dir) / "state.pt"
-    step, history = 0, []
-    best: dict[str, Any] = {}
-    bad_evals = 0
-    resumed = False
-    if state_path is not None and state_path.exists():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        if saved.get("key") == key:
-            by_name = dict(params)
-            with torch.no_grad():
-                for n, v in saved["params"].items():
-                    by_name[n].copy_(v.to(dev))
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            step, history, best, bad_evals = saved["step"], saved["history"], saved["best"], saved["bad_evals"]
-            resumed = True
-            log.info("resuming fine-tuning from %s at step %d/%d", state_path, step, o.steps)
-        else:
-            log.warning("%s belongs to another run (other inputs or options); starting afresh", state_path)
-    if not best:
-        ev = evaluate()
-        best = {"step": 0, "metric": ev.get(metric, math.inf), "params": snapshot(), "eval": ev}
-        history.append({"step": 0, **ev})
-        if ev:
-            log.info("before fine-tuning: held-out %s", ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-    before = history[0] if history else {}
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params}
 
-    def save_state() -> None:
-        if state_path is None:
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Load the checkpoint in the state directory if it is this run's (same ``key``); True if loaded."""
+        if self.state_path is None or not self.state_path.exists():
+            return False
+        saved = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if saved.get("key") != self.key:
+            log.warning("%s belongs to another run (other inputs or options); starting afresh", self.state_path)
+            return False
+        by_name = dict(self.params)
+        with torch.no_grad():
+            for n, v in saved["params"].items():
+                by_name[n].copy_(v.to(self.dev))
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.steps_done, self.history = saved["step"], saved["history"]
+        self.best, self.bad_evals = saved["best"], saved["bad_evals"]
+        self.resumed = True
+        log.info("resuming fine-tuning from %s at step %d/%d", self.state_path, self.steps_done, self.o.steps)
+        return True
+
+    def save_checkpoint(self) -> None:
+        """Parameters, optimizer, schedule and early-stopping state, for :meth:`resume`."""
+        if self.state_path is None:
             return
         try:  # through a temporary file: a checkpoint cut short (a full disk) is never left to resume from
-            save_torch_atomic({"key": key, "step": step, "params": {n: p.detach().cpu() for n, p in params},
-                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                               "best": {**best, "params": {n: v.cpu() for n, v in best["params"].items()}},
-                               "bad_evals": bad_evals}, state_path)
+            save_torch_atomic({"key": self.key, "step": self.steps_done,
+                               "params": {n: p.detach().cpu() for n, p in self.params},
+                               "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                               "history": self.history,
+                               "best": {**self.best, "params": {n: v.cpu() for n, v in self.best["params"].items()}},
+                               "bad_evals": self.bad_evals}, self.state_path)
         except BaseException:
             with contextlib.suppress(OSError):
-                state_path.parent.rmdir()  # only if empty: an earlier checkpoint stays to resume from
+                self.state_path.parent.rmdir()  # only if empty: an earlier checkpoint stays to resume from
             raise
 
-    model.train()
-    n_epoch_batches = len(train_idx) // o.batch_size
-    t_loop, step0 = time.time(), step
-    losses: list[float] = []
-    stopped = "steps"
-    while step < o.steps:
-        epoch, k = divmod(step, n_epoch_batches)
-        order = list(train_idx)
-        random.Random(o.seed * 100003 + epoch).shuffle(order)  # the same batches on a resumed run
+    # --- training ---------------------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One optimizer step on the next batch; returns its loss. The batches follow a per-epoch shuffle
+        seeded by the epoch, so a resumed run sees the same batches."""
+        o, dev = self.o, self.dev
+        epoch, k = divmod(self.steps_done, len(self.train_idx) // o.batch_size)
+        order = list(self.train_idx)
+        random.Random(o.seed * 100003 + epoch).shuffle(order)
         b = torch.tensor(order[k * o.batch_size:(k + 1) * o.batch_size])
-        ts = None if t_states is None else t_states[b].to(dev)
-        loss, _ = _loss(core, lm_head, ids[b].to(dev), mask[b].to(dev), ts, o.loss, autocast)
-        opt.zero_grad(set_to_none=True)
+        ts = None if self.t_states is None else self.t_states[b].to(dev)
+        loss, _ = batch_loss(self.student.core, self.student.lm_head, self.ids[b].to(dev), self.mask[b].to(dev), ts,
+                             o.loss, self.autocast)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], o.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        losses.append(loss.item())
-        if step % o.log_every == 0 or step == o.steps:
-            rate = (time.time() - t_loop) / max(1, step - step0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f s/step  ETA %s", step, o.steps,
-                     sum(losses[-o.log_every:]) / len(losses[-o.log_every:]), sched.get_last_lr()[0], rate,
-                     _fmt_eta(rate * (o.steps - step)))
-        if step % o.eval_every == 0 or step == o.steps:
-            ev = evaluate()
-            history.append({"step": step, "loss": sum(losses[-o.eval_every:]) / len(losses[-o.eval_every:]), **ev})
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], o.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.steps_done += 1
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def _start(self) -> None:
+        """Resume, or score the starting point: the best so far until a step beats it."""
+        self.resume()
+        if not self.best:
+            ev = self.evaluate()
+            self.best = {"step": 0, "metric": ev.get(self.metric, math.inf), "params": self._snapshot(), "eval": ev}
+            self.history.append({"step": 0, **ev})
             if ev:
-                better = ev[metric] < best["metric"]
-                log.info("step %d: held-out %s%s", step, ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
-                         " (best)" if better else f" (best {best['metric']:.4f} at step {best['step']})")
-                if better:
-                    best = {"step": step, "metric": ev[metric], "params": snapshot(), "eval": ev}
-                    bad_evals = 0
-                else:
-                    bad_evals += 1
-                    if bad_evals >= o.patience:
-                        stopped = "early"
-                        log.info("stopping early: %d evaluations without improvement", bad_evals)
-                        break
-            else:
-                best = {"step": step, "metric": math.inf, "params": snapshot(), "eval": {}}
-        if step % o.checkpoint_every == 0 and step < o.steps:
-            save_state()
+                log.info("before fine-tuning: held-out %s", ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
 
-    with torch.no_grad():  # the best weights back
-        by_name = dict(params)
-        for n, v in best["params"].items():
-            by_name[n].copy_(v)
-    weights = st.weights(trained=best["step"] > 0)
-    model.to("cpu")
-    stats = {
-        "method": o.method, "loss": o.loss, "options": asdict(o), "device": device,
-        "trainable_params": n_trainable, "train_sequences": len(train_idx), "heldout_sequences": len(ho_idx),
-        "steps_done": step, "stopped": stopped, "resumed": resumed, "best_step": best["step"],
-        "heldout_kl_before": before.get("kl"), "heldout_kl_best": best["eval"].get("kl"),
-        "history": history, "seconds": round(time.time() - t0, 1),
-        "seconds_per_step": round((time.time() - t_loop) / max(1, step - step0), 3),
-        "tensors": len(weights),
-    }
-    if best["step"] == 0 and ho_idx:
-        log.warning("fine-tuning did not beat the starting point on the held-out split; weights left unchanged")
-    return FinetuneResult(weights=weights, stats=stats)
+    def _evaluate_step(self) -> bool:
+        """Evaluate after a step, keep the best weights; True when training should stop early."""
+        o, step = self.o, self.steps_done
+        ev = self.evaluate()
+        self.history.append({"step": step, "loss": _mean(self.losses[-o.eval_every:]), **ev})
+        if not ev:  # no held-out split: the latest weights are the best there is
+            self.best = {"step": step, "metric": math.inf, "params": self._snapshot(), "eval": {}}
+            return False
+        better = ev[self.metric] < self.best["metric"]
+        log.info("step %d: held-out %s%s", step, ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+                 " (best)" if better else f" (best {self.best['metric']:.4f} at step {self.best['step']})")
+        if better:
+            self.best = {"step": step, "metric": ev[self.metric], "params": self._snapshot(), "eval": ev}
+            self.bad_evals = 0
+            return False
+        self.bad_evals += 1
+        if self.bad_evals >= o.patience:
+            log.info("stopping early: %d evaluations without improvement", self.bad_evals)
+            return True
+        return False
 
+    def run(self) -> FinetuneResult:
+        """Train to ``steps`` (or an early stop); put the best weights back and return what changed."""
+        o = self.o
+        self._start()
+        before = self.history[0] if self.history else {}
+        self.student.model.train()
+        t_loop, step0 = time.time(), self.steps_done
+        stopped = "steps"
+        while self.steps_done < o.steps:
+            self.step()
+            step = self.steps_done
+            if step % o.log_every == 0 or step == o.steps:
+                rate = (time.time() - t_loop) / max(1, step - step0)
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f s/step  ETA %s", step, o.steps,
+                         _mean(self.losses[-o.log_every:]), self.sched.get_last_lr()[0], rate,
+                         _fmt_eta(rate * (o.steps - step)))
+            if (step % o.eval_every == 0 or step == o.steps) and self._evaluate_step():
+                stopped = "early"
+                break
+            if step % o.checkpoint_every == 0 and step < o.steps:
+                self.save_checkpoint()
+        return self._finish(before, stopped, t_loop, step0)
 
-def _changed(student, plan: Plan, params, o: FinetuneOptions, trained: bool) -> dict:
-    """Source-named tensors that training changed (masked columns zeroed, as the GGUF slices them away)."""
-    if not trained:
-        return {}
-    s = plan.shape
-    by_index = {lp.index: lp for lp in plan.layers}
-    trained_names = {n.removeprefix("base_model.model.") for n, _ in params}  # peft's prefix
-    out = {}
-    for p_, layer in enumerate(student.model.layers):
-        lp = by_index[layer.source_index]
-        for rest, p in layer.named_parameters():
-            leaf = rest.rsplit(".", 2)[-2]  # "self_attn.q_proj.weight" → "q_proj"
-            lora_target = o.method == "lora" and leaf in LORA_TARGETS  # merged: every one changed
-            if not (lora_target or f"model.layers.{p_}.{rest}" in trained_names) or not _used(layer, rest):
-                continue
-            w = p.detach().float().cpu().clone()
-            if rest == "self_attn.o_proj.weight" and lp.heads is not None and len(lp.heads) < s.n_head:
-                keep = torch.zeros(s.n_head * s.head_dim, dtype=torch.bool)
-                for h in lp.heads:
-                    keep[h * s.head_dim:(h + 1) * s.head_dim] = True
-                w[:, ~keep] = 0
-            if rest == "mlp.down_proj.weight" and lp.neurons is not None and len(lp.neurons) < s.n_ff:
-                keep = torch.zeros(s.n_ff, dtype=torch.bool)
-                keep[list(lp.neurons)] = True
-                w[:, ~keep] = 0
-            out[_source_name(layer, rest)] = w
-    return out
+    def _finish(self, before: dict, stopped: str, t_loop: float, step0: int) -> FinetuneResult:
+        """The best weights back into the student; the changed tensors and the run's figures."""
+        o, best = self.o, self.best
+        with torch.no_grad():
+            by_name = dict(self.params)
+            for n, v in best["params"].items():
+                by_name[n].copy_(v)
+        weights = self.student.weights(trained=best["step"] > 0)
+        self.student.model.to("cpu")
+        stats = {
+            "method": o.method, "loss": o.loss, "options": asdict(o), "device": self.device,
+            "trainable_params": self.n_trainable, "train_sequences": len(self.train_idx),
+            "heldout_sequences": len(self.ho_idx), "steps_done": self.steps_done, "stopped": stopped,
+            "resumed": self.resumed, "best_step": best["step"],
+            "heldout_kl_before": before.get("kl"), "heldout_kl_best": best["eval"].get("kl"),
+            "history": self.history, "seconds": round(time.time() - self.t0, 1),
+            "seconds_per_step": round((time.time() - t_loop) / max(1, self.steps_done - step0), 3),
+            "tensors": len(weights),
+        }
+        if best["step"] == 0 and self.ho_idx:
+            log.warning("fine-tuning did not beat the starting point on the held-out split; weights left unchanged")
+        return FinetuneResult(weights=weights, stats=stats)

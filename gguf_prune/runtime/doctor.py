@@ -46,7 +46,19 @@ def _portable(tc: toolchain.Toolchain) -> str:
 
 
 def diagnose() -> Report:
+    """Every check, in the order `gguf-prune doctor` lists them; a missing piece is a failed check, never an error."""
     r = Report()
+    tc = _check_llama_cpp(r)
+    _check_gguf_py(r)
+    _check_bindings(r, tc)
+    _check_torch(r)
+    _check_transformers(r)
+    _check_demo_model(r)
+    return r
+
+
+def _check_llama_cpp(r: Report) -> toolchain.Toolchain | None:
+    """The pinned build, its tools and converter, and the portable server; the toolchain, or None if not built."""
     try:
         tc = toolchain.find()
         info = tc.info()
@@ -64,8 +76,11 @@ def diagnose() -> Report:
         r.add("portable server", True, _portable(tc))
     except toolchain.ToolchainError as e:
         r.add("llama.cpp", False, str(e))
-        tc = None
+        return None
+    return tc
 
+
+def _check_gguf_py(r: Report) -> None:
     try:
         import gguf
 
@@ -73,6 +88,9 @@ def diagnose() -> Report:
     except ImportError as e:
         r.add("gguf-py", False, f"not importable ({e}); run scripts/setup.sh")
 
+
+def _check_bindings(r: Report, tc: toolchain.Toolchain | None) -> None:
+    """llama-cpp-python imports and loads the pinned build's libllama (not one of its own)."""
     try:
         import llama_cpp
 
@@ -89,6 +107,8 @@ def diagnose() -> Report:
     except Exception as e:  # an unloadable shared library raises OSError/RuntimeError
         r.add("bindings", False, f"llama_cpp does not import ({e}); run scripts/setup.sh")
 
+
+def _check_torch(r: Report) -> None:
     try:
         import torch
 
@@ -100,14 +120,17 @@ def diagnose() -> Report:
     except ImportError as e:
         r.add("torch", False, f"not importable ({e}); run scripts/setup.sh")
 
+
+def _check_transformers(r: Report) -> None:
     try:
         r.add("transformers", True, md.version("transformers"))
     except md.PackageNotFoundError:
         r.add("transformers", False, "not installed; run scripts/setup.sh")
 
+
+def _check_demo_model(r: Report) -> None:
     from gguf_prune.models.demo import demo_dir
 
     hf = demo_dir() / "hf"
     r.add("demo model", (hf / "config.json").exists(),
           str(hf) if (hf / "config.json").exists() else f"not prepared at {hf}; run scripts/setup.sh")
-    return r

@@ -10,7 +10,7 @@ Everything is measured on the GGUF files users run, by the pinned llama.cpp:
   measured in the same run;
 - size: bytes on disk, parameters per layer and in total, tensor types;
 - task prompts: greedy chat completions through each model's own chat template,
-  with simple checks per prompt.
+  with simple checks per prompt (:mod:`gguf_prune.runtime.prompts`).
 
 Every command that ran is recorded in the report so a user can re-run it by hand.
 A failure in one model's evaluation is recorded for that model; the others finish.
@@ -34,7 +34,9 @@ from typing import Any
 from gguf_prune.data import DATA_DIR
 from gguf_prune.runtime import llamacpp
 from gguf_prune.runtime.llamacpp import LlamaCppError
+from gguf_prune.runtime.prompts import prompt_problems, run_prompts
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.values import is_int
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class EvalOptions:
                                       ("max_tokens", self.max_tokens, 1, False)):
             if v is None and optional:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v) or v < lo:
                 p.append(f"{flag} {v!r}: must be a whole number, {lo} or more")
         if p:
             raise EvalError("invalid eval options: " + "; ".join(p))
@@ -82,6 +84,9 @@ def gguf_facts(path: Path) -> dict[str, Any]:
     """Size, parameters per layer, tensor types and the recorded plan of a GGUF (no tensor data read)."""
     from gguf import GGUFReader
 
+    from gguf_prune.models.arch import split_layer_name
+    from gguf_prune.writing.rewrite import PLAN_KEY
+
     r = GGUFReader(str(path))
     arch = r.fields["general.architecture"].contents()
     per_layer: dict[int, int] = {}
@@ -91,9 +96,9 @@ def gguf_facts(path: Path) -> dict[str, Any]:
         n = int(t.n_elements)
         total += n
         types[t.tensor_type.name] += 1
-        m = re.match(r"blk\.(\d+)\.", t.name)
-        if m:
-            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
+        layer = split_layer_name(t.name)  # (index, rest of the name); None outside the layers
+        if layer:
+            per_layer[layer[0]] = per_layer.get(layer[0], 0) + n
 
     def field_value(key: str, default=None):
         f = r.fields.get(key)
@@ -106,7 +111,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
             return [int(x) for x in v]
         return [int(v)] * n_layer if v is not None else []
 
-    plan_json = field_value("gguf_prune.plan")
+    plan_json = field_value(PLAN_KEY)
     tokens = r.fields.get("tokenizer.ggml.tokens")
     return {
         "path": str(path),
@@ -219,65 +224,6 @@ def bench(models: list[Path], o: EvalOptions) -> tuple[dict[str, dict[str, float
 # ------------------------------------------------------------------- prompts
 
 
-# The keys a task prompt line may have (evaluate.run_prompts / check_output read them); anything else is a typo
-# that would silently check nothing.
-PROMPT_KEYS = {"prompt": "a string", "system": "a string", "max_tokens": "a whole number, 1 or more",
-               "contains": "a list of strings", "not_contains": "a list of strings",
-               "regex": "a regular expression, or a list of them", "min_len": "a whole number, 0 or more",
-               "max_len": "a whole number, 0 or more", "no_repeat": "true or false"}
-
-
-def prompt_problems(path: Path) -> list[str]:
-    """Every problem of a task-prompts JSONL file (one message each, naming the line), without running it."""
-    path = Path(path)
-    if not path.is_file():
-        return [f"--prompts {path}: {'is not a file' if path.exists() else 'no such file'}"]
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        return [f"--prompts {path} is not UTF-8 text (byte {e.start})"]
-    p, n_prompts = [], 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"--prompts {path}:{n}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            p.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
-            p.append(f'{where}: each line must be an object with a "prompt" string')
-            continue
-        n_prompts += 1
-        for k, v in d.items():
-            if k not in PROMPT_KEYS:
-                p.append(f"{where}: unknown key {k!r}; the known ones are {', '.join(PROMPT_KEYS)}")
-                continue
-            if k in ("prompt", "system"):
-                ok = isinstance(v, str)
-            elif k in ("contains", "not_contains"):
-                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-            elif k == "regex":
-                pats = [v] if isinstance(v, str) else v
-                ok = isinstance(pats, list) and all(isinstance(x, str) for x in pats)
-                for pat in pats if ok else []:
-                    try:
-                        re.compile(pat)
-                    except re.error as e:
-                        p.append(f"{where}: regex {pat!r} does not compile ({e})")
-            elif k == "no_repeat":
-                ok = isinstance(v, bool)
-            else:  # min_len, max_len, max_tokens
-                ok = (isinstance(v, int) and not isinstance(v, bool)) and v >= (1 if k == "max_tokens" else 0)
-            if not ok:
-                p.append(f"{where}: {k!r} must be {PROMPT_KEYS[k]}, not {json.dumps(v)}")
-    if not p and not n_prompts:
-        p.append(f'--prompts {path} has no prompts: write one JSON object per line, {{"prompt": "...", '
-                 '"contains": [...], "not_contains": [...], "regex": "...", "min_len": N, "max_len": N}')
-    return p
-
-
 def load_prompts(path: Path) -> list[dict[str, Any]]:
     """The task prompts of a JSONL file; every problem (a typo'd key checks nothing) is one EvalError."""
     problems = prompt_problems(path)
@@ -287,64 +233,16 @@ def load_prompts(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def has_repetition_loop(text: str, min_period_words: int = 1, repeats: int = 4) -> bool:
-    """True when the tail of ``text`` is the same word sequence repeated ``repeats`` times or more."""
-    words = text.split()
-    for period in range(min_period_words, 16):
-        if len(words) < period * repeats:
-            break
-        tail = words[-period * repeats:]
-        chunks = [tail[k * period:(k + 1) * period] for k in range(repeats)]
-        if all(c == chunks[0] for c in chunks):
-            return True
-    return False
-
-
-def check_output(prompt: dict[str, Any], text: str) -> list[str]:
-    """The checks a prompt asks for that ``text`` fails (empty = pass)."""
-    fails = []
-    low = text.lower()
-    for s in prompt.get("contains", []) or []:
-        if s.lower() not in low:
-            fails.append(f"missing {s!r}")
-    for s in prompt.get("not_contains", []) or []:
-        if s.lower() in low:
-            fails.append(f"contains forbidden {s!r}")
-    for pat in ([prompt["regex"]] if isinstance(prompt.get("regex"), str) else prompt.get("regex", []) or []):
-        if not re.search(pat, text, flags=re.IGNORECASE | re.DOTALL):
-            fails.append(f"does not match /{pat}/")
-    if prompt.get("min_len") is not None and len(text) < int(prompt["min_len"]):
-        fails.append(f"shorter than {prompt['min_len']} characters")
-    if prompt.get("max_len") is not None and len(text) > int(prompt["max_len"]):
-        fails.append(f"longer than {prompt['max_len']} characters")
-    if prompt.get("no_repeat", True) and has_repetition_loop(text):
-        fails.append("ends in a repetition loop")
-    return fails
-
-
-def run_prompts(model: Path, prompts: list[dict[str, Any]], o: EvalOptions) -> dict[str, Any]:
-    llm = llamacpp.load(model, n_ctx=max(1024, o.max_tokens * 4), n_threads=o.threads)
-    results = []
-    try:
-        for p in prompts:
-            messages = ([{"role": "system", "content": p["system"]}] if p.get("system") else []) + \
-                       [{"role": "user", "content": p["prompt"]}]
-            r = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1,
-                                           max_tokens=int(p.get("max_tokens", o.max_tokens)), seed=0)
-            text = r["choices"][0]["message"]["content"] or ""
-            fails = check_output(p, text)
-            results.append({"prompt": p["prompt"], "output": text, "pass": not fails, "failures": fails})
-    finally:
-        llm.close()
-    return {"passed": sum(r["pass"] for r in results), "total": len(results), "results": results}
-
-
 # ------------------------------------------------------------------ evaluate
 
 
 def evaluate(base: Path, models: list[Path], out_dir: Path, text: Path | None = None,
              options: EvalOptions | None = None) -> dict[str, Any]:
-    """Evaluate ``models`` against ``base`` in llama.cpp; write report.json/.md/PNGs to ``out_dir``."""
+    """Evaluate ``models`` against ``base`` in llama.cpp; write report.json/.md/PNGs to ``out_dir``.
+
+    The base is run once with its logits saved; each model is compared with them token by token, then all
+    are timed in one llama-bench run and given the task prompts. A model that fails is recorded as failed.
+    """
     from gguf_prune.runtime import report
 
     o = options or EvalOptions()
@@ -352,7 +250,46 @@ def evaluate(base: Path, models: list[Path], out_dir: Path, text: Path | None = 
     models = [Path(m) for m in models]
     text = Path(text) if text else DEFAULT_TEXT
     out_dir = Path(out_dir)
-    # --- checks before long work
+    n_tokens = _check_inputs(base, models, text, o)
+    prompts = load_prompts(o.prompts) if o.prompts else None
+    labels = o.labels or []
+    names = [labels[k] if k < len(labels) else m.stem for k, m in enumerate([base, *models])]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_vocab = _vocab_digest(base)
+
+    t0 = time.time()
+    work = Path(tempfile.mkdtemp(prefix=".eval-", dir=out_dir))  # the base's saved logits: large, temporary
+    try:
+        kld_base = work / "base.kld"
+        log.info("[eval 1/%d] %s (base): perplexity and saved logits", len(models) + 1, names[0])
+        base_entry, chunks = _measure_base(base, names[0], text, kld_base, o)
+        entries = [base_entry]
+        for k, (m, name) in enumerate(zip(models, names[1:]), start=2):
+            log.info("[eval %d/%d] %s: KL divergence against the base", k, len(models) + 1, name)
+            entries.append(_measure_against_base(m, name, base, base_vocab, kld_base, o))
+        measured = [(Path(e["facts"]["path"]), e) for e in entries if "error" not in e]
+        hardware = _measure_speed(measured, base_entry, o) if o.bench and measured else {}
+        if prompts:
+            _run_task_prompts(measured, prompts, o)
+        _add_ratios(entries, base_entry)
+        result = {
+            "schema": "gguf-prune/report", "version": 1,
+            "text": {"path": str(text), "tokens": n_tokens, "ctx": o.ctx, "chunks": chunks,
+                     "note": "KL and top-1 are over the second half of each chunk, as llama-perplexity scores"},
+            "hardware": hardware | {"machine": platform.machine(), "cpu_count": os.cpu_count()},
+            "bench": {"pp": o.bench_prompt, "tg": o.bench_gen, "reps": o.bench_reps} if o.bench else None,
+            "models": entries,
+            "seconds": round(time.time() - t0, 1),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.write_report(result, out_dir)
+    return result
+
+
+def _check_inputs(base: Path, models: list[Path], text: Path, o: EvalOptions) -> int:
+    """Refuse what would fail after long work: a missing text or model, a base llama.cpp cannot load, a text
+    too short for perplexity. The text's length in the base's tokens."""
     if not text.exists() or text.stat().st_size == 0:
         raise EvalError(f"evaluation text {text} is missing or empty")
     for m in [base, *models]:
@@ -366,84 +303,78 @@ def evaluate(base: Path, models: list[Path], out_dir: Path, text: Path | None = 
     if n_tokens < 2 * o.ctx:
         raise EvalError(f"evaluation text {text} has {n_tokens} tokens; llama-perplexity needs at least "
                         f"{2 * o.ctx} for a context of {o.ctx}: give a longer text or a smaller --ctx")
-    prompts = load_prompts(o.prompts) if o.prompts else None
-    labels = o.labels or []
-    names = [labels[k] if k < len(labels) else m.stem for k, m in enumerate([base, *models])]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_vocab = _vocab_digest(base)
+    return n_tokens
 
-    t0 = time.time()
-    work = Path(tempfile.mkdtemp(prefix=".eval-", dir=out_dir))
+
+def _measure_base(base: Path, name: str, text: Path, kld_base: Path,
+                  o: EvalOptions) -> tuple[dict[str, Any], int | None]:
+    """The base's perplexity, its logits saved to ``kld_base``; its report entry and the chunks scored."""
+    args = _ppl_args(base, o) + ["-f", str(text), "--kl-divergence-base", str(kld_base)]
+    proc = llamacpp.run_tool("llama-perplexity", args)
+    said = proc.stdout + proc.stderr
+    entry = {"name": name, "role": "base", "facts": gguf_facts(base),
+             "quality": {"ppl": parse_ppl_output(said), "kl_mean": 0.0, "ppl_ratio": 1.0, "top1_agreement": 1.0},
+             "commands": {"perplexity": llamacpp.command_line("llama-perplexity", args)}}
+    chunk_info = re.search(r"calculating perplexity over (\d+) chunks", said)
+    return entry, int(chunk_info.group(1)) if chunk_info else o.chunks
+
+
+def _measure_against_base(model: Path, name: str, base: Path, base_vocab: str, kld_base: Path,
+                          o: EvalOptions) -> dict[str, Any]:
+    """One model's report entry: its facts and its KL, PPL and top-1 against the base's saved logits, or the
+    error that stopped them."""
+    entry: dict[str, Any] = {"name": name, "role": "pruned", "commands": {}}
     try:
-        entries: list[dict[str, Any]] = []
-        kld_base = work / "base.kld"
-        log.info("[eval 1/%d] %s (base): perplexity and saved logits", len(models) + 1, names[0])
-        args = _ppl_args(base, o) + ["-f", str(text), "--kl-divergence-base", str(kld_base)]
+        entry["facts"] = gguf_facts(model)
+        if _vocab_digest(model) != base_vocab:
+            raise EvalError(f"{model} has a different vocabulary from the base {base}: KL and perplexity "
+                            "cannot be compared token by token")
+        args = _ppl_args(model, o) + ["--kl-divergence-base", str(kld_base), "--kl-divergence"]
+        entry["commands"]["perplexity"] = llamacpp.command_line("llama-perplexity", args)
         proc = llamacpp.run_tool("llama-perplexity", args)
-        base_entry = {"name": names[0], "role": "base", "facts": gguf_facts(base),
-                      "quality": {"ppl": parse_ppl_output(proc.stdout + proc.stderr), "kl_mean": 0.0,
-                                  "ppl_ratio": 1.0, "top1_agreement": 1.0},
-                      "commands": {"perplexity": llamacpp.command_line("llama-perplexity", args)}}
-        entries.append(base_entry)
-        chunk_info = re.search(r"calculating perplexity over (\d+) chunks", proc.stdout + proc.stderr)
-        for k, m in enumerate(models, start=2):
-            name = names[k - 1]
-            entry: dict[str, Any] = {"name": name, "role": "pruned", "commands": {}}
-            entries.append(entry)
-            log.info("[eval %d/%d] %s: KL divergence against the base", k, len(models) + 1, name)
-            try:
-                entry["facts"] = gguf_facts(m)
-                if _vocab_digest(m) != base_vocab:
-                    raise EvalError(f"{m} has a different vocabulary from the base {base}: KL and perplexity "
-                                    "cannot be compared token by token")
-                args = _ppl_args(m, o) + ["--kl-divergence-base", str(kld_base), "--kl-divergence"]
-                entry["commands"]["perplexity"] = llamacpp.command_line("llama-perplexity", args)
-                proc = llamacpp.run_tool("llama-perplexity", args)
-                entry["quality"] = parse_kld_output(proc.stdout + proc.stderr)
-            except (LlamaCppError, EvalError, OSError, ValueError) as e:
-                entry["error"] = str(e)
-                log.error("%s failed: %s", name, str(e).splitlines()[0])
-        ok = [(Path(e["facts"]["path"]), e) for e in entries if "error" not in e]
-        if o.bench and ok:
-            log.info("[eval] speed: llama-bench pp%d/tg%d × %d on %d model(s)", o.bench_prompt, o.bench_gen,
-                     o.bench_reps, len(ok))
-            try:
-                speeds, cmd, hw = bench([p for p, _ in ok], o)
-                for p, e in ok:
-                    e["speed"] = speeds.get(str(p), {})
-                    e["commands"]["bench"] = cmd
-                base_speed = base_entry.get("speed", {})
-                for _, e in ok:
-                    for key in ("pp_ts", "tg_ts"):
-                        if key in e.get("speed", {}) and base_speed.get(key):
-                            e["speed"][key.replace("_ts", "_ratio")] = e["speed"][key] / base_speed[key]
-            except LlamaCppError as err:
-                hw = {"error": str(err)}
-                log.error("llama-bench failed: %s", str(err).splitlines()[0])
-        else:
-            hw = {}
-        if prompts:
-            for p, e in ok:
-                log.info("[eval] task prompts on %s", e["name"])
-                try:
-                    e["prompts"] = run_prompts(p, prompts, o)
-                except (LlamaCppError, ValueError) as err:
-                    e["prompts"] = {"error": str(err)}
-        for e in entries:
-            if "facts" in e and "bytes" in e["facts"]:
-                e["size_ratio"] = e["facts"]["bytes"] / base_entry["facts"]["bytes"]
-                e["params_ratio"] = e["facts"]["params_total"] / base_entry["facts"]["params_total"]
-        result = {
-            "schema": "gguf-prune/report", "version": 1,
-            "text": {"path": str(text), "tokens": n_tokens, "ctx": o.ctx,
-                     "chunks": int(chunk_info.group(1)) if chunk_info else o.chunks,
-                     "note": "KL and top-1 are over the second half of each chunk, as llama-perplexity scores"},
-            "hardware": hw | {"machine": platform.machine(), "cpu_count": os.cpu_count()},
-            "bench": {"pp": o.bench_prompt, "tg": o.bench_gen, "reps": o.bench_reps} if o.bench else None,
-            "models": entries,
-            "seconds": round(time.time() - t0, 1),
-        }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report.write_report(result, out_dir)
-    return result
+        entry["quality"] = parse_kld_output(proc.stdout + proc.stderr)
+    except (LlamaCppError, EvalError, OSError, ValueError) as e:
+        entry["error"] = str(e)
+        log.error("%s failed: %s", name, str(e).splitlines()[0])
+    return entry
+
+
+def _measure_speed(measured: list[tuple[Path, dict[str, Any]]], base_entry: dict[str, Any],
+                   o: EvalOptions) -> dict[str, Any]:
+    """llama-bench on every model measured, speeds and their ratios to the base into each entry; the hardware
+    it ran on (or the error that stopped it)."""
+    log.info("[eval] speed: llama-bench pp%d/tg%d × %d on %d model(s)", o.bench_prompt, o.bench_gen,
+             o.bench_reps, len(measured))
+    try:
+        speeds, cmd, hardware = bench([p for p, _ in measured], o)
+    except LlamaCppError as err:
+        log.error("llama-bench failed: %s", str(err).splitlines()[0])
+        return {"error": str(err)}
+    for p, e in measured:
+        e["speed"] = speeds.get(str(p), {})
+        e["commands"]["bench"] = cmd
+    base_speed = base_entry.get("speed", {})
+    for _, e in measured:
+        for key in ("pp_ts", "tg_ts"):
+            if key in e.get("speed", {}) and base_speed.get(key):
+                e["speed"][key.replace("_ts", "_ratio")] = e["speed"][key] / base_speed[key]
+    return hardware
+
+
+def _run_task_prompts(measured: list[tuple[Path, dict[str, Any]]], prompts: list[dict[str, Any]],
+                      o: EvalOptions) -> None:
+    """The task prompts on every model measured, the results (or the error) into each entry."""
+    for p, e in measured:
+        log.info("[eval] task prompts on %s", e["name"])
+        try:
+            e["prompts"] = run_prompts(p, prompts, o)
+        except (LlamaCppError, ValueError) as err:
+            e["prompts"] = {"error": str(err)}
+
+
+def _add_ratios(entries: list[dict[str, Any]], base_entry: dict[str, Any]) -> None:
+    """Size on disk and parameters of each model as ratios to the base's."""
+    for e in entries:
+        if "facts" in e and "bytes" in e["facts"]:
+            e["size_ratio"] = e["facts"]["bytes"] / base_entry["facts"]["bytes"]
+            e["params_ratio"] = e["facts"]["params_total"] / base_entry["facts"]["params_total"]

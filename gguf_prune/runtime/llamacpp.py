@@ -153,7 +153,7 @@ def probe(path: Path, timeout: float = 600) -> None:
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _PROBED:
         return
-    from gguf_prune.writing.gguf_io import GGUFFormatError, read_gguf
+    from gguf_prune.writing.gguf_read import GGUFFormatError, read_gguf
 
     try:  # milliseconds, and says where a file is truncated or damaged in gguf-prune's words
         read_gguf(path)

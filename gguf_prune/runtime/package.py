@@ -33,9 +33,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf_prune.runtime import llamacpp
-from gguf_prune.runtime import toolchain
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.models.checkpoint import file_sha256
+from gguf_prune.runtime import llamacpp, portable_build, toolchain
+from gguf_prune.runtime.launcher import render_launcher
 
 log = logging.getLogger(__name__)
 
@@ -97,131 +98,6 @@ def shared_libraries(binary: Path, env: dict[str, str] | None = None) -> list[Pa
             continue
         libs.append(Path(path))
     return libs
-
-
-LAUNCHER = r'''#!/bin/sh
-# A llama-server with its web UI and a model, packed by gguf-prune; run it with --help.
-# Every value set at packing time is in the single-quoted assignments below, as data: this
-# script never evaluates a value (no eval, no unquoted expansion, no value in a heredoc).
-set -eu
-unset CDPATH
-APP_NAME=@NAME@
-MODEL_NAME=@MODEL@
-DEFAULT_HOST=@HOST@
-DEFAULT_PORT=@PORT@
-DEFAULT_CTX=@CTX@
-DEFAULT_THREADS=@THREADS@
-HASH=@HASH@
-MANIFEST_SHA256=@MANIFEST_SHA256@
-PAYLOAD_LINE=@PAYLOAD_LINE@
-
-say() { printf '%s: %s\n' "$APP_NAME" "$1" >&2; }
-die() { say "$1"; exit "${2:-1}"; }
-
-usage() {
-  printf '%s: chat with %s in your browser (llama-server + web UI, packed by gguf-prune)\n\n' "$APP_NAME" "$MODEL_NAME"
-  printf 'usage: %s [options] [llama-server options]\n\n' "$0"
-  printf '  --host H        address to listen on (default %s)\n' "$DEFAULT_HOST"
-  printf '  --port N        port (default %s)\n' "$DEFAULT_PORT"
-  printf '  --ctx N         context size in tokens (default %s)\n' "$DEFAULT_CTX"
-  printf '  --threads N     CPU threads (default: %s)\n' "${DEFAULT_THREADS:-chosen by llama-server}"
-  printf '  --help          this help; --help-server shows every llama-server option\n'
-  printf '  --path-only     unpack (if needed) and print where the files are\n\n'
-  printf 'Then open http://HOST:PORT/ in a browser; the OpenAI-compatible API is at /v1.\n'
-  printf 'Files are unpacked once into ${XDG_CACHE_HOME:-$HOME/.cache}/gguf-prune-app/%s.\n' "$HASH"
-}
-
-HOST=$DEFAULT_HOST; PORT=$DEFAULT_PORT; CTX=$DEFAULT_CTX; THREADS=$DEFAULT_THREADS
-PATH_ONLY=0; SERVER_HELP=0
-set_option() {
-  case $1 in
-    --host) HOST=$2 ;;
-    --port) PORT=$2 ;;
-    --ctx|-c|--ctx-size) CTX=$2 ;;
-    --threads|-t) THREADS=$2 ;;
-  esac
-}
-# Take out the options this launcher knows; the others stay in "$@", in their order, for llama-server.
-n=$#
-while [ "$n" -gt 0 ]; do
-  arg=$1; shift; n=$((n - 1))
-  case $arg in
-    -h|--help) usage; exit 0 ;;
-    --help-server) SERVER_HELP=1 ;;
-    --path-only) PATH_ONLY=1 ;;
-    --host|--port|--ctx|-c|--ctx-size|--threads|-t)
-      [ "$n" -gt 0 ] || die "$arg needs a value" 2
-      set_option "$arg" "$1"; shift; n=$((n - 1)) ;;
-    --host=*|--port=*|--ctx=*|--ctx-size=*|--threads=*) set_option "${arg%%=*}" "${arg#*=}" ;;
-    *) set -- "$@" "$arg" ;;
-  esac
-done
-case $PORT in ''|*[!0-9]*) die "--port takes a number, not: $PORT" 2 ;; esac
-case $CTX in ''|*[!0-9]*) die "--ctx takes a number, not: $CTX" 2 ;; esac
-case $THREADS in *[!0-9]*) die "--threads takes a number, not: $THREADS" 2 ;; esac
-
-# XDG: a relative XDG_CACHE_HOME is ignored
-case ${XDG_CACHE_HOME:-} in
-  /*) CACHE=$XDG_CACHE_HOME/gguf-prune-app ;;
-  *) case ${HOME:-} in
-       /*) CACHE=$HOME/.cache/gguf-prune-app ;;
-       *) die "HOME is not an absolute path; set HOME or XDG_CACHE_HOME to say where to unpack" ;;
-     esac ;;
-esac
-DIR=$CACHE/$HASH
-SELF=$0
-case $SELF in */*) ;; *) SELF=$(command -v -- "$SELF") ;; esac
-
-# The manifest must be the one packed in this file (its hash is above), and every file must match it.
-verify() {
-  [ -f "$1/MANIFEST.sha256" ] || return 1
-  (cd -- "$1" \
-    && printf '%s  MANIFEST.sha256\n' "$MANIFEST_SHA256" | sha256sum -c --quiet --strict >/dev/null 2>&1 \
-    && sha256sum -c --quiet --strict MANIFEST.sha256 >/dev/null 2>&1)
-}
-
-if ! verify "$DIR"; then
-  mkdir -p -- "$CACHE"
-  if [ -e "$DIR" ]; then
-    say "the unpacked copy in $DIR is damaged; unpacking again"
-    mv -- "$DIR" "$DIR.damaged.$$" 2>/dev/null && rm -rf -- "$DIR.damaged.$$" || true
-  else
-    say "unpacking once into $DIR"
-  fi
-  TMP=$(mktemp -d "$CACHE/.unpack.XXXXXX")
-  trap 'rm -rf -- "$TMP"' EXIT INT TERM
-  tail -n +"$PAYLOAD_LINE" -- "$SELF" | tar -x -f - -C "$TMP"
-  verify "$TMP" || die "this file is damaged (payload does not match its manifest)"
-  # atomic: if another start won the race, keep its copy and drop ours
-  if ! mv -T -- "$TMP" "$DIR" 2>/dev/null; then
-    verify "$DIR" || die "cannot install into $DIR"
-    rm -rf -- "$TMP"
-  fi
-  trap - EXIT INT TERM
-fi
-
-if [ "$PATH_ONLY" = 1 ]; then printf '%s\n' "$DIR"; exit 0; fi
-# ggml loads its CPU backend (libggml-cpu-<level>.so) from the executable's directory and from
-# the current one: refuse to start where a stranger's copy would be loaded into llama-server.
-if [ "$(pwd -P)" != "$(cd -- "$DIR/bin" && pwd -P)" ]; then
-  for f in ./libggml-*.so; do
-    if [ -e "$f" ]; then
-      die "the current directory holds $f, which llama-server would load; start from another directory"
-    fi
-  done
-fi
-LD_LIBRARY_PATH=$DIR/lib
-export LD_LIBRARY_PATH
-if [ "$SERVER_HELP" = 1 ]; then exec "$DIR/bin/llama-server" --help; fi
-if [ -f "$DIR/chat_template.jinja" ]; then
-  set -- --jinja --chat-template-file "$DIR/chat_template.jinja" "$@"
-fi
-if [ -n "$THREADS" ]; then set -- -t "$THREADS" "$@"; fi
-set -- -m "$DIR/model.gguf" --host "$HOST" --port "$PORT" -c "$CTX" --alias "$APP_NAME" "$@"
-say "serving on http://$HOST:$PORT/ (Ctrl-C to stop)"
-exec "$DIR/bin/llama-server" "$@"
-exit 0
-'''
 
 
 def _jinja_string(text: str) -> str:
@@ -347,64 +223,75 @@ def _portable_server_files(tc: toolchain.Toolchain) -> tuple[Path, list[Path], l
 def build_package(model: Path, out: Path, options: PackageOptions = PackageOptions()) -> Path:
     """Write the single executable ``out`` serving ``model``; return its path.
 
-    The first call on a machine builds the portable llama-server (see toolchain.build_portable).
+    The first call on a machine builds the portable llama-server (see portable_build.build_portable).
     """
     model, out = Path(model), Path(out)
+    _check_model(model, out)
+    template = chat_template_with_system_prompt(model, options.system_prompt) if options.system_prompt else None
+    tc = portable_build.build_portable(toolchain.find())
+    server, variants, libs = _portable_server_files(tc)
+    entries = _payload(server, variants, libs, model, template)
+    manifest, content_hash = _manifest(entries)
+    head = render_launcher(name=options.name or out.name, model_name=model.name, host=options.host,
+                           port=options.port, ctx=options.ctx, threads=options.threads,
+                           content_hash=content_hash, manifest_sha256=hashlib.sha256(manifest).hexdigest())
+    _write_executable(out, head, entries + [("MANIFEST.sha256", manifest)])
+    log.info("packaged %s (%d MB): portable llama-server with %d CPU variants, %d libraries and %s",
+             out, out.stat().st_size // 10**6, len(variants), len(libs), model.name)
+    return out
+
+
+def _check_model(model: Path, out: Path) -> None:
+    """A GGUF that llama.cpp loads, and not the output path: checked before anything is written."""
     if not model.is_file():
         raise PackageError(f"no such model file: {model}")
     with open(model, "rb") as f:
         if f.read(4) != b"GGUF":
             raise PackageError(f"{model} is not a GGUF file (no GGUF magic); package a .gguf model")
-    try:  # llama.cpp must load it before anything is written
+    try:
         llamacpp.load(model, n_ctx=64).close()
     except llamacpp.LlamaCppError as e:
         raise PackageError(f"llama.cpp cannot load {model}, so it cannot be packaged: {e}") from None
     if out.resolve() == model.resolve():
         raise PackageError("the output path is the model itself; choose another -o")
-    template = chat_template_with_system_prompt(model, options.system_prompt) if options.system_prompt else None
-    tc = toolchain.build_portable(toolchain.find())
-    server, variants, libs = _portable_server_files(tc)
-    name = options.name or out.name
 
-    # payload: bin/llama-server and the CPU variants next to it (ggml looks for them in the
-    # executable's directory), lib/*, model.gguf, MANIFEST.sha256
-    # (each ELF file with its RUNPATH set to the package's own lib/: see set_runpath)
+
+def _payload(server: Path, variants: list[Path], libs: list[Path], model: Path,
+             template: str | None) -> list[tuple[str, Path | bytes]]:
+    """(name in the archive, file or bytes) of every payload file but the manifest.
+
+    bin/llama-server and the CPU variants next to it (ggml looks for them in the executable's directory),
+    lib/*, model.gguf and the chat template; each ELF file with its RUNPATH set to the package's own lib/
+    (see set_runpath).
+    """
     entries: list[tuple[str, Path | bytes]] = [("bin/llama-server", set_runpath(server.read_bytes(), "$ORIGIN/../lib"))]
     entries += [(f"bin/{v.name}", set_runpath(v.read_bytes(), "$ORIGIN/../lib")) for v in variants]
     entries += [(f"lib/{lib.name}", set_runpath(lib.read_bytes(), "$ORIGIN")) for lib in libs]
     entries.append(("model.gguf", model))
     if template is not None:
         entries.append(("chat_template.jinja", template.encode()))
+    return entries
+
+
+def _manifest(entries: list[tuple[str, Path | bytes]]) -> tuple[bytes, str]:
+    """MANIFEST.sha256 (``sha256sum -c`` format) and the payload's content hash, which names its cache directory."""
     manifest_lines, h = [], hashlib.sha256()
     for arc, src in entries:
-        digest = _sha256(src)
+        digest = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else file_sha256(src)
         manifest_lines.append(f"{digest}  {arc}")
         h.update(f"{arc}\0{digest}\n".encode())
-    manifest = ("\n".join(manifest_lines) + "\n").encode()
-    content_hash = h.hexdigest()[:16]
+    return ("\n".join(manifest_lines) + "\n").encode(), h.hexdigest()[:16]
 
-    # Every value goes in as one shell-quoted word, in a single pass (a value that looks like
-    # a placeholder stays as it is).
-    subs = {"NAME": shlex.quote(name), "MODEL": shlex.quote(model.name), "HOST": shlex.quote(options.host),
-            "PORT": str(options.port), "CTX": str(options.ctx),
-            "THREADS": "" if options.threads is None else str(options.threads),
-            "HASH": content_hash, "MANIFEST_SHA256": hashlib.sha256(manifest).hexdigest()}
 
-    def render(payload_line: int) -> str:
-        values = {**subs, "PAYLOAD_LINE": str(payload_line)}
-        return re.sub(r"@([A-Z_0-9]+)@", lambda m: values[m.group(1)], LAUNCHER)
-
-    launcher = render(0)
-    launcher = render(launcher.count("\n") + 1)  # the payload starts on the line after the launcher
-    head = launcher.encode("utf-8", "surrogateescape")  # file names are bytes: keep them as they are
-
+def _write_executable(out: Path, head: bytes, entries: list[tuple[str, Path | bytes]]) -> None:
+    """``head`` then a tar of ``entries``, made executable and renamed to ``out`` only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".package.", suffix=".partial", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(head)
             with tarfile.open(fileobj=f, mode="w|") as tar:
-                for arc, src in entries + [("MANIFEST.sha256", manifest)]:
+                for arc, src in entries:
                     _add(tar, arc, src)
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
@@ -413,19 +300,6 @@ def build_package(model: Path, out: Path, options: PackageOptions = PackageOptio
         if isinstance(e, OSError) and e.filename in (None, tmp):
             e.filename = str(out)  # a full disk: the CLI's one line names the file that could not be written
         raise
-    log.info("packaged %s (%d MB): portable llama-server with %d CPU variants, %d libraries and %s",
-             out, out.stat().st_size // 10**6, len(variants), len(libs), model.name)
-    return out
-
-
-def _sha256(src: Path | bytes) -> str:
-    if isinstance(src, bytes):
-        return hashlib.sha256(src).hexdigest()
-    h = hashlib.sha256()
-    with open(src, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _add(tar: tarfile.TarFile, arc: str, src: Path | bytes) -> None:

@@ -86,17 +86,27 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def plot_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """The report's PNGs: quality against size and speed, and (for models that record their plan) the fraction
+    of each layer's parameters removed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths: list[Path] = []
     ok = [e for e in result["models"] if "error" not in e and "quality" in e]
     if not ok:
-        return paths
+        return []
+    paths = [_plot_quality(plt, ok, out_dir / "quality_vs_size_speed.png")]
+    pruned = [e for e in ok if e["facts"].get("plan")]  # the plan recorded in the GGUF says what went
+    if pruned:
+        paths.append(_plot_removed_per_layer(plt, pruned, out_dir / "removed_per_layer.png"))
+    return paths
+
+
+def _plot_quality(plt, entries: list[dict[str, Any]], path: Path) -> Path:
+    """Mean KL against size on disk (left) and generation speed (right), a labelled point per model."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for e in ok:
+    for e in entries:
         kl = e["quality"].get("kl_mean", 0.0)
         axes[0].scatter(e["facts"]["bytes"] / 1e6, kl, s=40)
         axes[0].annotate(e["name"], (e["facts"]["bytes"] / 1e6, kl), fontsize=7, xytext=(4, 3),
@@ -112,38 +122,40 @@ def plot_report(result: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     fig.suptitle("quality against size and speed")
     fig.tight_layout()
-    paths.append(_save(fig, plt, out_dir / "quality_vs_size_speed.png"))
+    return _save(fig, plt, path)
 
-    # per-layer map of what each pruned model removed (needs the plan recorded in the GGUF)
-    pruned = [e for e in ok if e["facts"].get("plan")]
-    if pruned:
-        import numpy as np
 
-        n_layer = max(len(e["facts"]["plan"]["layers"]) for e in pruned)
-        grid = np.zeros((len(pruned), n_layer))
-        for r, e in enumerate(pruned):
-            shape = e["facts"]["plan"]["model"]["shape"]
-            full = shape["n_embd"] * shape["head_dim"] * (2 * shape["n_head"] + 2 * shape["n_head_kv"]) \
-                + 3 * shape["n_embd"] * shape["n_ff"]
-            for lp in e["facts"]["plan"]["layers"]:
-                if lp.get("removed"):
-                    grid[r, lp["index"]] = 1.0
-                    continue
-                heads = shape["n_head"] if lp.get("heads") is None else len(lp["heads"])
-                kv = shape["n_head_kv"] if lp.get("heads") is None else \
-                    len({h // (shape["n_head"] // shape["n_head_kv"]) for h in lp["heads"]})
-                ff = shape["n_ff"] if lp.get("neurons") is None else len(lp["neurons"])
-                kept = shape["n_embd"] * shape["head_dim"] * (2 * heads + 2 * kv) + 3 * shape["n_embd"] * ff
-                grid[r, lp["index"]] = 1 - kept / full
-        fig, ax = plt.subplots(figsize=(max(6, n_layer * 0.3), 0.5 + 0.45 * len(pruned)))
-        im = ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=1)
-        ax.set_yticks(range(len(pruned)), [e["name"] for e in pruned], fontsize=7)
-        ax.set_xlabel("source layer")
-        ax.set_title("fraction of each layer's parameters removed")
-        fig.colorbar(im, ax=ax, fraction=0.03)
-        fig.tight_layout()
-        paths.append(_save(fig, plt, out_dir / "removed_per_layer.png"))
-    return paths
+def _plot_removed_per_layer(plt, pruned: list[dict[str, Any]], path: Path) -> Path:
+    """A row per pruned model, a column per source layer: the fraction of the layer's parameters its plan
+    removed (1 for a removed layer)."""
+    import numpy as np
+
+    n_layer = max(len(e["facts"]["plan"]["layers"]) for e in pruned)
+    grid = np.zeros((len(pruned), n_layer))  # (models, source layers)
+    for r, e in enumerate(pruned):
+        shape = e["facts"]["plan"]["model"]["shape"]
+        # attention: q and o (n_head heads) and k and v (n_head_kv heads), each n_embd × head_dim per head;
+        # MLP: gate, up and down, each n_embd × n_ff
+        full = shape["n_embd"] * shape["head_dim"] * (2 * shape["n_head"] + 2 * shape["n_head_kv"]) \
+            + 3 * shape["n_embd"] * shape["n_ff"]
+        for lp in e["facts"]["plan"]["layers"]:
+            if lp.get("removed"):
+                grid[r, lp["index"]] = 1.0
+                continue
+            heads = shape["n_head"] if lp.get("heads") is None else len(lp["heads"])
+            kv = shape["n_head_kv"] if lp.get("heads") is None else \
+                len({h // (shape["n_head"] // shape["n_head_kv"]) for h in lp["heads"]})  # the groups kept heads use
+            ff = shape["n_ff"] if lp.get("neurons") is None else len(lp["neurons"])
+            kept = shape["n_embd"] * shape["head_dim"] * (2 * heads + 2 * kv) + 3 * shape["n_embd"] * ff
+            grid[r, lp["index"]] = 1 - kept / full
+    fig, ax = plt.subplots(figsize=(max(6, n_layer * 0.3), 0.5 + 0.45 * len(pruned)))
+    im = ax.imshow(grid, aspect="auto", cmap="Reds", vmin=0, vmax=1)
+    ax.set_yticks(range(len(pruned)), [e["name"] for e in pruned], fontsize=7)
+    ax.set_xlabel("source layer")
+    ax.set_title("fraction of each layer's parameters removed")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return _save(fig, plt, path)
 
 
 def _save(fig, plt, path: Path) -> Path:

@@ -21,14 +21,15 @@ version and build flags (a second run finds the stamp and returns in seconds):
   than the native build), which would take set-up past 20 minutes, so it is built
   once, the first time ``package`` needs it (with a progress line every 10%).
 
-This module imports only the standard library so that set-up can run it
-before anything else is installed (``python -m gguf_prune.runtime.toolchain setup``).
+This module holds the pins, the paths of both builds, ``find`` and the native
+build; portable_build.py builds the portable server and toolchain_setup.py is
+the command line (``python -m gguf_prune.runtime.toolchain setup|path|portable``)
+with the Python side of set-up. All three import only the standard library so
+that set-up can run them before anything else is installed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,7 +238,7 @@ def find() -> Toolchain:
 # --------------------------------------------------------------------------- build
 
 
-def _run(cmd: list[str], log_file: Path, cwd: Path | None = None, env: dict | None = None,
+def run_logged(cmd: list[str], log_file: Path, cwd: Path | None = None, env: dict | None = None,
          progress: Callable[[str], None] | None = None) -> None:
     """Run ``cmd`` with its output appended to ``log_file``; ``progress`` sees each output line."""
     log.info("$ %s", " ".join(map(str, cmd)))
@@ -302,7 +303,7 @@ def fetch_sdist(tc: Toolchain, python: str = sys.executable) -> None:
             os.replace(top, tc.source)
 
 
-def _commit(tc: Toolchain) -> str:
+def source_commit(tc: Toolchain) -> str:
     proc = subprocess.run(["git", "-C", str(tc.llama_cpp_dir), "rev-parse", "HEAD"],
                           capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
@@ -324,15 +325,15 @@ def build(tc: Toolchain | None = None, jobs: int | None = None) -> Toolchain:
     t0 = time.time()
     log.info("building llama.cpp from %s (a few minutes per target on 2 cores; log: %s)",
              tc.llama_cpp_dir, log_file)
-    _run(["cmake", "-S", str(tc.llama_cpp_dir), "-B", str(tc.build_dir), *flags], log_file)
+    run_logged(["cmake", "-S", str(tc.llama_cpp_dir), "-B", str(tc.build_dir), *flags], log_file)
     targets = [*LIB_TARGETS, *TOOL_TARGETS]
-    _run(["cmake", "--build", str(tc.build_dir), "-j", str(jobs), "--target", *targets], log_file)
+    run_logged(["cmake", "--build", str(tc.build_dir), "-j", str(jobs), "--target", *targets], log_file)
     missing = [t for t in TOOL_TARGETS if not (tc.bin_dir / t).exists()]
     if missing:
         raise ToolchainError(f"llama.cpp build finished without {missing}; see {log_file}")
     stamp = {
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
-        "commit": _commit(tc),
+        "commit": source_commit(tc),
         "key": tc.key,
         "flags": list(flags),
         "targets": targets,
@@ -340,33 +341,19 @@ def build(tc: Toolchain | None = None, jobs: int | None = None) -> Toolchain:
         "build_seconds": round(time.time() - t0, 1),
         "machine": platform.machine(),
     }
-    tmp = tc.stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
-    os.replace(tmp, tc.stamp)
+    write_stamp(tc.stamp, stamp)
     log.info("llama.cpp built in %.0f s", stamp["build_seconds"])
     return tc
 
 
-# --------------------------------------------------------------- portable server
+def write_stamp(path: Path, stamp: dict) -> None:
+    """A build's stamp (what was built, from which commit, with which flags), written whole or not at all."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _locked(path: Path, waiting: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (two ``package`` runs at once build once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s", waiting)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _BuildProgress:
+class BuildProgress:
     """Turns the build's ``[ 42%]`` lines into a log line every 10%, with the elapsed time."""
 
     def __init__(self, what: str):
@@ -379,154 +366,10 @@ class _BuildProgress:
             log.info("%s: %d%% (%.0f min)", self.what, self.shown, (time.time() - self.t0) / 60)
 
 
-def build_portable(tc: Toolchain | None = None, jobs: int | None = None) -> Toolchain:
-    """Build the portable llama-server once (see PORTABLE_FLAGS); return at once when it is there.
-
-    Needs the native build's source tree; reuses its web UI (the npm output), so npm does
-    not run again.
-    """
-    tc = tc or find()
-    if tc.portable_ready():
-        return tc
-    with _locked(tc.root / ".build-portable.lock",
-                 f"waiting for another process that is building the portable llama-server in {tc.portable_build_dir}"):
-        if tc.portable_ready():  # the other process built it while we waited
-            return tc
-        check_build_tools()
-        fetch_sdist(tc)
-        jobs = jobs or os.cpu_count() or 2
-        out = tc.portable_build_dir
-        out.mkdir(parents=True, exist_ok=True)
-        tc.portable_stamp.unlink(missing_ok=True)
-        ui_dist, own_dist = tc.build_dir / "tools" / "ui" / "dist", out / "tools" / "ui" / "dist"
-        if (ui_dist / "index.html").exists() and not (own_dist / "index.html").exists():
-            shutil.copytree(ui_dist, own_dist, dirs_exist_ok=True)  # copy2 keeps mtimes: npm sees it up to date
-        log_file = out / "build.log"
-        t0 = time.time()
-        log.info("building the portable llama-server once, for packages that run on any %s CPU (every CPU "
-                 "variant: about 27 CPU-minutes, 13 min on 2 idle cores; log: %s)", platform.machine(), log_file)
-        _run(["cmake", "-S", str(tc.llama_cpp_dir), "-B", str(out), *PORTABLE_FLAGS], log_file)
-        _run(["cmake", "--build", str(out), "-j", str(jobs), "--target", *PORTABLE_TARGETS], log_file,
-             progress=_BuildProgress("portable llama-server"))
-        variants = sorted(p.name[len("libggml-cpu-"):-len(".so")] for p in out.joinpath("bin").glob("libggml-cpu-*.so"))
-        if not (tc.portable_bin_dir / "llama-server").exists() or not variants:
-            raise ToolchainError(f"the portable llama-server build finished without llama-server or CPU "
-                                 f"variants in {tc.portable_bin_dir}; see {log_file}")
-        stamp = {
-            "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
-            "commit": _commit(tc),
-            "key": PORTABLE_KEY,
-            "flags": list(PORTABLE_FLAGS),
-            "targets": list(PORTABLE_TARGETS),
-            "cpu_variants": variants,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "build_seconds": round(time.time() - t0, 1),
-            "jobs": jobs,
-            "machine": platform.machine(),
-        }
-        tmp = tc.portable_stamp.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True))
-        os.replace(tmp, tc.portable_stamp)
-        log.info("portable llama-server built in %.0f s with %d CPU variants: %s",
-                 stamp["build_seconds"], len(variants), ", ".join(variants))
-    return tc
-
-
-# ------------------------------------------------------------------ python side
-
-
-def install_python_packages(tc: Toolchain, python: str = sys.executable) -> None:
-    """Install the tree's gguf-py and the llama-cpp-python bindings into ``python``'s env.
-
-    The bindings are installed from the same sdist with LLAMA_BUILD=OFF (no second
-    compile) and the libraries of our build are copied into ``llama_cpp/lib``, so
-    ``import llama_cpp`` loads the pinned llama.cpp in every process without
-    environment variables.
-    """
-    def installed(dist: str, version: str | None) -> bool:
-        code = ("import importlib.metadata as m, sys; v = m.version(sys.argv[1]); "
-                "sys.exit(0 if (sys.argv[2] == '' or v == sys.argv[2]) else 1)")
-        return subprocess.run([python, "-c", code, dist, version or ""], capture_output=True).returncode == 0
-
-    log_file = tc.build_dir / "pip.log"
-    gguf_version = _read_gguf_version(tc)
-    if not installed("gguf", gguf_version):
-        _run([python, "-m", "pip", "install", "--no-deps", str(tc.gguf_py)], log_file)
-    if not installed("llama_cpp_python", LLAMA_CPP_PYTHON_VERSION):
-        env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
-        _run([python, "-m", "pip", "install", "--no-deps", str(tc.sdist)], log_file, env=env)
-    proc = subprocess.run(
-        [python, "-c", "import importlib.util, pathlib; "
-         "print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent)"],
-        capture_output=True, text=True, check=True)
-    lib_dir = Path(proc.stdout.strip()) / "lib"
-    lib_dir.mkdir(exist_ok=True)
-    for lib in tc.libraries():
-        dst = lib_dir / lib.name
-        if lib.is_symlink():
-            if not (dst.is_symlink() and os.readlink(dst) == os.readlink(lib)):
-                dst.unlink(missing_ok=True)
-                dst.symlink_to(os.readlink(lib))
-        elif dst.is_symlink() or not dst.exists() or dst.stat().st_size != lib.stat().st_size or \
-                dst.stat().st_mtime < lib.stat().st_mtime:
-            dst.unlink(missing_ok=True)
-            shutil.copy2(lib, dst)
-
-
-def _read_gguf_version(tc: Toolchain) -> str | None:
-    text = (tc.gguf_py / "pyproject.toml").read_text()
-    for line in text.splitlines():
-        if line.startswith("version"):
-            return line.split("=", 1)[1].strip().strip('"')
-    return None
-
-
-def link_vendor(tc: Toolchain, repo: Path) -> None:
-    """Point the checkout's ignored ``vendor/llama.cpp`` and ``vendor/bin`` at the cache."""
-    vendor = repo / "vendor"
-    vendor.mkdir(exist_ok=True)
-    for name, target in (("llama.cpp", tc.llama_cpp_dir), ("bin", tc.bin_dir)):
-        link = vendor / name
-        if link.is_symlink() or link.exists():
-            if link.is_symlink() and Path(os.readlink(link)) == target:
-                continue
-            if link.is_symlink():
-                link.unlink()
-            else:
-                continue  # a real directory put there by the user: leave it alone
-        link.symlink_to(target)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m gguf_prune.runtime.toolchain")
-    parser.add_argument("command", choices=["setup", "path", "portable"],
-                        help="setup: the native build and the Python side; path: print the build directory; "
-                             "portable: build the portable llama-server that `package` ships now "
-                             "(otherwise the first `package` builds it)")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter whose environment gets gguf-py and the bindings")
-    parser.add_argument("--repo", type=Path, default=None, help="checkout to link vendor/ into")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[toolchain] %(message)s")
-    try:
-        if args.command == "path":
-            print(find().build_dir)
-            return 0
-        if args.command == "portable":
-            tc = build_portable(find())
-            print(tc.portable_bin_dir)
-            return 0
-        tc = build()
-        install_python_packages(tc, args.python)
-        if args.repo:
-            link_vendor(tc, args.repo)
-    except ToolchainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
+    # `python -m gguf_prune.runtime.toolchain setup|path|portable` (scripts/setup.sh, scripts/test.sh). The
+    # command line lives in toolchain_setup, which imports this module by its name: everything then runs in
+    # that one copy, so the ToolchainError the command line catches is the one the builders raise.
+    from gguf_prune.runtime.toolchain_setup import main
+
     sys.exit(main())

@@ -25,11 +25,11 @@ from pathlib import Path
 from gguf_prune.runtime import llamacpp
 from gguf_prune.runtime import toolchain
 from gguf_prune.models import checkpoint
-from gguf_prune.atomic import OutOfSpaceError, fsync_path
-from gguf_prune.plan import Plan, validate
-from gguf_prune.atomic import write_text_atomic
+from gguf_prune.atomic import OutOfSpaceError, fsync_path, write_text_atomic
+from gguf_prune.plan import ModelShape, Plan, validate
 from gguf_prune.writing.quantize import QuantizeError, check_quant_type, quantize
-from gguf_prune.recovery.recover import open_recovered
+from gguf_prune.recovered import open_recovered
+from gguf_prune.writing.jobs import Override
 from gguf_prune.writing.rewrite import rewrite
 from gguf_prune.errors import GgufPruneError
 
@@ -148,6 +148,36 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
     shape = checkpoint.check_model_dir(hf_dir)
+    q = _quant_target(quant, outtype, imatrix_text)
+    if out.is_dir():
+        raise PruneError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")
+    fp = checkpoint.fingerprint(hf_dir)
+    plan, overrides = _resolve_plan(hf_dir, shape, fp, plan, recovered)
+    the_plan = plan if plan is not None else Plan.identity(shape, fingerprint=fp)
+    # convert
+    base = convert_cached(hf_dir, outtype, cache_dir, verify=verify_cache)
+    if out.resolve() == base.resolve():
+        raise PruneError(f"output {out} is the cached conversion of the checkpoint; choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # cut, quantize, check
+    written = _cut_and_quantize(base, out, plan, overrides, shape, q, outtype, imatrix_text, imatrix_ctx, threads)
+    if plan is not None:
+        the_plan = replace(the_plan, gguf=written.base_identity)
+    # finish: the plan next to the output
+    plan_path = plan_path_for(out)
+    write_text_atomic(plan_path, the_plan.to_json())
+    result = PruneResult(path=out, plan_path=plan_path, base_gguf=base, quant=q, outtype=outtype,
+                         architecture=written.architecture, plan_digest=the_plan.digest(),
+                         bytes_base=base.stat().st_size, bytes_pruned=written.bytes_pruned,
+                         bytes_out=out.stat().st_size, fallbacks=written.fallbacks, dims=written.dims,
+                         seconds=round(time.time() - t0, 3), recovered=str(recovered) if recovered else "")
+    log.info("pruned model: %s (%s, %s, %.1f MB; base %.1f MB)", out, written.architecture, q, result.bytes_out / 1e6,
+             result.bytes_base / 1e6)
+    return result
+
+
+def _quant_target(quant: str, outtype: str, imatrix_text: Path | None) -> str:
+    """The llama-quantize type to make, or NO_QUANT when the cut file is the result; checks the options."""
     if outtype not in OUTTYPES:
         raise PruneError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     q = str(quant).strip().upper()
@@ -159,9 +189,13 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
         raise QuantizeError("an importance matrix only matters when quantizing; pass --quant as well")
     if imatrix_text is not None and not Path(imatrix_text).is_file():
         raise QuantizeError(f"calibration text {imatrix_text} does not exist")
-    if out.is_dir():
-        raise PruneError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")
-    fp = checkpoint.fingerprint(hf_dir)
+    return q
+
+
+def _resolve_plan(hf_dir: Path, shape: ModelShape, fp: str, plan: Plan | Path | None,
+                  recovered: Path | None) -> tuple[Plan | None, dict[str, Override] | None]:
+    """The plan to cut with (a recover directory's, when given) and the recovered tensors, checked against the
+    checkpoint; (None, None) for the uncut base."""
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(Path(plan))
     overrides = None
@@ -175,23 +209,37 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
             where = ", ".join(str(lp.index) for lp in plan.patches())
             raise PruneError(f"the plan has linear patches (layers {where}) "
                              "whose matrices live in a recover directory: pass --recovered DIR")
-    the_plan = plan if plan is not None else Plan.identity(shape, fingerprint=fp)
+    return plan, overrides
 
-    base = convert_cached(hf_dir, outtype, cache_dir, verify=verify_cache)
-    if out.resolve() == base.resolve():
-        raise PruneError(f"output {out} is the cached conversion of the checkpoint; choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # intermediates live in a temporary directory next to the output; the output itself is only
-    # ever replaced by a complete file that llama.cpp has loaded
+
+@dataclass(frozen=True)
+class _Written:
+    """What the cut (or the uncut copy) and the quantization made."""
+
+    architecture: str
+    dims: list  # per written layer: LayerCut.dims()
+    bytes_pruned: int  # the cut file before quantization
+    fallbacks: list  # llama-quantize's fallbacks, as dicts
+    base_identity: str  # the conversion's gguf_identity ("" without a plan)
+
+
+def _cut_and_quantize(base: Path, out: Path, plan: Plan | None, overrides: dict[str, Override] | None,
+                      shape: ModelShape, q: str, outtype: str, imatrix_text: Path | None, imatrix_ctx: int,
+                      threads: int | None) -> _Written:
+    """Cut ``base`` (or take it uncut), quantize it to ``q`` or check it loads, and move the result to ``out``.
+
+    Intermediates live in a temporary directory next to the output; the output itself is only ever replaced by
+    a complete file that llama.cpp has loaded.
+    """
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         staged = tmpdir / f"model-{outtype}.gguf"
+        identity = ""
         if plan is not None:
             # the checkpoint's fingerprint was checked above; the plan's GGUF identity (if it was applied to a
             # conversion in another type before) is replaced by the one of this conversion
             rw = rewrite(base, replace(plan, gguf=""), staged, fsync=False, overrides=overrides)
-            architecture, dims, bytes_pruned = rw.architecture, rw.layers, rw.bytes_out
-            the_plan = replace(the_plan, gguf=rw.base_identity)
+            architecture, dims, bytes_pruned, identity = rw.architecture, rw.layers, rw.bytes_out, rw.base_identity
         else:
             if q == NO_QUANT:
                 shutil.copyfile(base, staged)
@@ -216,12 +264,4 @@ def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_
                          "somewhere else; nothing was left behind") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    plan_path = plan_path_for(out)
-    write_text_atomic(plan_path, the_plan.to_json())
-    result = PruneResult(path=out, plan_path=plan_path, base_gguf=base, quant=q, outtype=outtype,
-                         architecture=architecture, plan_digest=the_plan.digest(), bytes_base=base.stat().st_size,
-                         bytes_pruned=bytes_pruned, bytes_out=out.stat().st_size, fallbacks=fallbacks, dims=dims,
-                         seconds=round(time.time() - t0, 3), recovered=str(recovered) if recovered else "")
-    log.info("pruned model: %s (%s, %s, %.1f MB; base %.1f MB)", out, architecture, q, result.bytes_out / 1e6,
-             result.bytes_base / 1e6)
-    return result
+    return _Written(architecture, dims, bytes_pruned, fallbacks, identity)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gguf_prune.runtime import llamacpp
-from gguf_prune.writing.gguf_io import GGUFFormatError, read_gguf
+from gguf_prune.writing.gguf_read import GGUFFormatError, read_gguf
 from gguf_prune.atomic import default_file_mode, fsync_path
 from gguf_prune.errors import GgufPruneError
 
@@ -143,15 +143,7 @@ def quantize(src: Path, out: Path, quant: str = "Q4_K_M", *, imatrix: Path | Non
     t0 = time.time()
     quant = check_quant_type(quant)
     src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
-        raise QuantizeError(f"output {out} is the input GGUF; write the quantized model to another path")
-    if imatrix is not None and imatrix_text is not None:
-        raise QuantizeError("pass either an importance matrix file or a calibration text, not both")
-    try:  # a readable GGUF that llama.cpp loads: llama-quantize reads it itself, and aborts on some damage
-        read_gguf(src)
-        llamacpp.probe(src)
-    except (GGUFFormatError, llamacpp.LlamaCppError) as e:
-        raise QuantizeError(str(e)) from None
+    _check_inputs(src, out, imatrix, imatrix_text)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
@@ -160,25 +152,8 @@ def quantize(src: Path, out: Path, quant: str = "Q4_K_M", *, imatrix: Path | Non
     try:
         if imatrix_text is not None:
             imatrix = compute_imatrix(src, Path(imatrix_text), made_imatrix, ctx=imatrix_ctx, threads=threads)
-        args: list = []
-        if imatrix is not None:
-            if not Path(imatrix).is_file():
-                raise QuantizeError(f"importance matrix {imatrix} does not exist")
-            args += ["--imatrix", imatrix]
-        args += [src, tmp, quant, str(threads or os.cpu_count() or 1)]
-        log.info("quantizing %s to %s", src.name, quant)
-        proc = llamacpp.run_tool("llama-quantize", args)
-        fallbacks = parse_fallbacks(proc.stdout + "\n" + proc.stderr)
-        for fb in fallbacks:
-            log.info("fallback: %s (ncols %d not divisible by %d) %s -> %s", fb.tensor, fb.ncols, fb.block,
-                     fb.wanted, fb.used)
-        try:
-            types = Counter(t.ggml_type.name for t in read_gguf(tmp).tensors)
-            if check_load:
-                llamacpp.load(tmp, n_ctx=64).close()
-        except (GGUFFormatError, llamacpp.LlamaCppError):  # the message would name the temporary file
-            raise QuantizeError(f"llama.cpp cannot load the {quant} file llama-quantize made from {src}, so {out} "
-                                f"was not written; `llama-cli -m {src}` shows what the loader says of the input") from None
+        fallbacks = _run_llama_quantize(src, tmp, quant, imatrix, threads)
+        types = _check_quantized(tmp, src, out, quant, check_load)
         os.chmod(tmp, default_file_mode())
         fsync_path(tmp)
         if imatrix_text is not None:
@@ -196,3 +171,46 @@ def quantize(src: Path, out: Path, quant: str = "Q4_K_M", *, imatrix: Path | Non
     log.info("%s: %.1f MB → %.1f MB (%s), %d tensor(s) fell back", out.name, result.bytes_before / 1e6,
              result.bytes_after / 1e6, quant, result.n_fallback)
     return result
+
+
+def _check_inputs(src: Path, out: Path, imatrix: Path | None, imatrix_text: Path | None) -> None:
+    """Another output than the input, one source of importance, and a readable GGUF that llama.cpp loads."""
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        raise QuantizeError(f"output {out} is the input GGUF; write the quantized model to another path")
+    if imatrix is not None and imatrix_text is not None:
+        raise QuantizeError("pass either an importance matrix file or a calibration text, not both")
+    try:  # a readable GGUF that llama.cpp loads: llama-quantize reads it itself, and aborts on some damage
+        read_gguf(src)
+        llamacpp.probe(src)
+    except (GGUFFormatError, llamacpp.LlamaCppError) as e:
+        raise QuantizeError(str(e)) from None
+
+
+def _run_llama_quantize(src: Path, tmp: Path, quant: str, imatrix: Path | None,
+                        threads: int | None) -> tuple[Fallback, ...]:
+    """llama-quantize ``src`` → ``tmp``; the tensors it had to write in another type."""
+    args: list = []
+    if imatrix is not None:
+        if not Path(imatrix).is_file():
+            raise QuantizeError(f"importance matrix {imatrix} does not exist")
+        args += ["--imatrix", imatrix]
+    args += [src, tmp, quant, str(threads or os.cpu_count() or 1)]
+    log.info("quantizing %s to %s", src.name, quant)
+    proc = llamacpp.run_tool("llama-quantize", args)
+    fallbacks = parse_fallbacks(proc.stdout + "\n" + proc.stderr)
+    for fb in fallbacks:
+        log.info("fallback: %s (ncols %d not divisible by %d) %s -> %s", fb.tensor, fb.ncols, fb.block,
+                 fb.wanted, fb.used)
+    return fallbacks
+
+
+def _check_quantized(tmp: Path, src: Path, out: Path, quant: str, check_load: bool) -> Counter:
+    """The tensor types of the quantized file, which must read back and (``check_load``) load in llama.cpp."""
+    try:
+        types = Counter(t.ggml_type.name for t in read_gguf(tmp).tensors)
+        if check_load:
+            llamacpp.load(tmp, n_ctx=64).close()
+    except (GGUFFormatError, llamacpp.LlamaCppError):  # the message would name the temporary file
+        raise QuantizeError(f"llama.cpp cannot load the {quant} file llama-quantize made from {src}, so {out} "
+                            f"was not written; `llama-cli -m {src}` shows what the loader says of the input") from None
+    return types

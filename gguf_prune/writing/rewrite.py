@@ -36,7 +36,9 @@ become per-layer arrays of block_count entries. ``attention.key_length`` /
 ...) is copied byte for byte; the plan itself is recorded under ``gguf_prune.*``.
 
 The output is written to a temporary file in its directory and renamed when
-complete; the input is only read.
+complete; the input is only read. Which bytes make each output tensor is planned
+in :mod:`gguf_prune.writing.jobs`; this module checks the inputs, writes the
+metadata and streams the tensors.
 """
 
 from __future__ import annotations
@@ -48,67 +50,28 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from gguf_prune.models import arch as archmod
-from gguf_prune.writing.gguf_io import (CHUNK_BYTES, SLICEABLE_TYPES, GGUFFile, GGUFFormatError, GGUFStreamWriter,
-                                        TensorRef, read_gguf, read_rows)
 from gguf_prune.atomic import OutOfSpaceError, atomic_output
-from gguf_prune.plan import ModelShape, Plan, validate
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.models import arch as archmod
+from gguf_prune.plan import ModelShape, Plan, validate
+from gguf_prune.writing.gguf_format import CHUNK_BYTES, SLICEABLE_TYPES
+from gguf_prune.writing.gguf_names import OWN_KEY_PREFIX, PLAN_DIGEST_KEY, PLAN_KEY, VERSION_KEY
+from gguf_prune.writing.gguf_read import GGUFFile, GGUFFormatError, read_gguf, read_rows
+from gguf_prune.writing.gguf_write import GGUFStreamWriter
+from gguf_prune.writing.jobs import LayerCut, Override, TensorJob, layer_cuts, missing_layer_tensors, plan_jobs
 
 log = logging.getLogger(__name__)
 
-PLAN_KEY = "gguf_prune.plan"
-PLAN_DIGEST_KEY = "gguf_prune.plan_digest"
-VERSION_KEY = "gguf_prune.version"
 PROGRESS_SECONDS = 5.0  # long rewrites log their progress this often
 
 
 class RewriteError(GgufPruneError, ValueError):
     """A GGUF that cannot be rewritten (or an output that cannot be written): what, where, what to do."""
-
-
-@dataclass(frozen=True)
-class LayerCut:
-    """How one kept source layer is written."""
-
-    source: int
-    target: int
-    q_heads: tuple[int, ...]  # kept query heads (source numbering)
-    kv_heads: tuple[int, ...]  # kept KV groups (source numbering)
-    neurons: tuple[int, ...]  # kept FFN neurons
-    # "kept" | "sliced" | "removed" | "inert" (one zero head) | "linear" (a patch in place of the attention)
-    # | "patch" (a patch in place of a removed layer)
-    attention: str
-    mlp: str  # "kept" | "sliced" | "inert" (one zero neuron)
-
-    @property
-    def n_head(self) -> int:
-        return {"removed": 0, "inert": 1}.get(self.attention, len(self.q_heads))
-
-    @property
-    def n_head_kv(self) -> int:
-        return {"removed": 0, "inert": 1, "linear": 0, "patch": 0}.get(self.attention, len(self.kv_heads))
-
-    @property
-    def n_ff(self) -> int:
-        return 1 if self.mlp == "inert" else len(self.neurons)
-
-    def dims(self) -> dict:
-        return {"source_index": self.source, "n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
-                "attention": self.attention, "mlp": self.mlp}
-
-
-@dataclass(frozen=True)
-class Override:
-    """A recovered tensor that replaces a base tensor's values (or gives a patch its matrix)."""
-
-    shape: tuple[int, ...]  # numpy order, the source (unsliced) shape
-    load: Callable[[], np.ndarray]  # → float32 array of ``shape`` in GGUF layout (q/k rows permuted for RoPE)
 
 
 @dataclass(frozen=True)
@@ -208,173 +171,16 @@ def _open_base(base: Path) -> tuple[GGUFFile, archmod.ArchSpec, ModelShape]:
 # ------------------------------------------------------------------------- planning the cut
 
 
-def layer_cuts(plan: Plan) -> list[LayerCut]:
-    """How each written layer is written (validated plan assumed)."""
-    s = plan.shape
-    cuts = []
-    all_heads = tuple(range(s.n_head))
-    for target, lp in enumerate(lp for lp in plan.layers if lp.written):
-        if lp.removed:  # a patch in place of the layer
-            cuts.append(LayerCut(lp.index, target, all_heads, (), (), "patch", "inert"))
-            continue
-        heads = lp.kept_heads(s)
-        if lp.attention_removed and lp.patch is not None:
-            attention, heads = "linear", all_heads
-        elif lp.attention_removed:
-            attention = "inert" if target == 0 else "removed"
-        else:
-            attention = "kept" if lp.heads is None or len(heads) == s.n_head else "sliced"
-        neurons = lp.kept_neurons(s)
-        mlp = "inert" if lp.mlp_removed else ("kept" if lp.neurons is None or len(neurons) == s.n_ff else "sliced")
-        cuts.append(LayerCut(lp.index, target, heads, lp.kept_kv_groups(s), neurons, attention, mlp))
-    return cuts
-
-
-def _unit_indices(unit: str, kept: tuple[int, ...], head_dim: int, rope_order: np.ndarray | None = None) -> np.ndarray:
-    """Rows (or columns) of the kept units; ``rope_order`` reorders the rows inside each head (NEOX → NORM)."""
-    if unit == "neuron":
-        return np.asarray(kept, dtype=np.int64)
-    # a head is a contiguous block of head_dim rows/columns
-    within = np.arange(head_dim) if rope_order is None else rope_order
-    return (np.asarray(kept, dtype=np.int64)[:, None] * head_dim + within).reshape(-1)
-
-
-@dataclass
-class _Job:
-    """One output tensor: its info and how to produce its bytes."""
-
-    name: str
-    src: TensorRef
-    shape: tuple[int, ...]  # numpy order, output
-    op: str  # "copy" | "take" | "zeros" | "ones"
-    axis: int | None = None
-    index: np.ndarray | None = None
-    data: Override | None = None  # recovered values replacing the source's (then copied / taken from)
-
-    @property
-    def ne(self) -> tuple[int, ...]:
-        return tuple(reversed(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.src.element.itemsize
-
-
-def _plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSpec, s: ModelShape,
-               base: Path, overrides: Mapping[str, Override] | None = None, permute_rope: bool = False) -> list[_Job]:
-    """One job per output tensor. ``permute_rope``: q/k rows are rotate-half (NEOX) in the base and the output
-    architecture applies adjacent-pair (NORM) RoPE, so every head's rows are reordered (weights and biases)."""
-    overrides = dict(overrides or {})
-    rope_order = archmod.neox_to_norm_rows(s.head_dim) if permute_rope else None
-    used: set[str] = set()
-    by_source = {c.source: c for c in cuts}
-    unit_count = {"q_head": s.n_head, "kv_head": s.n_head_kv, "neuron": s.n_ff}
-    unit_size = {"q_head": s.head_dim, "kv_head": s.head_dim, "neuron": 1}
-    jobs: list[_Job] = []
-    problems: list[str] = []
-    for ref in refs:
-        split = archmod.split_layer_name(ref.name)
-        if split is None:
-            data = overrides.get(ref.name)
-            if data is not None and tuple(data.shape) != tuple(ref.shape):
-                problems.append(f"recovered tensor {ref.name!r} has numpy shape {tuple(data.shape)}, "
-                                f"expected {tuple(ref.shape)}")
-                used.add(ref.name)  # reported
-                continue
-            jobs.append(_Job(ref.name, ref, ref.shape, "copy", data=data))
-            continue
-        il, suffix = split
-        role = spec.role(suffix)
-        if ref.name in overrides:
-            cut = by_source.get(il)
-            want = ((s.n_embd, s.n_embd) if cut is not None and cut.attention in ("linear", "patch")
-                    and suffix == "attn_output.weight" else ref.shape)
-            if tuple(overrides[ref.name].shape) != tuple(want):
-                problems.append(f"recovered tensor {ref.name!r} has numpy shape {tuple(overrides[ref.name].shape)}, "
-                                f"expected {tuple(want)}")
-                used.add(ref.name)  # reported
-                continue
-        if role is None:
-            problems.append(f"tensor {ref.name!r} has no known role in a {spec.name} layer "
-                            f"(known: {', '.join(spec.layer_tensors)})")
-            continue
-        if not 0 <= il < s.n_layer:
-            problems.append(f"tensor {ref.name!r}: layer {il} is outside block_count {s.n_layer}")
-            continue
-        shape = ref.shape  # numpy order
-        if role.unit is not None:
-            want = unit_count[role.unit] * unit_size[role.unit]
-            if len(shape) <= role.axis or shape[role.axis] != want:
-                problems.append(f"tensor {ref.name!r} has numpy shape {shape} (ne {ref.ne}); axis {role.axis} "
-                                f"should hold {unit_count[role.unit]} {role.unit}s × {unit_size[role.unit]} = {want} "
-                                "according to the metadata")
-                continue
-        cut = by_source.get(il)
-        if cut is None:  # layer removed
-            continue
-        name = f"blk.{cut.target}.{suffix}"
-        mode = cut.attention if role.block == "attention" else cut.mlp
-        data = overrides.get(ref.name)
-        if mode == "removed":
-            continue
-        if mode in ("linear", "patch"):
-            # deci's linear attention reads attn_norm and attn_output only (no bias is added)
-            if suffix == "attn_output.weight":
-                if data is None:
-                    problems.append(f"layer {il} has a linear patch in the plan but no recovered matrix for "
-                                    f"{ref.name!r}: pass the directory `gguf-prune recover` wrote")
-                    continue
-                jobs.append(_Job(name, ref, (s.n_embd, s.n_embd), "copy", data=data))
-            elif suffix == "attn_norm.weight":
-                if mode == "patch":  # a standalone patch normalises with gain 1
-                    jobs.append(_Job(name, ref, shape, "ones"))
-                else:
-                    jobs.append(_Job(name, ref, shape, "copy", data=data))
-            continue
-        if role.rope and rope_order is not None and mode in ("kept", "sliced"):
-            kept = cut.q_heads if role.unit == "q_head" else cut.kv_heads
-            idx = _unit_indices(role.unit, kept, s.head_dim, rope_order)
-            out_shape = list(shape)
-            out_shape[role.axis] = len(idx)
-            jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx, data=data))
-        elif mode == "kept" or (role.unit is None and mode == "sliced"):
-            jobs.append(_Job(name, ref, shape, "copy", data=data))
-        elif mode == "inert":
-            if role.unit is None:
-                # norms are kept (values irrelevant but read by the loader); a bias on the output would add
-                # to the residual stream, so it is zeroed
-                op = "zeros" if suffix.endswith(".bias") else "copy"
-                jobs.append(_Job(name, ref, shape, op))
-            else:
-                out_shape = list(shape)
-                out_shape[role.axis] = unit_size[role.unit]  # one head / one neuron
-                jobs.append(_Job(name, ref, tuple(out_shape), "zeros"))
-        else:  # sliced, with a unit axis
-            kept = {"q_head": cut.q_heads, "kv_head": cut.kv_heads, "neuron": cut.neurons}[role.unit]
-            reorder = rope_order if role.rope else None
-            if len(kept) == unit_count[role.unit] and reorder is None:
-                jobs.append(_Job(name, ref, shape, "copy", data=data))
-                continue
-            idx = _unit_indices(role.unit, kept, s.head_dim, reorder)
-            out_shape = list(shape)
-            out_shape[role.axis] = len(idx)
-            jobs.append(_Job(name, ref, tuple(out_shape), "take", role.axis, idx, data=data))
-    names = {ref.name for ref in refs}
-    used |= {job.src.name for job in jobs if job.data is not None}
-    for name in sorted(set(overrides) - used):
-        split = archmod.split_layer_name(name)
-        if name not in names:
-            problems.append(f"recovered tensor {name!r} is not a tensor of {base.name}")
-        elif split is not None and split[0] not in by_source:
-            problems.append(f"recovered tensor {name!r} belongs to layer {split[0]}, which the plan removes")
-        else:
-            problems.append(f"recovered tensor {name!r} is not written: layer {split[0] if split else '?'} has no "
-                            "such tensor in the pruned model")
+def _plan_tensor_jobs(gf: GGUFFile, cuts: list[LayerCut], spec: archmod.ArchSpec, shape: ModelShape, base: Path,
+                      overrides: Mapping[str, Override] | None, arch_out: str) -> list[TensorJob]:
+    """The jobs of the rewrite (see :mod:`gguf_prune.writing.jobs`), or one RewriteError naming every problem."""
+    family = archmod.family_of_arch(spec.name)
+    jobs, problems = plan_jobs(gf.tensors, cuts, spec, shape, base, overrides,
+                               permute_rope=family.neox_rope and arch_out == archmod.PER_LAYER_ARCH)
     if problems:
         raise RewriteError(f"{base}: cannot rewrite ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  - "
                            + "\n  - ".join(problems))
-    expected = {f"blk.{c.target}.{sfx}" for c in cuts for sfx in ("ffn_norm.weight", "ffn_down.weight")}
-    missing = sorted(expected - {j.name for j in jobs})
+    missing = missing_layer_tensors(jobs, cuts)
     if missing:
         raise RewriteError(f"{base}: tensors missing from the input for {missing[:3]}; re-convert the checkpoint")
     return jobs
@@ -422,7 +228,7 @@ def _metadata(writer: GGUFStreamWriter, gf: GGUFFile, spec: archmod.ArchSpec, ar
     general = _general(gf, plan, n_params)
     written = set()
     for key, kv in gf.kv.items():
-        if key.startswith("gguf_prune."):
+        if key.startswith(OWN_KEY_PREFIX):
             continue
         if key == "general.architecture":
             writer.add_kv(key, arch_out, GGUFValueType.STRING)
@@ -482,7 +288,7 @@ def to_element(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarra
     return a.astype(SLICEABLE_TYPES[ggml_type])
 
 
-def _emit(writer: GGUFStreamWriter, fd: int, job: _Job) -> None:
+def _emit(writer: GGUFStreamWriter, fd: int, job: TensorJob) -> None:
     ref = job.src
     if job.data is not None:  # recovered values: (whole) array in memory, one tensor at a time
         arr = to_element(job.data.load(), ref.ggml_type)  # numpy order, source shape
@@ -538,6 +344,22 @@ def _n_runs(idx: np.ndarray) -> int:
     return 0 if len(idx) == 0 else int(np.count_nonzero(np.diff(idx) != 1)) + 1
 
 
+def _stream_tensors(writer: GGUFStreamWriter, src_fd: int, jobs: list[TensorJob]) -> None:
+    """Declare every output tensor, write the header, then each tensor's bytes in order (progress logged)."""
+    for job in jobs:
+        writer.add_tensor(job.name, job.ne, job.src.ggml_type, job.nbytes)
+    writer.write_header()
+    total = sum(job.nbytes for job in jobs)
+    done, last_report = 0, time.time()
+    for k, job in enumerate(jobs):
+        log.debug("[%d/%d] %s %s ne %s", k + 1, len(jobs), job.op, job.name, job.ne)
+        _emit(writer, src_fd, job)
+        done += job.nbytes
+        if time.time() - last_report > PROGRESS_SECONDS:
+            log.info("  %3.0f%% (%d/%d tensors, %.0f MB)", 100 * done / total, k + 1, len(jobs), done / 1e6)
+            last_report = time.time()
+
+
 def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
             overrides: Mapping[str, Override] | None = None) -> RewriteResult:
     """Cut ``base_gguf`` as ``plan`` says and write the result to ``out`` (atomically).
@@ -550,6 +372,7 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
     Raises RewriteError (file problems), PlanError (a plan that does not fit this model).
     """
     t0 = time.time()
+    # check the inputs
     base, out = Path(base_gguf), Path(out)
     if out.resolve() == base.resolve() or (out.exists() and base.exists() and os.path.samefile(out, base)):
         raise RewriteError(f"output {out} is the input GGUF; write the pruned model to another path "
@@ -557,34 +380,22 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
     gf, spec, shape = _open_base(base)
     identity = gguf_identity(gf)
     validate(plan, shape, source=f"plan for {base.name}", gguf=identity)
+    # plan the jobs
     cuts = layer_cuts(plan)
     arch_out, why = plan.output_architecture()  # validate() refused a cut no architecture loads
     log.info("output architecture %s: %s", arch_out, why)
-    family = archmod.family_of_arch(spec.name)
-    jobs = _plan_jobs(gf.tensors, cuts, spec, shape, base, overrides,
-                      permute_rope=family.neox_rope and arch_out == archmod.PER_LAYER_ARCH)
-
+    jobs = _plan_tensor_jobs(gf, cuts, spec, shape, base, overrides, arch_out)
     if out.is_dir():
         raise RewriteError(f"output {out} is a directory; pass a file path such as {out / 'model-pruned.gguf'}")
+    # write the metadata, stream the tensors
     log.info("rewriting %s → %s (%s, %d of %d layers)", base.name, out, arch_out, len(cuts), shape.n_layer)
-    total = sum(job.nbytes for job in jobs)
     src_fd = os.open(base, os.O_RDONLY)
     try:
         with atomic_output(out, fsync=fsync) as out_fd:
             writer = GGUFStreamWriter(out_fd, alignment=gf.alignment)
             _metadata(writer, gf, spec, arch_out, cuts, shape, plan,
                       n_params=sum(int(np.prod(job.ne)) for job in jobs))
-            for job in jobs:
-                writer.add_tensor(job.name, job.ne, job.src.ggml_type, job.nbytes)
-            writer.write_header()
-            done, last_report = 0, time.time()
-            for k, job in enumerate(jobs):
-                log.debug("[%d/%d] %s %s ne %s", k + 1, len(jobs), job.op, job.name, job.ne)
-                _emit(writer, src_fd, job)
-                done += job.nbytes
-                if time.time() - last_report > PROGRESS_SECONDS:
-                    log.info("  %3.0f%% (%d/%d tensors, %.0f MB)", 100 * done / total, k + 1, len(jobs), done / 1e6)
-                    last_report = time.time()
+            _stream_tensors(writer, src_fd, jobs)
             bytes_out = writer.finish()
     except OutOfSpaceError:
         raise  # names the output and says what to do; a caller writing an intermediate may say it better
@@ -595,6 +406,7 @@ def rewrite(base_gguf: Path, plan: Plan, out: Path, *, fsync: bool = True,
                            "nothing was left behind") from None
     finally:
         os.close(src_fd)
+    # finish
     result = RewriteResult(path=out, architecture=arch_out, n_layer=len(cuts), layers=[c.dims() for c in cuts],
                            n_tensors=len(jobs), bytes_in=base.stat().st_size, bytes_out=bytes_out,
                            seconds=round(time.time() - t0, 3), plan_digest=plan.digest(), base_identity=identity)

@@ -1,0 +1,247 @@
+"""`sweep`, the quality-vs-size curve: a pruned GGUF per (strategy, budget), all evaluated against one base.
+
+    scores*.json → plans/<strategy>-<budget>.json → <strategy>-<budget>-<quant>.gguf → report/
+    → sweep.json, sweep.md, sweep.png
+
+Scoring is the slow part: a scores file an earlier sweep left in the same directory is reused when it was
+measured with the same calibration settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gguf_prune.atomic import save_figure_atomic, write_text_atomic
+from gguf_prune.pipeline.checks import check_inputs, llama_tools, refuse, sweep_option_problems
+from gguf_prune.pipeline.strategy import STRATEGIES, WIDTH_FRACTIONS, greedy_steps_for, strategy_plan
+
+if TYPE_CHECKING:
+    from gguf_prune.writing.prune import PruneResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepOptions:
+    calibration: Path | None = None
+    text: Path | None = None
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3)
+    strategies: tuple[str, ...] = STRATEGIES
+    samples: int = 16
+    seq_len: int = 128
+    greedy_pool: int | None = 8
+    quant: str = "F16"
+    eval_chunks: int | None = 24
+    threads: int | None = None
+    bench: bool = True
+    out_dir: Path = Path("sweep")
+    device: str = "auto"
+    protect_first: int = 2
+    protect_last: int = 2
+
+    def __post_init__(self) -> None:
+        refuse("sweep options are invalid", sweep_option_problems(self))
+
+
+@dataclass(frozen=True)
+class _SweepScores:
+    """The three scores files of a sweep directory (each measured only when a chosen strategy plans from it)."""
+
+    one: Path  # one-shot: Block Influence, KL of layers and sub-blocks, and widths for the width strategies
+    greedy_layers: Path  # greedy KL over whole layers
+    greedy_mixed: Path  # greedy KL per parameter over layers and sub-blocks
+
+    @classmethod
+    def in_dir(cls, out: Path) -> _SweepScores:
+        return cls(out / "scores.json", out / "scores-greedy-layers.json", out / "scores-greedy-mixed.json")
+
+
+def sweep(hf_dir: Path, options: SweepOptions | None = None) -> dict[str, Any]:
+    """Build a pruned GGUF per (strategy, budget), evaluate all against the base in one run, draw the curve."""
+    from gguf_prune.models import checkpoint
+
+    o = options if options is not None else SweepOptions()
+    hf_dir = Path(hf_dir)
+    refuse("sweep options are invalid", sweep_option_problems(o))
+    shape = checkpoint.check_model_dir(hf_dir)
+    out = Path(o.out_dir)
+    refuse("sweep inputs are invalid", check_inputs(hf_dir, out, o.calibration, o.text, None, o.device,
+                                                    llama_tools(o.bench)))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    scores = _score(hf_dir, out, o, shape.n_layer)
+    base, runs = _build(hf_dir, out, o, shape.n_layer, scores)
+    report = _evaluate(out, o, base, runs)
+    return _finish(hf_dir, out, o, base, runs, report, t0)
+
+
+def _score(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int) -> _SweepScores:
+    """The scores files the chosen strategies plan from, unless an earlier sweep left them (_reusable)."""
+    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.measure import score_model
+
+    scores = _SweepScores.in_dir(out)
+    common = dict(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, device=o.device,
+                  protect_first=o.protect_first, protect_last=o.protect_last)
+    need_width = any(s in o.strategies for s in ("width", "width-mixed"))
+    need_layers = need_width or any(s in o.strategies for s in ("bi-layers", "kl-layers", "oneshot-mixed"))
+    need_gl = "greedy-layers" in o.strategies
+    need_gm = "greedy-mixed" in o.strategies
+    max_b = max(o.budgets)  # greedy orders long enough for the largest budget serve every smaller one
+    log.info("== sweep: scoring %s", hf_dir)
+    if need_layers and not _reusable(scores.one, common, need_width):
+        score_model(hf_dir, scores.one, ScoreOptions(**common, neurons=need_width,
+                                                     width=WIDTH_FRACTIONS if need_width else ()))
+    if need_gl and not _reusable(scores.greedy_layers, common):
+        score_model(hf_dir, scores.greedy_layers, ScoreOptions(
+            **common, sublayers=False, neurons=False, plots=False,
+            greedy=greedy_steps_for(max_b, n_layer, ("layer",))))
+    units = ("layer", "attn", "mlp")
+    if need_gm and not _reusable(scores.greedy_mixed, common):
+        score_model(hf_dir, scores.greedy_mixed, ScoreOptions(
+            **common, sublayers=False, neurons=False, plots=False, greedy=greedy_steps_for(max_b, n_layer, units),
+            greedy_units=units, greedy_by="kl-per-param", greedy_pool=o.greedy_pool))
+    return scores
+
+
+def _reusable(path: Path, common: dict, width: bool = False) -> bool:
+    """A scores file an earlier sweep into the same directory left, measured with the same calibration
+    settings (and with width scores if they are needed): scoring is the slow part, so it is not repeated."""
+    from gguf_prune.scores import ScoresError, load
+
+    if not path.exists():
+        return False
+    try:
+        d = load(path)
+    except (ScoresError, ValueError, OSError):
+        return False
+    st = d.get("settings", {})
+    same = all(str(st.get(k)) == str(v) for k, v in common.items() if k != "device")
+    ok = same and (not width or bool(d.get("width")))
+    if ok:
+        log.info("reusing %s (same calibration settings)", path)
+    else:
+        log.info("%s was measured with other settings: scoring again", path)
+    return ok
+
+
+def _build(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int,
+           scores: _SweepScores) -> tuple[PruneResult, list[dict[str, Any]]]:
+    """The uncut base and, budget by budget, each strategy's plan and GGUF; a row per pruned model."""
+    from gguf_prune.writing.prune import prune
+
+    log.info("== sweep: building %d pruned models", len(o.budgets) * len(o.strategies))
+    base = prune(hf_dir, None, out / f"base-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+    runs = []
+    for b in o.budgets:
+        for s in o.strategies:
+            tag = f"{s}-{int(round(100 * b))}"
+            plan = strategy_plan(s, b, scores.one, scores.greedy_layers, scores.greedy_mixed, n_layer,
+                                 out / "plans" / f"{tag}.json", (o.protect_first, o.protect_last))
+            r = prune(hf_dir, plan, out / f"{tag}-{o.quant}.gguf", quant=o.quant, threads=o.threads)
+            runs.append({"label": tag, "strategy": s, "budget": b, "removed_fraction": plan.removed_fraction(),
+                         "architecture": r.architecture, "path": str(r.path)})
+    return base, runs
+
+
+def _evaluate(out: Path, o: SweepOptions, base: PruneResult, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every pruned model against the base in one evaluation; each run's row gets its figures (or error)."""
+    from gguf_prune.runtime import evaluate as ev
+
+    log.info("== sweep: evaluating %d models against the base", len(runs))
+    report = ev.evaluate(base.path, [Path(m["path"]) for m in runs], out / "report", text=o.text,
+                         options=ev.EvalOptions(chunks=o.eval_chunks, threads=o.threads, bench=o.bench,
+                                                labels=["base"] + [m["label"] for m in runs]))
+    by_label = {e["name"]: e for e in report["models"]}
+    for m in runs:
+        e = by_label.get(m["label"], {})
+        m["quality"], m["speed"], m["error"] = e.get("quality"), e.get("speed"), e.get("error")
+        m["size_ratio"] = e.get("size_ratio")
+    return report
+
+
+def _best(runs: list[dict[str, Any]], budgets: tuple[float, ...]) -> dict[str, str]:
+    """Per budget (as a string: a JSON key), the label of the run with the lowest mean KL."""
+    best = {}
+    for b in budgets:
+        ok = [m for m in runs if m["budget"] == b and m["quality"]]
+        if ok:
+            best[str(b)] = min(ok, key=lambda m: m["quality"]["kl_mean"])["label"]
+    return best
+
+
+def _finish(hf_dir: Path, out: Path, o: SweepOptions, base: PruneResult, runs: list[dict[str, Any]],
+            report: dict[str, Any], t0: float) -> dict[str, Any]:
+    """sweep.json, sweep.md and sweep.png."""
+    base_entry = {e["name"]: e for e in report["models"]}["base"]
+    result = {"schema": "gguf-prune/sweep", "version": 1, "model": str(hf_dir), "quant": o.quant,
+              "budgets": list(o.budgets), "strategies": list(o.strategies), "runs": runs,
+              "best": _best(runs, o.budgets),
+              "base": {"path": str(base.path), "quality": base_entry.get("quality"),
+                       "speed": base_entry.get("speed")},
+              "text": report["text"], "seconds": round(time.time() - t0, 1)}
+    write_text_atomic(out / "sweep.json", json.dumps(result, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / "sweep.md", sweep_markdown(result))
+    try:
+        plot_sweep(result, out / "sweep.png")
+    except Exception as e:  # the numbers matter more than the picture
+        log.warning("sweep plot failed: %s", e)
+    return result
+
+
+def sweep_markdown(r: dict[str, Any]) -> str:
+    """sweep.md: a row per (budget, strategy), the best strategy of each budget in bold."""
+    lines = ["| budget | strategy | removed | size× | PPL× | KL mean | KL median | KL p99 | top-1 | tg× |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in sorted(r["runs"], key=lambda m: (m["budget"], m["strategy"])):
+        q, sp = m.get("quality") or {}, m.get("speed") or {}
+        star = " **best**" if r["best"].get(str(m["budget"])) == m["label"] else ""
+        if m.get("error"):
+            lines.append(f"| {m['budget']:.0%} | {m['strategy']} | error: {m['error'].splitlines()[0][:60]} "
+                         "| | | | | | | |")
+            continue
+        lines.append(
+            f"| {m['budget']:.0%} | {m['strategy']}{star} | {100 * m['removed_fraction']:.1f}% | "
+            f"{(m.get('size_ratio') or 0):.3f} | {q.get('ppl_ratio', float('nan')):.3f} | "
+            f"{q.get('kl_mean', float('nan')):.4f} | {q.get('kl_median', float('nan')):.4f} | "
+            f"{q.get('kl_p99', float('nan')):.3f} | {100 * q.get('top1_agreement', 0):.1f}% | "
+            f"{sp.get('tg_ratio', float('nan')):.2f} |")
+    t = r["text"]
+    lines.append("")
+    lines.append(f"{r['quant']}, held-out text `{Path(t['path']).name}` ({t['tokens']} tokens, ctx {t['ctx']}, "
+                 f"{t.get('chunks')} chunks); KL against the unpruned {r['quant']} model in llama.cpp.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(r: dict[str, Any], path: Path) -> None:
+    """sweep.png: mean KL against the fraction removed, a line per strategy, the best per budget circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in r["strategies"]:
+        pts = sorted((m["removed_fraction"], m["quality"]["kl_mean"]) for m in r["runs"]
+                     if m["strategy"] == s and m.get("quality"))
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=s)
+    for b, label in r["best"].items():
+        m = next(m for m in r["runs"] if m["label"] == label)
+        ax.scatter([100 * m["removed_fraction"]], [m["quality"]["kl_mean"]], s=160, facecolors="none",
+                   edgecolors="black", zorder=5)
+    ax.set_xlabel("transformer-block parameters removed (%)")
+    ax.set_ylabel("mean KL to the unpruned model (nats)")
+    ax.set_title("quality vs size (circled: best strategy per budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        save_figure_atomic(fig, path, dpi=110)  # a temporary file renamed into place: never a partial PNG
+    finally:
+        plt.close(fig)
