@@ -32,12 +32,13 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from gguf_prune.data import DATA_DIR
 from gguf_prune.errors import GgufPruneError
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are made, so that the options modules load without it
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,8 @@ def load_calibration(path: Path | None, tokenizer, seq_len: int = DEFAULT_SEQ_LE
 
 
 def _text_windows(text, path, tokenizer, seq_len, samples, seed):
+    import torch
+
     tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no max-length warning
     n_windows = len(tokens) // seq_len
     if n_windows == 0:
@@ -236,6 +239,8 @@ def _text_windows(text, path, tokenizer, seq_len, samples, seed):
 
 
 def _chat_sequences(convs, path, tokenizer, seq_len, samples, seed):
+    import torch
+
     if getattr(tokenizer, "chat_template", None) is None:
         raise CalibrationError(f"{path} is chat JSONL but the model's tokenizer has no chat template; "
                                "pass a plain text file instead")

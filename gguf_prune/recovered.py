@@ -31,10 +31,8 @@ import numpy as np
 from gguf_prune.atomic import save_tensors_atomic, write_text_atomic
 from gguf_prune.errors import GgufPruneError
 from gguf_prune.models import checkpoint
-from gguf_prune.models.tensors import (ATTENTION_TENSORS, MLP_TENSORS, PATCH_NAME, PATCH_TENSOR, gguf_name, hf_shape,
-                                       split_hf_name, to_gguf_layout)
+from gguf_prune.models.tensors import ATTENTION_TENSORS, MLP_TENSORS, PATCH_NAME, PATCH_TENSOR, hf_shape, split_hf_name
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, validate
-from gguf_prune.writing.jobs import Override
 
 if TYPE_CHECKING:
     import torch
@@ -125,22 +123,6 @@ class Recovered:
         from safetensors.torch import load_file
 
         return {k: v.float() for k, v in load_file(str(self.tensors_path), device=str(device)).items()}
-
-    def overrides(self) -> dict[str, Override]:
-        """The tensors as rewrite() takes them: source GGUF names, GGUF layout, loaded one at a time."""
-        s = self.plan.shape
-        path = str(self.tensors_path)
-
-        def loader(hf: str):
-            def load() -> np.ndarray:
-                from safetensors import safe_open
-
-                with safe_open(path, framework="pt") as f:
-                    w = f.get_tensor(hf).float().numpy()
-                return to_gguf_layout(hf, w, s)
-            return load
-
-        return {gguf_name(hf): Override(tuple(shape), loader(hf)) for hf, shape in self.shapes.items()}
 
 
 def open_recovered(path: Path, shape: ModelShape | None = None, fingerprint: str | None = None,

@@ -58,7 +58,8 @@ def _measure(args) -> dict:
     from gguf_prune.models import cuts
     from gguf_prune.models.tensors import PATCH_NAME
     from gguf_prune.plan import Plan
-    from gguf_prune.recovery.finetune import FinetuneOptions, batch_loss, teacher_states
+    from gguf_prune.recovery.options import FinetuneOptions
+    from gguf_prune.recovery.finetune import batch_loss, teacher_states
     from gguf_prune.recovery.patches import fit_patches, mark_patches
     from gguf_prune.recovery.recover import split_heldout
     from gguf_prune.recovery.student import prepare_student

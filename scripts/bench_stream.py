@@ -92,7 +92,7 @@ def child(args) -> None:
     """One scoring run in this process; writes its summary to args.result."""
     import torch
 
-    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.options import ScoreOptions
     from gguf_prune.scoring.measure import score_model
 
     if args.threads:

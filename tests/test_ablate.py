@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gguf_prune.scoring import ablate, greedy_search, naive, oneshot
+from gguf_prune.scoring import ablate, greedy, naive, oneshot
 from gguf_prune.calibration import load_calibration
 from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
@@ -104,7 +104,7 @@ def test_greedy_steps_match_naive_removal_of_the_chosen_units(tied, groups):
             elif modes[pos] != "layer":
                 yield ("mlp" if modes[pos] == "attn" else "attn", pos)
 
-    steps = greedy_search.greedy(eng, groups, refs, 2, cands, lambda k, p, m: 1)
+    steps = greedy.greedy(eng, groups, refs, 2, cands, lambda k, p, m: 1)
     assert [s.candidates for s in steps][0] == 12
     # step 1 is the cheapest single unit
     singles = {("layer", i): scan.kl[i] for i in range(1, 5)} | {("attn", i): scan.attn_kl[i] for i in range(1, 5)} \
@@ -183,10 +183,10 @@ def test_lazy_greedy_measures_fewer_candidates_and_stays_exact_in_what_it_report
             elif modes[pos] in ("attn", "mlp"):
                 yield ("mlp" if modes[pos] == "attn" else "attn", pos)
 
-    exact = greedy_search.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1)
-    wide = greedy_search.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=100)
+    exact = greedy.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1)
+    wide = greedy.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=100)
     assert [(s.kind, s.pos) for s in wide] == [(s.kind, s.pos) for s in exact]  # a pool ≥ all = exact greedy
-    lazy = greedy_search.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=2)
+    lazy = greedy.greedy(eng, groups, refs, 3, cands, lambda k, p, m: 1, pool=2)
     assert lazy[0].candidates == 8 and lazy[1].candidates == 2 and lazy[2].candidates == 2
     assert (lazy[0].kind, lazy[0].pos) == (exact[0].kind, exact[0].pos)
     # whatever it picks, the KL it reports is the true KL of removing those units together
@@ -209,8 +209,8 @@ def test_lazy_greedy_seeded_by_the_scan_measures_only_the_pool(tied, groups):
 
     initial = {(k, p): float(arr[p]) / n_real for p in range(1, 5)
                for k, arr in (("attn", scan.attn_kl), ("mlp", scan.mlp_kl))}
-    exact = greedy_search.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1)
-    seeded = greedy_search.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1, pool=3, initial=initial)
+    exact = greedy.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1)
+    seeded = greedy.greedy(eng, groups, refs, 1, cands, lambda k, p, m: 1, pool=3, initial=initial)
     assert seeded[0].candidates == 3  # only the pool was measured in step 1
     assert (seeded[0].kind, seeded[0].pos) == (exact[0].kind, exact[0].pos)
     assert abs(seeded[0].kl - exact[0].kl) <= TOL

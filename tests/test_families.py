@@ -348,7 +348,7 @@ def test_every_score_runs_on_every_family(family, tmp_path):
 
 
 def _scored(hf_dir: Path, out: Path, **kw) -> Path:
-    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.options import ScoreOptions
     from gguf_prune.scoring.measure import score_model
 
     return score_model(hf_dir, out, ScoreOptions(samples=4, seq_len=32, heads=True, neurons=True,

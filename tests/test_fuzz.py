@@ -9,7 +9,7 @@ plan.json
 GGUF
     random truncations, byte changes and overwrites of the structural fields (counts, lengths, types, shapes,
     offsets, metadata values) of a small real GGUF, converted from a tiny seeded checkpoint, through every
-    library entry that reads GGUFs: ``gguf_io.read_gguf``, ``rewrite.rewrite``, ``quantize.quantize``,
+    library entry that reads GGUFs: ``gguf_read.read_gguf``, ``rewrite.rewrite``, ``quantize.quantize``,
     ``llamacpp.load`` (what ``evaluate``, ``quantize`` and ``package`` load with), ``evaluate.evaluate`` and
     ``package.build_package``. Each succeeds or raises a GgufPruneError that names the file; no partial
     output is left and the input is not changed. The entries run in a worker process, so a crash of
@@ -332,7 +332,7 @@ U8, U32, U64 = 1, 4, 8
 def gguf_fields(data: bytes) -> tuple[list[tuple[int, int, str]], int]:
     """Every structural field of a GGUF as (offset, width, what), and where the tensor data starts.
 
-    An independent walk (not gguf_io's): header counts, each key's length and value type, string lengths,
+    An independent walk (not gguf_read's): header counts, each key's length and value type, string lengths,
     array element types and counts, scalar metadata values, and each tensor's name length, rank, ne, type
     and offset.
     """

@@ -52,7 +52,7 @@ def invoke(*args) -> object:
 def scores(tiny_tied, tmp_path_factory) -> Path:
     """scores.json of the 6-layer tiny model (8 query heads in 2 KV groups, FFN 768), with head and neuron
     scores, measured for real."""
-    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.options import ScoreOptions
     from gguf_prune.scoring.measure import score_model
 
     out = tmp_path_factory.mktemp("scores") / "scores.json"

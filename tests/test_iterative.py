@@ -19,7 +19,7 @@ from gguf_prune.models import checkpoint
 from gguf_prune.models import cuts
 from gguf_prune.calibration import load_calibration
 from gguf_prune.cli import main
-from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
+from gguf_prune.recovery.options import FinetuneError, FinetuneOptions
 from gguf_prune.pipeline.iterate import IterateError, IterateOptions, current_model, iterate, score_current
 from divergence import kl_per_token
 from gguf_prune.pipeline.job import RunOptions
@@ -28,8 +28,9 @@ from gguf_prune.planning.diff import new_cuts, revived
 from gguf_prune.writing.prune import prune
 from gguf_prune.recovered import RecoverError, load_recovered_model, open_recovered
 from gguf_prune.recovery.patches import fit_patches
-from gguf_prune.recovery.recover import RecoverOptions, _with_weights, carry_weights, recover
-from gguf_prune.scoring.inputs import ScoreOptions
+from gguf_prune.recovery.options import RecoverOptions
+from gguf_prune.recovery.recover import _with_weights, carry_weights, recover
+from gguf_prune.scoring.options import ScoreOptions
 from gguf_prune.scoring.measure import score_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread is faster

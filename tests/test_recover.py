@@ -19,7 +19,7 @@ from gguf_prune.runtime import llamacpp
 from gguf_prune.models import checkpoint
 from gguf_prune.models import cuts
 from gguf_prune.cli import main
-from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions
+from gguf_prune.recovery.options import FinetuneError, FinetuneOptions
 from gguf_prune.recovery.student import prepare_student
 from divergence import kl_per_token
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError, validate
@@ -28,7 +28,8 @@ from gguf_prune.writing.prune import PruneError, prune
 from gguf_prune.models.tensors import rope_permute
 from gguf_prune.recovered import RecoverError, load_recovered_model, open_recovered
 from gguf_prune.recovery.patches import mark_patches
-from gguf_prune.recovery.recover import RecoverOptions, recover
+from gguf_prune.recovery.options import RecoverOptions
+from gguf_prune.recovery.recover import recover
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import LayerPlan, ModelShape, Plan, PlanError
 from gguf_prune.planning.options import PlanOptions
 from gguf_prune.planning.strategies import build_plan
-from gguf_prune.scoring.inputs import ScoreError, ScoreOptions, parse_layers
+from gguf_prune.scoring.options import ScoreError, ScoreOptions
+from gguf_prune.scoring.inputs import parse_layers
 from gguf_prune.scoring.measure import score_model
 
 TOL = 1e-5

@@ -22,7 +22,7 @@ from gguf_prune.models.checkpoint import ModelDirError, fingerprint
 from gguf_prune.plan import ModelShape
 from gguf_prune.planning.options import PlanOptions
 from gguf_prune.planning.strategies import build_plan
-from gguf_prune.scoring.inputs import ScoreError, ScoreOptions
+from gguf_prune.scoring.options import ScoreError, ScoreOptions
 from gguf_prune.scoring.measure import score_model
 
 TOL = 1e-5  # float32, as the in-memory engine against the naive ablation
@@ -218,7 +218,7 @@ def test_shards_missing_a_tensor_or_a_file_fail_before_any_work(sharded, tmp_pat
     del t[name]
     save_file(t, str(shard), metadata={"format": "pt"})
     caplog.set_level(logging.INFO)
-    # the checks every command makes (hfmodel.check_weights), before the streamed engine starts
+    # the checks every command makes (checkpoint.check_weights), before the streamed engine starts
     with pytest.raises(ModelDirError, match=rf"shard {shard.name} misses {re.escape(name)}, which "
                                             r"model.safetensors.index.json puts there"):
         score_model(bad, tmp_path / "s.json", ScoreOptions(**SMALL, stream=True))

@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from gguf_prune.runtime.toolchain import cache_root
+from gguf_prune.data import cache_root
 from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ def _quant_problems(quant: Any) -> list[str]:
 
 def run_option_problems(o: RunOptions) -> list[str]:
     """Every option of a run outside its range (no file is read): what RunOptions refuses on construction."""
-    from gguf_prune.pipeline.iterate import RECOVER_MODES
+    from gguf_prune.pipeline.strategy import RECOVER_MODES
 
     p = []
     if not is_int(o.rounds) or o.rounds < 1:
@@ -111,7 +111,7 @@ def sweep_option_problems(o: SweepOptions) -> list[str]:
 def check_run(o: RunOptions) -> None:
     """Options that would fail late (after scoring): refuse them before any work. (RunOptions checks its ranges
     when it is made; they are checked again here because its fields can be changed after.)"""
-    from gguf_prune.recovery.finetune import check_options
+    from gguf_prune.recovery.options import check_options
 
     refuse("run options are invalid", run_option_problems(o))
     finetune, _ = o.recovery_options()
@@ -127,7 +127,8 @@ def max_removable(shape: ModelShape, uniform: bool) -> tuple[float, list[int]]:
     remove: every layer outside the protected ones (the planner's defaults), plus, uniform, the widest width cut
     scored (WIDTH_FRACTIONS) of the protected layers' MLPs."""
     from gguf_prune.planning.options import PlanOptions
-    from gguf_prune.scoring.inputs import ScoreOptions, width_drops
+    from gguf_prune.scoring.options import ScoreOptions
+    from gguf_prune.scoring.inputs import width_drops
 
     d = PlanOptions()
     n = shape.n_layer

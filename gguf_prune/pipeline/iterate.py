@@ -66,10 +66,10 @@ from gguf_prune.calibration import Calibration, check_calibration_file, load_cal
 from gguf_prune.plan import Plan
 from gguf_prune.atomic import write_text_atomic
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.pipeline.strategy import RECOVER_MODES
 
 log = logging.getLogger(__name__)
 
-RECOVER_MODES = ("none", "patch", "lora", "full", "patch+lora", "patch+full")
 ITERATE_SCHEMA = "gguf-prune/iterate"
 ITERATE_VERSION = 1
 UNITS = ("layer", "attn", "mlp")
@@ -134,8 +134,8 @@ class IterateResult:
 
 def _check(hf_dir: Path, out_dir: Path, o: IterateOptions):
     """Every check that needs no weights; returns (shape, fingerprint, patch?, finetune options or None)."""
-    from gguf_prune.recovery.finetune import FinetuneOptions, check_options
-    from gguf_prune.recovery.patches import PATCH_FITS
+    from gguf_prune.recovery.options import FinetuneOptions, check_options
+    from gguf_prune.recovery.options import PATCH_FITS
 
     p = []
     if not isinstance(o.rounds, int) or o.rounds < 1:
@@ -283,7 +283,8 @@ class _Rounds:
 
         from gguf_prune.planning.options import PlanOptions
         from gguf_prune.recovery.finetune import check_data, resolve_device
-        from gguf_prune.recovery.recover import RecoverOptions, split_heldout
+        from gguf_prune.recovery.options import RecoverOptions
+        from gguf_prune.recovery.recover import split_heldout
 
         self.hf_dir, self.out_dir, self.o = hf_dir, out_dir, o
         self.shape, self.fp, self.patch, fto = _check(hf_dir, out_dir, o)

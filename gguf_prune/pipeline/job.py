@@ -32,9 +32,9 @@ from gguf_prune.pipeline.strategy import WIDTH_FRACTIONS, greedy_steps_for
 if TYPE_CHECKING:
     from gguf_prune.plan import ModelShape, Plan
     from gguf_prune.planning.options import PlanOptions
-    from gguf_prune.recovery.finetune import FinetuneOptions
-    from gguf_prune.recovery.recover import RecoverOptions
-    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.recovery.options import FinetuneOptions
+    from gguf_prune.recovery.options import RecoverOptions
+    from gguf_prune.scoring.options import ScoreOptions
     from gguf_prune.writing.prune import PruneResult
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class RunOptions:
         """The recovery settings of a run: the fine-tuning options (None without fine-tuning), which
         IterateOptions takes too, and RecoverOptions for a one-shot run."""
         from gguf_prune.pipeline.iterate import parse_recover
-        from gguf_prune.recovery.finetune import FinetuneOptions
-        from gguf_prune.recovery.recover import RecoverOptions
+        from gguf_prune.recovery.options import FinetuneOptions
+        from gguf_prune.recovery.options import RecoverOptions
 
         patch, method = parse_recover(self.recover)
         fto = FinetuneOptions(method=method, steps=self.finetune_steps) if method else None
@@ -195,7 +195,7 @@ def _strategy(job: _Job) -> _Strategy:
     """greedy-mixed: greedy KL per parameter over layers and sub-blocks, the plan in greedy order; width-mixed:
     one-shot KL of layers, sub-blocks and MLP widths, the plan by KL per parameter (uniform: one width for all)."""
     from gguf_prune.planning.options import UNIFORM_UNITS, UNITS, PlanOptions
-    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.options import ScoreOptions
 
     o, uniform = job.options, job.uniform
     if o.strategy == "greedy-mixed":

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # (on SmolLM2-135M with align 256: 256, 512 and 768 of 1,536).
 WIDTH_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)
 RUN_STRATEGIES = ("width-mixed", "greedy-mixed")
+# What `run --recover` does after each cut: linear patches, LoRA or full fine-tuning, or a patch then fine-tuning.
+RECOVER_MODES = ("none", "patch", "lora", "full", "patch+lora", "patch+full")
 
 
 def greedy_steps_for(budget: float, n_layer: int, units: tuple[str, ...]) -> int:

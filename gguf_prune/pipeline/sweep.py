@@ -82,7 +82,7 @@ def sweep(hf_dir: Path, options: SweepOptions | None = None) -> dict[str, Any]:
 
 def _score(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int) -> _SweepScores:
     """The scores files the chosen strategies plan from, unless an earlier sweep left them (_reusable)."""
-    from gguf_prune.scoring.inputs import ScoreOptions
+    from gguf_prune.scoring.options import ScoreOptions
     from gguf_prune.scoring.measure import score_model
 
     scores = _SweepScores.in_dir(out)

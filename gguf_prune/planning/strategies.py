@@ -1,4 +1,4 @@
-"""Scores → plan: the cutting strategies, and `plan --explain`.
+"""Scores → plan: the cutting strategies (`plan --explain` is in explain.py).
 
 Strategies combine, applied in this order on top of the scores' base plan
 (if the scores were measured on an already-cut model):
@@ -35,7 +35,7 @@ from gguf_prune.planning import budget, uniform
 from gguf_prune.planning.draft import Draft
 from gguf_prune.planning.options import (DEFAULT_UNITS, UNIFORM_UNITS, PlanOptions, PlanOptionsError, aligned_width,
                                          fit_problems)
-from gguf_prune import scores as scores_io
+from gguf_prune.scores import ScoresError, load as load_scores
 from gguf_prune.plan import ModelShape, Plan, PlanError, validate
 from gguf_prune.ranges import protected_layers
 
@@ -286,8 +286,8 @@ def make_plan(scores_path: Path, out: Path, options: PlanOptions) -> Plan:
     """Read scores.json, build the plan, write plan.json (atomically) and return it."""
     scores_path = Path(scores_path)
     try:
-        scores = scores_io.load(scores_path)
-    except scores_io.ScoresError as e:
+        scores = load_scores(scores_path)
+    except ScoresError as e:
         raise PlanError([str(e)], "plan request") from None
     plan = build_plan(scores, options, scores_path)
     plan.save(out)

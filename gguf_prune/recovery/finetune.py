@@ -32,46 +32,12 @@ import torch.nn.functional as F
 
 from gguf_prune.atomic import save_torch_atomic
 from gguf_prune.calibration import Calibration
-from gguf_prune.errors import GgufPruneError
 from gguf_prune.models import cuts
 from gguf_prune.plan import Plan
+from gguf_prune.recovery.options import FinetuneError, FinetuneOptions, check_options
 from gguf_prune.recovery.student import prepare_student
 
 log = logging.getLogger(__name__)
-
-METHODS = ("lora", "full")
-LOSSES = ("distill", "nexttoken")
-DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
-
-
-class FinetuneError(GgufPruneError, ValueError):
-    """A fine-tuning request that cannot run: what, where, what to do."""
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    method: str = "lora"
-    loss: str = "distill"
-    steps: int = 200
-    batch_size: int = 4
-    lr: float | None = None  # default: DEFAULT_LR[method]
-    warmup: float = 0.05  # fraction of the steps
-    min_lr_ratio: float = 0.1  # the cosine ends at lr × this
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    train_patches: bool = True  # patch matrices are trained too (fully: n_embd² each)
-    eval_every: int = 25
-    patience: int = 4
-    checkpoint_every: int = 25
-    log_every: int = 10
-    seed: int = 0
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
 @dataclass
@@ -82,23 +48,6 @@ class FinetuneResult:
 
 def resolve_device(device: str) -> str:
     return cuts.resolve_device(device, FinetuneError)
-
-
-def check_options(o: FinetuneOptions) -> None:
-    p = []
-    if o.method not in METHODS:
-        p.append(f"method {o.method!r} is not one of {', '.join(METHODS)}")
-    if o.loss not in LOSSES:
-        p.append(f"loss {o.loss!r} is not one of {', '.join(LOSSES)}")
-    for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "lora_rank", "patience", "log_every"):
-        if getattr(o, name) < 1:
-            p.append(f"{name} is {getattr(o, name)}; it must be at least 1")
-    if o.learning_rate <= 0:
-        p.append(f"learning rate {o.learning_rate} must be positive")
-    if not 0 <= o.warmup < 1:
-        p.append(f"warmup {o.warmup} must be a fraction of the steps in [0, 1)")
-    if p:
-        raise FinetuneError("fine-tuning options are invalid:\n  - " + "\n  - ".join(p))
 
 
 def check_data(cal: Calibration, heldout: set[int], o: FinetuneOptions) -> None:

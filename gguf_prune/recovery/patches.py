@@ -29,10 +29,10 @@ from gguf_prune.models import cuts
 from gguf_prune.models.tensors import PATCH_NAME
 from gguf_prune.plan import LayerPlan, Plan
 from gguf_prune.recovered import RecoverError
+from gguf_prune.recovery.options import PATCH_FITS
 
 log = logging.getLogger(__name__)
 
-PATCH_FITS = ("pruned", "full")
 RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × mean diagonal of XᵀX
 
 

@@ -37,46 +37,14 @@ from gguf_prune.models.tensors import split_hf_name
 from gguf_prune.plan import ModelShape, Plan, validate
 from gguf_prune.recovered import (RECOVER_SCHEMA, RECOVER_VERSION, STATE_DIR, Recovered, RecoverError, check_names,
                                   check_output_dir, open_recovered, write_recovered)
-from gguf_prune.recovery.finetune import FinetuneError, FinetuneOptions, check_data, finetune, resolve_device
-from gguf_prune.recovery.patches import PATCH_FITS, fit_patches, mark_patches
+from gguf_prune.recovery.finetune import check_data, finetune, resolve_device
+from gguf_prune.recovery.options import PATCH_FITS, FinetuneError, FinetuneOptions, RecoverOptions
+from gguf_prune.recovery.patches import fit_patches, mark_patches
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-@dataclass(frozen=True)
-class RecoverOptions:
-    calibration: Path | None = None
-    calibration_kind: str = "auto"
-    seq_len: int = 128
-    samples: int = 64
-    seed: int = 0
-    heldout: float = 0.1  # fraction of sequences held out (ridge choice, early stopping, the figures)
-    patch: bool = False
-    patch_fit: str = "pruned"
-    patch_weighting: str = "rms"
-    finetune: str | None = None  # None | "lora" | "full"
-    finetune_options: FinetuneOptions | None = None  # defaults when None
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        # ranges refused when the options are made, for an API user as for the CLI; recover() checks the rest
-        p = []
-        for flag, v, lo in (("--seq-len", self.seq_len, 2), ("--samples", self.samples, 1), ("--seed", self.seed, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                p.append(f"{flag} {v!r}: must be a whole number, {lo} or more")
-        if isinstance(self.heldout, bool) or not isinstance(self.heldout, (int, float)) or not 0 <= self.heldout < 1:
-            p.append(f"--heldout {self.heldout!r}: must be a fraction of the sequences in [0, 1)")
-        if self.calibration_kind not in ("auto", "text", "chat"):
-            p.append(f"--calibration-kind {self.calibration_kind!r}: use auto, text or chat")
-        if self.patch_fit not in PATCH_FITS:
-            p.append(f"--patch-fit {self.patch_fit!r} is not one of {', '.join(PATCH_FITS)}")
-        if self.finetune not in (None, "lora", "full"):
-            p.append(f"--finetune {self.finetune!r} is not one of lora, full")
-        if p:
-            raise RecoverError("invalid recover options: " + "; ".join(p))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from gguf_prune.models.tensors import PATCH_NAME
 from gguf_prune.plan import Plan
 
 if TYPE_CHECKING:
-    from gguf_prune.recovery.finetune import FinetuneOptions
+    from gguf_prune.recovery.options import FinetuneOptions
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf_prune.data import cache_root
 from gguf_prune.errors import GgufPruneError
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,6 @@ PORTABLE_TARGETS = ("llama-server",)
 
 class ToolchainError(GgufPruneError, RuntimeError):
     """The pinned llama.cpp is missing, incomplete or cannot be built."""
-
-
-def cache_root() -> Path:
-    """Where builds and converted models are cached (``$GGUF_PRUNE_CACHE``)."""
-    env = os.environ.get("GGUF_PRUNE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "gguf-prune"
 
 
 def _extra_cmake_flags() -> tuple[str, ...]:

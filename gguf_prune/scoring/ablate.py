@@ -26,7 +26,7 @@ the bypassed layer). This engine
   lse_q − W[target]·ĥ_q, so perplexity comes almost free.
 
 The one-shot scan that drives the engine is :mod:`gguf_prune.scoring.oneshot`,
-the greedy search :mod:`gguf_prune.scoring.greedy_search`; the naive path the
+the greedy search :mod:`gguf_prune.scoring.greedy`; the naive path the
 tests hold the engine to is :mod:`gguf_prune.scoring.naive`. This module keeps
 what the in-memory and the streamed engine share: the scan's spec and result,
 Block Influence and the head variants of a layer.
@@ -77,11 +77,11 @@ def has_sandwich_norms(layer) -> bool:
 
 
 def has_attention(layer) -> bool:
-    return hasattr(layer.self_attn, "o_proj")  # hfmodel._ZeroAttention has no weights
+    return hasattr(layer.self_attn, "o_proj")  # models.cuts.ZeroAttention has no weights
 
 
 def has_mlp(layer) -> bool:
-    return hasattr(layer.mlp, "down_proj")  # hfmodel._ZeroMLP has no weights
+    return hasattr(layer.mlp, "down_proj")  # models.cuts.ZeroMLP has no weights
 
 
 def _device(module) -> torch.device:

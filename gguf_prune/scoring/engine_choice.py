@@ -16,7 +16,8 @@ import numpy as np
 
 from gguf_prune.models.checkpoint import read_config
 from gguf_prune.plan import ModelShape
-from gguf_prune.scoring.inputs import ScoreError, ScoreInputs, ScoreOptions, parse_layers
+from gguf_prune.scoring.options import ScoreError, ScoreOptions
+from gguf_prune.scoring.inputs import ScoreInputs, parse_layers
 from gguf_prune.scoring.memory import StreamError, activation_budget, available_memory, fmt_bytes, parse_bytes
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,9 @@ from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import ModelShape
 from gguf_prune.scoring import ablate, oneshot
 from gguf_prune.scoring.engine_choice import StreamChoice, choose_engine
-from gguf_prune.scoring.greedy_units import run_greedy
-from gguf_prune.scoring.inputs import ScoreError, ScoreInputs, ScoreOptions, prepare, width_drops
+from gguf_prune.scoring.greedy import run_greedy
+from gguf_prune.scoring.options import ScoreError, ScoreOptions
+from gguf_prune.scoring.inputs import ScoreInputs, prepare, width_drops
 from gguf_prune.scoring.memory import StreamError, activation_budget
 from gguf_prune.scoring.taylor import head_taylor
 

@@ -15,7 +15,7 @@ from typing import Sequence
 from gguf_prune import scores
 from gguf_prune.atomic import save_tensors_atomic
 from gguf_prune.ranges import ranges
-from gguf_prune.scoring.inputs import ScoreError
+from gguf_prune.scoring.options import ScoreError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_prune import scores as scores_io
+from gguf_prune.scores import ScoresError, load as load_scores, load_neurons
 from gguf_prune.atomic import save_figure_atomic
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _stem(path: Path) -> str:
 def plot_scores(scores_path: Path, out_dir: Path | None = None) -> list[Path]:
     """Draw every plot the scores file has data for; return the PNG paths."""
     scores_path = Path(scores_path)
-    d = scores_io.load(scores_path)
+    d = load_scores(scores_path)
     out_dir = Path(out_dir) if out_dir else scores_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _stem(scores_path)
@@ -122,8 +122,8 @@ def _neurons_figure(plt, d: dict, scores_path: Path, title: str, path: Path) -> 
     if not d["neurons"]:
         return None
     try:
-        stats = scores_io.load_neurons(scores_path, d)
-    except scores_io.ScoresError as e:
+        stats = load_neurons(scores_path, d)
+    except ScoresError as e:
         log.warning("%s", e)
         stats = None
     if not (stats and stats["freq"]):

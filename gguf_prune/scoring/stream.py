@@ -48,7 +48,8 @@ from gguf_prune import scores
 from gguf_prune.atomic import save_tensors_atomic
 from gguf_prune.scoring import ablate
 from gguf_prune.scoring.engine_choice import StreamChoice
-from gguf_prune.scoring.inputs import ScoreInputs, ScoreOptions
+from gguf_prune.scoring.inputs import ScoreInputs
+from gguf_prune.scoring.options import ScoreOptions
 from gguf_prune.scoring.memory import MemoryPlan, fmt_bytes, plan_memory
 from gguf_prune.scoring.stream_engine import StreamEngine, open_checkpoint
 from gguf_prune.scoring.taylor import taylor_streamed

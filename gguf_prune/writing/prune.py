@@ -22,13 +22,17 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from gguf_prune.runtime import llamacpp
 from gguf_prune.runtime import toolchain
 from gguf_prune.models import checkpoint
 from gguf_prune.atomic import OutOfSpaceError, fsync_path, write_text_atomic
+from gguf_prune.data import cache_root
 from gguf_prune.plan import ModelShape, Plan, validate
 from gguf_prune.writing.quantize import QuantizeError, check_quant_type, quantize
-from gguf_prune.recovered import open_recovered
+from gguf_prune.models.tensors import gguf_name, to_gguf_layout
+from gguf_prune.recovered import Recovered, open_recovered
 from gguf_prune.writing.jobs import Override
 from gguf_prune.writing.rewrite import rewrite
 from gguf_prune.errors import GgufPruneError
@@ -76,7 +80,7 @@ def plan_path_for(out: Path) -> Path:
 
 
 def converted_cache_dir() -> Path:
-    return toolchain.cache_root() / "converted"
+    return cache_root() / "converted"
 
 
 def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = None, *,
@@ -202,7 +206,7 @@ def _resolve_plan(hf_dir: Path, shape: ModelShape, fp: str, plan: Plan | Path | 
     if recovered is not None:
         tied = bool(checkpoint.read_config(hf_dir).get("tie_word_embeddings", False))
         rec = open_recovered(recovered, shape, fp, plan=plan, tied=tied)
-        plan, overrides = rec.plan, rec.overrides()
+        plan, overrides = rec.plan, _overrides(rec)
     if plan is not None:
         validate(plan, shape, fp, source="plan")
         if plan.patches() and overrides is None:
@@ -221,6 +225,23 @@ class _Written:
     bytes_pruned: int  # the cut file before quantization
     fallbacks: list  # llama-quantize's fallbacks, as dicts
     base_identity: str  # the conversion's gguf_identity ("" without a plan)
+
+
+def _overrides(rec: Recovered) -> dict[str, Override]:
+    """A recover directory's tensors as rewrite() takes them: source GGUF names, GGUF layout, each loaded from
+    recovered.safetensors only when its turn to be written comes."""
+    s, path = rec.plan.shape, str(rec.tensors_path)
+
+    def loader(hf: str):
+        def load() -> np.ndarray:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                w = f.get_tensor(hf).float().numpy()
+            return to_gguf_layout(hf, w, s)
+        return load
+
+    return {gguf_name(hf): Override(tuple(shape), loader(hf)) for hf, shape in rec.shapes.items()}
 
 
 def _cut_and_quantize(base: Path, out: Path, plan: Plan | None, overrides: dict[str, Override] | None,
