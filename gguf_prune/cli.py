@@ -22,6 +22,7 @@ from gguf_prune.recovery.options import LOSSES, METHODS, PATCH_FITS, FinetuneOpt
 from gguf_prune.runtime.evaluate import EvalOptions
 from gguf_prune.runtime.package import PackageOptions
 from gguf_prune.scoring.options import DTYPES, GREEDY_BY, GREEDY_UNITS, ScoreOptions
+from gguf_prune.writing.options import DEFAULT_OUTTYPE, DEFAULT_QUANT, OUTTYPES
 
 
 def _setup_logging(verbose: int) -> None:
@@ -197,9 +198,9 @@ def rewrite_cmd(base, plan_path, output) -> None:
               help="plan.json to apply (without it: the uncut BASE, made the same way, to compare against).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="GGUF to write; its plan is written next to it as <output>.plan.json.")
-@click.option("--quant", default="Q4_K_M", show_default=True,
+@click.option("--quant", default=DEFAULT_QUANT, show_default=True,
               help="llama-quantize type (Q4_K_M, Q5_K_M, Q8_0, F16, ...) or 'none'.")
-@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True,
+@click.option("--outtype", type=click.Choice(OUTTYPES), default=DEFAULT_OUTTYPE, show_default=True,
               help="Type of the converted checkpoint that is cut before quantizing.")
 @click.option("--imatrix-text", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Calibration text: compute an importance matrix (llama-imatrix) for quantization.")

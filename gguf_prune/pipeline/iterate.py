@@ -67,6 +67,7 @@ from gguf_prune.plan import Plan
 from gguf_prune.atomic import write_text_atomic
 from gguf_prune.errors import GgufPruneError
 from gguf_prune.pipeline.strategy import RECOVER_MODES
+from gguf_prune.writing.options import DEFAULT_QUANT
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class IterateOptions:
     units: tuple[str, ...] = UNITS  # what the budget may cut
     protect_first: int = 2
     protect_last: int = 2
-    quant: str = "Q4_K_M"  # for the plan's size estimate
+    quant: str = DEFAULT_QUANT  # for the plan's size estimate
     patch_fit: str = "pruned"
     finetune_options: Any = None  # finetune.FinetuneOptions; its method is set from ``recover``
     device: str = "auto"

@@ -28,6 +28,7 @@ from gguf_prune.data import DATA_DIR
 from gguf_prune.pipeline.checks import (check_family, check_inputs, check_run, check_training_data, llama_tools,
                                         refuse, run_option_problems)
 from gguf_prune.pipeline.strategy import WIDTH_FRACTIONS, greedy_steps_for
+from gguf_prune.writing.options import DEFAULT_QUANT
 
 if TYPE_CHECKING:
     from gguf_prune.plan import ModelShape, Plan
@@ -54,7 +55,7 @@ class RunOptions:
     greedy_steps: int | None = None  # None: enough for the budget
     greedy_pool: int | None = 8  # lazy greedy: re-measure the 8 cheapest candidates per step
     heads: bool = False  # head KL costs ~3x the rest of scoring on CPU; `--heads` turns it on
-    quant: str = "Q4_K_M"
+    quant: str = DEFAULT_QUANT
     text: Path | None = None  # held-out text for eval (None: bundled)
     prompts: Path | None = DEFAULT_PROMPTS
     eval_chunks: int | None = 24

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
+from gguf_prune.writing.options import DEFAULT_QUANT
 
 # Approximate bits per weight of block tensors, for the predicted size of a budget.
 BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.7,
@@ -64,7 +65,7 @@ class Draft:
             neurons = () if i in self.mlp_removed else self.neurons.get(i)
             layers.append(LayerPlan(i, heads=heads, neurons=neurons, why=why))
         plan = Plan(shape=self.shape, layers=tuple(layers), fingerprint=fingerprint, settings=dict(settings))
-        return replace(plan, predicted=predict(plan, settings.get("quant", "Q4_K_M")))
+        return replace(plan, predicted=predict(plan, settings.get("quant", DEFAULT_QUANT)))
 
     @classmethod
     def from_plan(cls, plan: Plan) -> "Draft":
@@ -86,7 +87,7 @@ class Draft:
         return w
 
 
-def predict(plan: Plan, quant: str = "Q4_K_M") -> dict[str, Any]:
+def predict(plan: Plan, quant: str = DEFAULT_QUANT) -> dict[str, Any]:
     """Parameter counts before/after and an estimate of the quantized size."""
     s = plan.shape
     before, after = plan.block_params()

@@ -13,6 +13,7 @@ from typing import Any
 from gguf_prune.plan import ModelShape, PlanError
 from gguf_prune.ranges import ranges
 from gguf_prune.values import is_int, is_real
+from gguf_prune.writing.options import DEFAULT_QUANT
 
 UNITS = ("layer", "attn", "mlp", "width")
 DEFAULT_UNITS = ("layer", "attn", "mlp")
@@ -44,7 +45,7 @@ class PlanOptions:
     target_params: float | None = None  # fraction of transformer-block parameters to remove
     target_size: int | None = None  # bytes of the quantized file
     units: tuple[str, ...] = ()  # unit kinds the budget may take (UNITS); () = DEFAULT_UNITS / UNIFORM_UNITS
-    quant: str = "Q4_K_M"  # for target_size and the predicted size
+    quant: str = DEFAULT_QUANT  # for target_size and the predicted size
     uniform: bool = False  # one shape for every kept layer (forced for families that load nothing else)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from gguf_prune.runtime import toolchain
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.writing.options import DEFAULT_OUTTYPE
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def command_line(name: str, args: Sequence[str | os.PathLike]) -> str:
     return " ".join([str(tool_path(name)), *map(str, args)])
 
 
-def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
+def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = DEFAULT_OUTTYPE) -> Path:
     """Convert a Hugging Face checkpoint with the pinned convert_hf_to_gguf.py.
 
     Writes to a temporary name next to ``out`` and renames it when complete. The temporary file is removed

@@ -9,4 +9,5 @@ quantized by llama.cpp.
 - rewrite.py: `rewrite`: check the inputs, plan the jobs, write the metadata, stream the tensors
 - quantize.py: llama-quantize and llama-imatrix, with the fallbacks they report
 - prune.py: `prune`: convert (cached), cut, quantize, check the result loads
+- options.py: the default quant type and the converted types, named once (the CLI and the planner read them)
 """

@@ -36,11 +36,10 @@ from gguf_prune.recovered import Recovered, open_recovered
 from gguf_prune.writing.jobs import Override
 from gguf_prune.writing.rewrite import rewrite
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.writing.options import DEFAULT_OUTTYPE, DEFAULT_QUANT, NO_QUANT, OUTTYPES
 
 log = logging.getLogger(__name__)
 
-OUTTYPES = ("f16", "bf16", "f32")
-NO_QUANT = "NONE"
 
 
 class PruneError(GgufPruneError, ValueError):
@@ -83,7 +82,7 @@ def converted_cache_dir() -> Path:
     return cache_root() / "converted"
 
 
-def convert_cached(hf_dir: Path, outtype: str = "f16", cache_dir: Path | None = None, *,
+def convert_cached(hf_dir: Path, outtype: str = DEFAULT_OUTTYPE, cache_dir: Path | None = None, *,
                    verify: bool = False) -> Path:
     """The checkpoint converted with the pinned convert_hf_to_gguf.py, made once per
     (conversion key, outtype, llama.cpp commit) under ``cache_dir``.
@@ -140,7 +139,7 @@ def _link(target: Path, name: Path) -> None:
         name.unlink(missing_ok=True)
 
 
-def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = "Q4_K_M", outtype: str = "f16",
+def prune(hf_dir: Path, plan: Plan | Path | None, out: Path, quant: str = DEFAULT_QUANT, outtype: str = DEFAULT_OUTTYPE,
           imatrix_text: Path | None = None, *, cache_dir: Path | None = None, imatrix_ctx: int = 512,
           threads: int | None = None, recovered: Path | None = None, verify_cache: bool = False) -> PruneResult:
     """Convert ``hf_dir``, cut it as ``plan`` says (None: uncut base), quantize, check it loads.

@@ -28,6 +28,7 @@ from gguf_prune.runtime import llamacpp
 from gguf_prune.writing.gguf_read import GGUFFormatError, read_gguf
 from gguf_prune.atomic import default_file_mode, fsync_path
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.writing.options import DEFAULT_QUANT
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def compute_imatrix(model: Path, text_file: Path, out: Path, *, ctx: int = 512, 
     return out
 
 
-def quantize(src: Path, out: Path, quant: str = "Q4_K_M", *, imatrix: Path | None = None,
+def quantize(src: Path, out: Path, quant: str = DEFAULT_QUANT, *, imatrix: Path | None = None,
              imatrix_text: Path | None = None, imatrix_ctx: int = 512, threads: int | None = None,
              check_load: bool = True) -> QuantizeResult:
     """Quantize ``src`` to ``out`` as ``quant`` (any llama-quantize target name).
