@@ -85,7 +85,7 @@ def gguf_facts(path: Path) -> dict[str, Any]:
     from gguf import GGUFReader
 
     from gguf_prune.models.arch import split_layer_name
-    from gguf_prune.writing.rewrite import PLAN_KEY
+    from gguf_prune.writing.gguf_names import PLAN_KEY
 
     r = GGUFReader(str(path))
     arch = r.fields["general.architecture"].contents()

@@ -1,4 +1,4 @@
-"""The names gguf-prune reads and writes inside a GGUF: its own metadata keys and the layer of a tensor.
+"""The names gguf-prune reads and writes inside a GGUF: its own metadata keys.
 
 A pruned GGUF records the plan it was cut with under ``gguf_prune.*``, so ``eval`` and ``package`` can say
 what a file is without the plan file next to it. Per-layer tensors are named ``blk.{i}.<suffix>``
@@ -7,15 +7,7 @@ what a file is without the plan file next to it. Per-layer tensors are named ``b
 
 from __future__ import annotations
 
-from gguf_prune.models import arch as archmod
-
 OWN_KEY_PREFIX = "gguf_prune."  # every key gguf-prune writes; a rewrite drops the input's own
 PLAN_KEY = "gguf_prune.plan"  # the plan, as its sorted JSON
 PLAN_DIGEST_KEY = "gguf_prune.plan_digest"
 VERSION_KEY = "gguf_prune.version"  # the gguf-prune that wrote the file
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """``"blk.7.attn_q.weight"`` → 7; None for a tensor outside the layers (``token_embd.weight``)."""
-    split = archmod.split_layer_name(tensor_name)
-    return split[0] if split is not None else None
