@@ -341,15 +341,16 @@ def gguf_fields(data: bytes) -> tuple[list[tuple[int, int, str]], int]:
     _, _, n_tensors, n_kv = struct.unpack_from("<IIQQ", data, 0)
     pos = 24
 
-    def string(what: str) -> None:
+    def string(what: str) -> bytes:
+        """Note the length field of the string at ``pos``, step over it; its bytes."""
         nonlocal pos
         fields.append((pos, U64, f"length of {what}"))
-        pos += 8 + struct.unpack_from("<Q", data, pos)[0]
+        start = pos + 8
+        pos = start + struct.unpack_from("<Q", data, pos)[0]
+        return data[start:pos]
 
     for _ in range(n_kv):
-        key_at = pos
-        string("a key")
-        key = data[key_at + 8:pos].decode()
+        key = string("a key").decode()
         fields.append((pos, U32, f"type of {key}"))
         (vtype,) = struct.unpack_from("<I", data, pos)
         pos += 4
@@ -371,9 +372,7 @@ def gguf_fields(data: bytes) -> tuple[list[tuple[int, int, str]], int]:
             fields.append((pos, sizes[vtype], f"value of {key}"))
             pos += sizes[vtype]
     for _ in range(n_tensors):
-        name_at = pos
-        string("a tensor name")
-        name = data[name_at + 8:pos].decode()
+        name = string("a tensor name").decode()
         fields.append((pos, U32, f"rank of {name}"))
         (n_dims,) = struct.unpack_from("<I", data, pos)
         pos += 4
