@@ -119,10 +119,16 @@ def save_torch_atomic(obj: Any, path: Path) -> None:
 
 def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> Path:
     """A matplotlib figure saved through a temporary name in the same directory, then renamed (a PNG cut
-    short by a full disk never lies under the final name)."""
+    short by a full disk never lies under the final name). The figure is closed either way: pyplot keeps
+    every open figure alive until it is."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    with _atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    try:
+        with _atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    finally:
+        plt.close(fig)
     return path
 
 

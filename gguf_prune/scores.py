@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from gguf_prune.plan import ModelShape
 from gguf_prune.plan_reading import shape_from_dict
 from gguf_prune.values import is_int, python_kind
-from gguf_prune.atomic import write_text_atomic
+from gguf_prune.atomic import save_tensors_atomic, write_text_atomic
 from gguf_prune.errors import GgufPruneError
 
 if TYPE_CHECKING:
@@ -255,6 +255,13 @@ def layer_entry(index: int, *, removed: bool = False, bi: float | None = None, k
     if width_kl is not None:
         e["width_kl"] = width_kl
     return e
+
+
+def save_neurons(scores_path: Path, tensors: Mapping[str, Any], tau: float, n_tokens: int) -> dict:
+    """Write the neuron side file next to ``scores_path`` (see neuron_tensors); its ``neurons`` entry."""
+    name = neurons_file_name(scores_path)
+    save_tensors_atomic(Path(scores_path).parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_tokens)})
+    return neurons_entry(name, tau, tensors)
 
 
 def neurons_entry(file_name: str, tau: float, tensors: Mapping[str, Any]) -> dict:

@@ -241,7 +241,4 @@ def plot_sweep(r: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        save_figure_atomic(fig, path, dpi=110)  # a temporary file renamed into place: never a partial PNG
-    finally:
-        plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)  # a temporary file renamed into place: never a partial PNG

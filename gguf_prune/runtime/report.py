@@ -122,7 +122,7 @@ def _plot_quality(plt, entries: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("quality against size and speed")
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def _plot_removed_per_layer(plt, pruned: list[dict[str, Any]], path: Path) -> Path:
@@ -155,15 +155,7 @@ def _plot_removed_per_layer(plt, pruned: list[dict[str, Any]], path: Path) -> Pa
     ax.set_title("fraction of each layer's parameters removed")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: Path) -> Path:
-    """Through a temporary file renamed into place: a full disk never leaves half a PNG."""
-    try:
-        return save_figure_atomic(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> None:

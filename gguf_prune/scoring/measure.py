@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from gguf_prune import scores
-from gguf_prune.atomic import save_tensors_atomic
 from gguf_prune.models.cuts import apply_plan, load_model
 from gguf_prune.plan import ModelShape
 from gguf_prune.scoring import ablate, oneshot
@@ -261,9 +260,7 @@ def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sou
     col_norm = {p: _column_norms(engine.layers[p]) for p in res.ff_count}
     tensors = scores.neuron_tensors([(s, p) for p, s in enumerate(sources)], res.ff_count, res.ff_abs,
                                     res.ff_sq, col_norm, n_real)
-    name = scores.neurons_file_name(out)
-    save_tensors_atomic(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
-    return scores.neurons_entry(name, tau, tensors)
+    return scores.save_neurons(out, tensors, tau, n_real)
 
 
 # ----------------------------------------------------------------------------- finishing

@@ -75,7 +75,7 @@ def _layers_figure(plt, d: dict, title: str, path: Path) -> Path:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def _sublayers_figure(plt, d: dict, title: str, path: Path) -> Path | None:
@@ -94,7 +94,7 @@ def _sublayers_figure(plt, d: dict, title: str, path: Path) -> Path | None:
     ax.set_ylabel("KL when bypassed, nats/token")
     ax.set_title(f"{title}: sub-block scores")
     ax.legend()
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def _heads_figure(plt, d: dict, title: str, path: Path) -> Path | None:
@@ -114,7 +114,7 @@ def _heads_figure(plt, d: dict, title: str, path: Path) -> Path | None:
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, label="log10 KL when zeroed")
     fig.suptitle(f"{title}: head ablation")
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def _neurons_figure(plt, d: dict, scores_path: Path, title: str, path: Path) -> Path | None:
@@ -141,7 +141,7 @@ def _neurons_figure(plt, d: dict, scores_path: Path, title: str, path: Path) -> 
         ax.tick_params(labelsize=6)
     fig.suptitle(f"{title}: neuron activation frequency (|a| > {d['neurons']['tau']})")
     fig.supxlabel("fraction of tokens active")
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def _greedy_figure(plt, d: dict, title: str, path: Path) -> Path | None:
@@ -157,7 +157,7 @@ def _greedy_figure(plt, d: dict, title: str, path: Path) -> Path | None:
     ax.set_xlabel("units removed")
     ax.set_ylabel("KL vs the full model, nats/token")
     ax.set_title(f"{title}: greedy removal ({d['greedy']['by']})")
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def _width_figure(plt, d: dict, title: str, path: Path) -> Path | None:
@@ -180,12 +180,9 @@ def _width_figure(plt, d: dict, title: str, path: Path) -> Path | None:
     ax.set_ylabel("KL, nats/token")
     ax.set_title(f"{title}: MLP width (lowest-energy neurons removed first)")
     ax.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
-def _save(fig, plt, path: Path) -> Path:
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    try:
-        return save_figure_atomic(fig, path, dpi=110)  # removes its temporary file when the save fails
-    finally:
-        plt.close(fig)
+    return save_figure_atomic(fig, path, dpi=110)  # removes its temporary file when the save fails

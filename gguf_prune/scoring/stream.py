@@ -45,7 +45,6 @@ import numpy as np
 import torch
 
 from gguf_prune import scores
-from gguf_prune.atomic import save_tensors_atomic
 from gguf_prune.scoring import ablate
 from gguf_prune.scoring.engine_choice import StreamChoice
 from gguf_prune.scoring.inputs import ScoreInputs
@@ -414,6 +413,4 @@ def _write_neurons(out: Path, res: StreamResult, n_real: int, tau: float) -> dic
     r = res.scan
     tensors = scores.neuron_tensors([(s, s) for s in sorted(r.ff_count)], r.ff_count, r.ff_abs, r.ff_sq,
                                     res.col_norm, n_real)
-    name = scores.neurons_file_name(out)
-    save_tensors_atomic(out.parent / name, tensors, {"tau": str(tau), "n_tokens": str(n_real)})
-    return scores.neurons_entry(name, tau, tensors)
+    return scores.save_neurons(out, tensors, tau, n_real)
