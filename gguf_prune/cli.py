@@ -249,6 +249,8 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 @option(RecoverOptions, "--seed", type=SEED)
 @option(RecoverOptions, "--patch", is_flag=True,
         help="Fit a linear patch (n_embd² parameters) for every run of removed layers and removed attention.")
+@option(RecoverOptions, "--repair", is_flag=True,
+        help="Refit the output projection (and a bias) of every narrowed attention and MLP, in closed form.")
 @option(RecoverOptions, "--patch-fit", type=click.Choice(PATCH_FITS),
         help="pruned: fit on the pruned model's own states (sequential); full: on the full model's.")
 @click.option("--finetune", type=click.Choice(("none",) + METHODS), default="none", show_default=True,
@@ -268,9 +270,9 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
         help="Steps between checkpoints (an interrupted run started again resumes).")
 @option(RecoverOptions, "--device", help="auto, cpu, cuda or cuda:N.")
 def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_len, samples, heldout, seed, patch,
-                patch_fit, finetune, loss, steps, batch_size, lr, warmup, lora_rank, lora_alpha, eval_every, patience,
+                repair, patch_fit, finetune, loss, steps, batch_size, lr, warmup, lora_rank, lora_alpha, eval_every, patience,
                 checkpoint_every, device) -> None:
-    """Recover what a cut lost: linear patches (closed form) and/or fine-tuning; write a directory
+    """Recover what a cut lost: repairs and linear patches (closed form) and/or fine-tuning; write a directory
     for `gguf-prune prune HF_DIR --recovered DIR`."""
     from gguf_prune.calibration import CalibrationError
     from gguf_prune.recovery.options import FinetuneError
@@ -284,8 +286,8 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
                           warmup=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha, eval_every=eval_every,
                           patience=patience, checkpoint_every=checkpoint_every, seed=seed)
     opts = RecoverOptions(calibration=calibration, calibration_kind=calibration_kind, seq_len=seq_len,
-                          samples=samples, seed=seed, heldout=heldout, patch=patch, patch_fit=patch_fit,
-                          finetune=method, finetune_options=fto, device=device)
+                          samples=samples, seed=seed, heldout=heldout, patch=patch, repair=repair,
+                          patch_fit=patch_fit, finetune=method, finetune_options=fto, device=device)
     try:
         r = recover(hf_dir, plan_path, output, opts)
     except (ModelDirError, CalibrationError, PlanError, RecoverError, FinetuneError, WeightsError) as e:

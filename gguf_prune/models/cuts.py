@@ -14,6 +14,7 @@ import torch
 
 from gguf_prune.models.checkpoint import ModelDirError, WeightsError, check_model_dir
 from gguf_prune.models.tensors import PATCH_NAME  # a patch's matrix (n_embd, n_embd), by source layer index
+from gguf_prune.models.tensors import REPAIR_BIASES
 from gguf_prune.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,13 @@ def _load_weights(model, plan: Plan, weights: Mapping[str, torch.Tensor]) -> dic
                 if not any(name == PATCH_NAME.format(lp.index) for lp in plan.patches()):
                     problems.append(f"{name} is a patch matrix but the plan has no patch at that layer")
                 continue
+            parts = name.split(".")
+            if name not in state and name.endswith(tuple("." + b for b in REPAIR_BIASES)):
+                add_bias(model.get_submodule(name.rsplit(".", 1)[0]))  # a repair's bias: the module had none
+                state = model.state_dict()
             if name not in state:
                 problems.append(f"{name} is not a tensor of this model")
                 continue
-            parts = name.split(".")
             if name.startswith("model.layers.") and int(parts[2]) in removed:
                 problems.append(f"{name} belongs to layer {parts[2]}, which the plan removes")
                 continue
@@ -130,6 +134,15 @@ def _load_weights(model, plan: Plan, weights: Mapping[str, torch.Tensor]) -> dic
         raise WeightsError(f"recovered weights do not fit ({len(problems)} problem{'s' if len(problems) > 1 else ''}):"
                            "\n  - " + "\n  - ".join(problems))
     return patches
+
+
+def add_bias(linear: torch.nn.Linear) -> torch.nn.Parameter:
+    """Give ``linear`` a (zero) bias if it has none; return its bias. A repair's bias on o_proj or down_proj."""
+    if linear.bias is None:
+        w = linear.weight
+        linear.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                         requires_grad=w.requires_grad)
+    return linear.bias
 
 
 class LinearAttention(torch.nn.Module):

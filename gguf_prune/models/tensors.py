@@ -41,11 +41,16 @@ LAYER_TENSORS: Mapping[str, HfTensor] = {
     "mlp.up_proj.weight":              HfTensor(("n_ff", "n_embd"), "ffn_up.weight"),
     "mlp.down_proj.weight":            HfTensor(("n_embd", "n_ff"), "ffn_down.weight"),
 }
+# biases a repair adds to the output projections (llama and deci load them when present; a checkpoint has none)
+REPAIR_BIASES: Mapping[str, HfTensor] = {
+    "self_attn.o_proj.bias": HfTensor(("n_embd",), "attn_output.bias"),
+    "mlp.down_proj.bias":    HfTensor(("n_embd",), "ffn_down.bias"),
+}
 ATTENTION_TENSORS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                     "self_attn.o_proj.weight")
+                     "self_attn.o_proj.weight", "self_attn.o_proj.bias")
 # the MLP's norm belongs to it: a removed MLP's norm is not read (the attention's norm is its input_layernorm)
 MLP_TENSORS = ("post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-               "mlp.down_proj.weight")
+               "mlp.down_proj.weight", "mlp.down_proj.bias")
 
 PATCH_TENSOR = "patch.weight"  # a patch's matrix, relative to model.layers.{i}.
 PATCH_NAME = "model.layers.{}." + PATCH_TENSOR  # .format(source layer index)
@@ -69,7 +74,7 @@ def split_hf_name(name: str) -> tuple[int | None, str]:
 
 
 def _layer_tensor(suffix: str) -> HfTensor | None:
-    return _PATCH if suffix == PATCH_TENSOR else LAYER_TENSORS.get(suffix)
+    return _PATCH if suffix == PATCH_TENSOR else LAYER_TENSORS.get(suffix) or REPAIR_BIASES.get(suffix)
 
 
 def _resolve(dims: tuple[str, ...], s: ModelShape) -> tuple[int, ...]:

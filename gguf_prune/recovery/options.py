@@ -74,6 +74,8 @@ class RecoverOptions:
     seed: int = 0
     heldout: float = 0.1  # fraction of sequences held out (ridge choice, early stopping, the figures)
     patch: bool = False
+    repair: bool = False  # refit the output projections of narrowed attentions and MLPs (recovery/repair.py)
+    repair_bias: bool = True  # ... with a bias on each (llama and deci load one)
     patch_fit: str = "pruned"
     patch_weighting: str = "rms"
     finetune: str | None = None  # None | "lora" | "full"

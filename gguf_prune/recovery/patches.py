@@ -30,6 +30,7 @@ from gguf_prune.models.tensors import PATCH_NAME
 from gguf_prune.plan import LayerPlan, Plan
 from gguf_prune.recovered import RecoverError
 from gguf_prune.recovery.options import PATCH_FITS
+from gguf_prune.recovery.ridge import RidgeSums
 
 log = logging.getLogger(__name__)
 
@@ -75,59 +76,24 @@ def _rmsnorm(h: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
-class RidgeSums:
-    """Sums for one ridge least-squares fit Y ≈ X·B over real tokens (float64), train and held-out apart."""
-
-    def __init__(self, d: int):
-        z = lambda: torch.zeros(d, d, dtype=torch.float64)  # noqa: E731
-        self.xx, self.xy, self.xx_h, self.xy_h = z(), z(), z(), z()
-        self.yy = self.yy_h = 0.0
-        self.n = self.n_h = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor, heldout: bool, w: torch.Tensor | None):
-        x, y = x[real].double(), y[real].double()  # (n, d): the real tokens of the batch
-        if w is not None:
-            sw = w[real].double().sqrt()[:, None]  # (n, 1): √weight on both sides weighs the squared error
-            x, y = x * sw, y * sw
-        xx, xy, yy = x.T @ x, x.T @ y, float((y * y).sum())
-        if heldout:
-            self.xx_h += xx
-            self.xy_h += xy
-            self.yy_h += yy
-            self.n_h += x.shape[0]
-        else:
-            self.xx += xx
-            self.xy += xy
-            self.yy += yy
-            self.n += x.shape[0]
-
-    def solve(self, alpha: float) -> torch.Tensor:
-        d = self.xx.shape[0]
-        lam = alpha * float(torch.diagonal(self.xx).mean())
-        return torch.linalg.solve(self.xx + lam * torch.eye(d, dtype=torch.float64), self.xy)  # B: (d_in, d_out)
-
-    @staticmethod
-    def residual(b: torch.Tensor, xx: torch.Tensor, xy: torch.Tensor, yy: float) -> float:
-        """Σ‖y − x·B‖² from the sums."""
-        return float(torch.sum(b * (xx @ b)) - 2 * torch.sum(b * xy) + yy)
-
-    def fit(self, grid=RIDGE_GRID) -> tuple[torch.Tensor, dict]:
-        """W (d_out, d_in) with the ridge that does best on the held-out sums (1e-3 without any), and figures."""
-        if self.n == 0:
-            raise RecoverError("no calibration tokens to fit a patch on")
-        scores = {}
-        if self.n_h:
-            for a in grid:
-                scores[a] = self.residual(self.solve(a), self.xx_h, self.xy_h, self.yy_h) / max(self.yy_h, 1e-30)
-            alpha = min(scores, key=scores.get)
-        else:
-            alpha = 1e-3
-        b = self.solve(alpha)
-        stats = {"tokens": self.n, "heldout_tokens": self.n_h, "ridge": alpha,
-                 "train_residual": round(self.residual(b, self.xx, self.xy, self.yy) / max(self.yy, 1e-30), 6)}
-        if self.n_h:
-            stats["heldout_residual"] = round(scores[alpha], 6)
-        return b.T.float().contiguous(), stats  # W: (d_out, d_in), the HF / GGUF (numpy) layout
+def fit_patch(acc: RidgeSums, grid=RIDGE_GRID) -> tuple[torch.Tensor, dict]:
+    """W (d_out, d_in) toward zero with the ridge that does best on the held-out sums (1e-3 without any),
+    and its figures."""
+    if acc.n == 0:
+        raise RecoverError("no calibration tokens to fit a patch on")
+    scores = {}
+    if acc.n_h:
+        for a in grid:
+            scores[a] = acc.heldout_residual(acc.solve(a))
+        alpha = min(scores, key=scores.get)
+    else:
+        alpha = 1e-3
+    b = acc.solve(alpha)
+    stats = {"tokens": acc.n, "heldout_tokens": acc.n_h, "ridge": alpha,
+             "train_residual": round(acc.train_residual(b), 6)}
+    if acc.n_h:
+        stats["heldout_residual"] = round(scores[alpha], 6)
+    return b.T.float().contiguous(), stats  # W: (d_out, d_in), the HF / GGUF (numpy) layout
 
 
 # ----------------------------------------------------------------------------- fitting every patch of a plan
@@ -192,7 +158,7 @@ class _PatchWalk:
     ``cut``      the pruned model without patches, held-out batches only: what the patches are compared with.
     """
 
-    def __init__(self, model, plan: Plan, fit: str, weighting: str, pruned_from=None):
+    def __init__(self, model, plan: Plan, fit: str, weighting: str, pruned_from=None, repairs=None):
         from gguf_prune.scoring.ablate import Engine
 
         self.fit, self.weighting = fit, weighting
@@ -206,6 +172,7 @@ class _PatchWalk:
         self.d = plan.shape.n_embd
         self.weights: dict[str, torch.Tensor] = {}
         self.patch_stats: list[dict] = []
+        self.repairs = repairs  # fits the narrowed layers' output projections (repair.Repairs), or None
 
     def start(self, batches: list[_Batch]) -> None:
         """The three streams at the embedding (call under torch.inference_mode, as every step after)."""
@@ -216,6 +183,40 @@ class _PatchWalk:
         self.patched = [h.clone() for h in self.full]
         self.cut = [h.clone() if b.heldout else None for h, b in zip(self.full, batches)]
         self.run_in: tuple[list, list] | None = None  # (full, patched) where the current run of removed layers began
+        self.ref_logp = None
+        if self.repairs is not None:  # the full model's log-probabilities on the held-out tokens: a repair's KL is to them
+            self.ref_logp = [self._logp(self._rest(self.full_e, 0, h, c), r) if b.heldout else None
+                             for h, c, r, b in zip(self.full, self.ctxs, self.reals, batches)]
+
+    def _logp(self, h: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """log-softmax of the logits of the real tokens of last states ``h`` (b, T, d) → (n, n_vocab) float32."""
+        x = self.full_e.final(h)[real.to(h.device)].float()
+        z = x @ self.full_e.W.T
+        if self.full_e.bias is not None:
+            z += self.full_e.bias
+        return torch.log_softmax(z, -1)
+
+    @staticmethod
+    def _rest(engine, k: int, h: torch.Tensor, ctx) -> torch.Tensor:
+        """``h`` through ``engine``'s layers k, k+1, … to the last."""
+        for j in range(k, engine.n_layer):
+            h = engine.layer(j, h, ctx)
+        return h
+
+    def heldout_kl_from(self, k: int, states: list, mlp_of: int | None = None) -> float:
+        """Mean KL to the full model over the held-out real tokens when the pruned stream holds ``states`` (one per
+        held-out batch, in batch order) before pruned layer ``k`` and runs the rest of the cut model from there;
+        ``mlp_of`` = k: the states are after layer k's attention (its MLP runs first)."""
+        total, n = 0.0, 0
+        ho = [b for b, batch in enumerate(self.batches) if batch.heldout]
+        for b, h in zip(ho, states):
+            if mlp_of is not None:
+                h = h + self.pr_e.mlp(mlp_of, h)
+            h = self._rest(self.pr_e, k, h, self.ctxs[b])
+            p = self.ref_logp[b]  # (n, V)
+            total += float((p.exp() * (p - self._logp(h, self.reals[b]))).sum(-1).double().sum())
+            n += p.shape[0]
+        return total / max(n, 1)
 
     def layer(self, lp: LayerPlan) -> None:
         """Move the streams through one layer of the plan, fitting its patch if it has one."""
@@ -224,12 +225,30 @@ class _PatchWalk:
             return
         self.run_in = None  # a run without a patch ends here: the cut alone
         i, k = lp.index, self.pos[lp.index]
-        if lp.attention_removed and lp.patch is not None:
+        self.cut = [None if h is None else self.pr_e.layer(k, h, c) for h, c in zip(self.cut, self.ctxs)]  # unrepaired
+        if self.repairs is not None and self.repairs.wanted(lp):
+            self._repaired_layer(lp, k)
+        elif lp.attention_removed and lp.patch is not None:
             self._patched_attention(lp, k)
         else:
             self.full = [self.full_e.layer(i, h, c) for h, c in zip(self.full, self.ctxs)]
             self.patched = [self.pr_e.layer(k, h, c) for h, c in zip(self.patched, self.ctxs)]
-        self.cut = [None if h is None else self.pr_e.layer(k, h, c) for h, c in zip(self.cut, self.ctxs)]
+
+    def _repaired_layer(self, lp: LayerPlan, k: int) -> None:
+        """A kept layer with a narrowed attention or MLP: each repair is fitted on the states the pruned,
+        already repaired model gives, toward the full model's state after the sub-block."""
+        i = lp.index
+        full_mid = [h + self.full_e.attn(i, h, c) for h, c in zip(self.full, self.ctxs)]
+        if lp.attention_removed and lp.patch is not None:
+            patched_mid = self._attention_patch(lp, k, full_mid)
+        else:
+            if self.repairs.heads_wanted(lp):
+                self.repairs.attention(self, lp, k, full_mid)
+            patched_mid = [h + self.pr_e.attn(k, h, c) for h, c in zip(self.patched, self.ctxs)]
+        self.full = [h + self.full_e.mlp(i, h) for h in full_mid]
+        if self.repairs.width_wanted(lp):
+            self.repairs.mlp(self, lp, k, patched_mid, self.full)
+        self.patched = [h + self.pr_e.mlp(k, h) for h in patched_mid]
 
     def _removed_layer(self, lp: LayerPlan) -> None:
         """The full stream goes through the layer; the pruned ones skip it, and at the run's patch take
@@ -248,13 +267,17 @@ class _PatchWalk:
     def _patched_attention(self, lp: LayerPlan, k: int) -> None:
         """A removed attention with its patch ``h + W·input_layernorm(h)``, then the layer's MLP."""
         i = lp.index
-        ln = self.pr_e.layers[k].input_layernorm
         full_mid = [h + self.full_e.attn(i, h, c) for h, c in zip(self.full, self.ctxs)]
-        inputs = self.patched if self.fit == "pruned" else self.full
-        W = self._fit_one(i, inputs, lambda h: ln(h).float(), full_mid)
-        patched_mid = [h + ln(h).float() @ W.T for h in self.patched]
+        patched_mid = self._attention_patch(lp, k, full_mid)
         self.patched = [h + self.pr_e.mlp(k, h) for h in patched_mid]
         self.full = [h + self.full_e.mlp(i, h) for h in full_mid]
+
+    def _attention_patch(self, lp: LayerPlan, k: int, full_mid: list) -> list:
+        """Fit the patch of a removed attention toward ``full_mid``; the patched stream after it."""
+        ln = self.pr_e.layers[k].input_layernorm
+        inputs = self.patched if self.fit == "pruned" else self.full
+        W = self._fit_one(lp.index, inputs, lambda h: ln(h).float(), full_mid)
+        return [h + ln(h).float() @ W.T for h in self.patched]
 
     def _fit_one(self, index: int, inputs: list, x_of: Callable[[torch.Tensor], torch.Tensor],
                  target: list) -> torch.Tensor:
@@ -264,7 +287,7 @@ class _PatchWalk:
             x = x_of(s_)
             w = 1.0 / (t_.float().pow(2).mean(-1) + self.eps) if self.weighting == "rms" else None  # (b, T)
             acc.add(x, t_.float() - s_.float(), self.reals[b], self.batches[b].heldout, w)
-        W, st = acc.fit()
+        W, st = fit_patch(acc)
         st = {"layer": index, **self.spans[index], **st}
         self.patch_stats.append(st)
         log.info("patch at layer %d (%s %s): %d tokens, ridge %.0e, held-out residual %.3f of the "
@@ -282,29 +305,36 @@ class _PatchWalk:
             return None
         kl_cut = sum(_kl_sum(self.full_e, self.full[b], self.cut[b], self.reals[b]) for b in ho)
         kl_patch = sum(_kl_sum(self.full_e, self.full[b], self.patched[b], self.reals[b]) for b in ho)
-        log.info("held-out KL to the full model (PyTorch): cut alone %.4f, with %d patch(es) %.4f",
-                 kl_cut / n_ho, len(self.weights), kl_patch / n_ho)
+        n_rep = 0 if self.repairs is None else sum(st["ridge"] is not None for st in self.repairs.stats)
+        log.info("held-out KL to the full model (PyTorch): cut alone %.4f, with %d patch(es) and %d repair(s) %.4f",
+                 kl_cut / n_ho, len(self.weights), n_rep, kl_patch / n_ho)
         return {"cut": kl_cut / n_ho, "patched": kl_patch / n_ho, "tokens": n_ho}
 
 
 def fit_patches(model, plan: Plan, cal: Calibration, heldout: set[int], fit: str = "pruned",
-                weighting: str = "rms", seqs_per_batch: int = 8,
-                pruned_from=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Fit every patch of ``plan`` on ``cal`` (sequences in ``heldout`` choose the ridge and are scored).
+                weighting: str = "rms", seqs_per_batch: int = 8, pruned_from=None,
+                repair: bool = False, repair_bias: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit every patch of ``plan`` on ``cal`` (sequences in ``heldout`` choose the ridge and are scored), and with
+    ``repair`` every repair of a narrowed attention or MLP (:mod:`gguf_prune.recovery.repair`), in one pass
+    down the layers: each fit sees the states the pruned model with every earlier fit gives.
 
-    Returns ``{model.layers.{i}.patch.weight: W}`` and statistics, with the held-out KL of the cut alone
-    and of the cut with its patches (PyTorch, per real token).
+    Returns the tensors (``{model.layers.{i}.patch.weight: W}``, and the repaired projections) and statistics,
+    with the held-out KL of the cut alone and of the cut with its patches and repairs (PyTorch, per real token).
 
     ``model`` is the unpruned model (the target). ``pruned_from``: a model of the same shape whose layers
     the pruned path runs instead of ``model``'s (the weights an earlier recovery left); default ``model``.
 
     ``weighting="rms"`` weighs each token by 1/mean(h_out²): the next layer sees rmsnorm(h), so an error
     matters relative to the size of the state (without it the few huge "attention sink" states dominate).
+    ``repair_bias``: repairs fit a bias on the output projection too (llama and deci load one).
     """
+    from gguf_prune.recovery.repair import Repairs
+
     if fit not in PATCH_FITS:
         raise RecoverError(f"patch fit {fit!r} is not one of {', '.join(PATCH_FITS)}")
     t0 = time.time()
-    walk = _PatchWalk(model, plan, fit, weighting, pruned_from)  # copies the layers the plan cuts inside
+    repairs = Repairs(plan.shape, bias=repair_bias) if repair else None
+    walk = _PatchWalk(model, plan, fit, weighting, pruned_from, repairs)  # copies the layers the plan cuts inside
     batches = _batches(cal, heldout, seqs_per_batch)
     stats: dict[str, Any] = {"fit": fit, "weighting": weighting, "patches": walk.patch_stats}
     with torch.inference_mode():
@@ -312,6 +342,9 @@ def fit_patches(model, plan: Plan, cal: Calibration, heldout: set[int], fit: str
         for lp in plan.layers:
             walk.layer(lp)
         kl = walk.heldout_kl()
+    if repairs is not None:
+        walk.weights.update(repairs.weights)
+        stats["repairs"] = repairs.stats
     if kl is not None:
         stats["heldout_kl"] = kl
     stats["seconds"] = round(time.time() - t0, 2)

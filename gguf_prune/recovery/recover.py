@@ -40,6 +40,7 @@ from gguf_prune.recovered import (RECOVER_SCHEMA, RECOVER_VERSION, STATE_DIR, Re
 from gguf_prune.recovery.finetune import check_data, finetune, resolve_device
 from gguf_prune.recovery.options import PATCH_FITS, FinetuneError, FinetuneOptions, RecoverOptions
 from gguf_prune.recovery.patches import fit_patches, mark_patches
+from gguf_prune.recovery.repair import repair_count
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class RecoverResult:
             for st in p["patches"]:
                 lines.append(f"  patch at layer {st['layer']} for {st['replaces']} {st['layers']}: held-out "
                              f"residual {st.get('heldout_residual', float('nan')):.3f}, ridge {st['ridge']:.0e}")
+        reps = (p or {}).get("repairs") or []
+        if reps:
+            done = [st for st in reps if st["ridge"] is not None]
+            lines.append(f"  {len(done)} of {len(reps)} repairs applied (narrowed MLPs and attentions; the others did "
+                         "not lower the held-out KL)")
         kl = m.get("heldout_kl", {})
         if kl:
             lines.append("held-out KL to the unpruned model (PyTorch, calibration split): "
@@ -134,7 +140,7 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     }
     if req.start is not None:
         weights = _start_weights(req, manifest)
-    if req.target.patches():
+    if req.target.patches() or (o.repair and repair_count(req.cut)):
         _add_patches(req, model, cal, heldout, weights, manifest)
     if o.finetune:
         _add_finetuned(req, model, cal, heldout, weights, manifest)
@@ -144,8 +150,9 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
 
 def _check_request(hf_dir: Path, plan: Plan | Path, out: Path, o: RecoverOptions, start: Path | None) -> _Request:
     """Every check recover() makes before it loads a model or writes a file."""
-    if not o.patch and not o.finetune:
-        raise RecoverError("nothing to do: pass --patch (linear patches) and/or --finetune lora|full")
+    if not o.patch and not o.repair and not o.finetune:
+        raise RecoverError("nothing to do: pass --repair (closed-form repair of narrowed parts), --patch (linear "
+                           "patches for removed parts) and/or --finetune lora|full")
     if o.finetune not in (None, "lora", "full"):
         raise RecoverError(f"--finetune {o.finetune!r} is not one of lora, full")
     if o.patch_fit not in PATCH_FITS:
@@ -166,8 +173,13 @@ def _check_request(hf_dir: Path, plan: Plan | Path, out: Path, o: RecoverOptions
     validate(plan, shape, fp, source="plan")
     cut = plan.without_patches()
     target = mark_patches(cut) if o.patch else cut
+    if (o.patch or o.repair) and cut.removed_fraction() <= 0:
+        raise RecoverError("the plan cuts nothing: there is nothing to repair or patch. Make a plan that removes "
+                           "something (`gguf-prune plan --target-params 0.2`), or prune without recovery")
     if o.patch and not target.patches():
         log.warning("the plan removes no layer and no attention sub-block: there is nothing to patch")
+    if o.repair and not repair_count(cut):
+        log.warning("the plan narrows no attention and no MLP: there is nothing to repair")
     tied = bool(checkpoint.read_config(hf_dir).get("tie_word_embeddings", False))
     start_rec = None if start is None else _check_start(Path(start), shape, fp, cut, tied, out)
     check_output_dir(out)
@@ -193,7 +205,7 @@ def _add_patches(req: _Request, model, cal: Calibration, heldout: set[int], weig
     o = req.options
     src = _with_weights(model, weights) if weights else None
     pw, pstats = fit_patches(model, req.target, cal, heldout, fit=o.patch_fit, weighting=o.patch_weighting,
-                             pruned_from=src)
+                             pruned_from=src, repair=o.repair, repair_bias=o.repair_bias)
     del src
     weights.update(pw)
     manifest["patch"] = pstats
@@ -275,6 +287,9 @@ def carry_weights(weights: Mapping[str, torch.Tensor], cut: Plan, tied: bool | N
 def _with_weights(model, weights: Mapping[str, torch.Tensor]):
     """A copy of ``model`` with ``weights`` (source names, full shapes) loaded over its own."""
     m = copy.deepcopy(model)
+    for name in weights:
+        if name.endswith(".bias") and name not in m.state_dict():
+            cuts.add_bias(m.get_submodule(name.rsplit(".", 1)[0]))  # a repair's bias
     state = m.state_dict()
     with torch.no_grad():
         for name, w in weights.items():

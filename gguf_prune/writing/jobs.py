@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from gguf_prune.models import arch as archmod
 from gguf_prune.plan import ModelShape, Plan
 from gguf_prune.writing.gguf_read import TensorRef
+
+# output biases a repair may add to a layer that has none in the base (llama and deci load them if present)
+NEW_BIASES = ("attn_output.bias", "ffn_down.bias")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ def plan_jobs(refs: list[TensorRef], cuts: list[LayerCut], spec: archmod.ArchSpe
                           archmod.neox_to_norm_rows(s.head_dim) if permute_rope else None)
     for ref in refs:
         planner.add(ref)
+    planner.add_new_biases(refs)
     planner.check_unused_overrides(refs)
     return planner.jobs, planner.problems
 
@@ -273,6 +278,23 @@ class _JobPlanner:
         self.jobs.append(TensorJob(name, ref, tuple(out_shape), "take", role.axis, idx, data=data))
 
     # --- after every tensor
+
+    def add_new_biases(self, refs: list[TensorRef]) -> None:
+        """A repair's output biases (``attn_output.bias``, ``ffn_down.bias``) that the base has no tensor for: new
+        F32 tensors of their kept (or narrowed) layer. A removed or patched block reads no bias: left to
+        :meth:`check_unused_overrides` to report."""
+        names = {ref.name for ref in refs}
+        for name in sorted(set(self.overrides) - names):
+            split = archmod.split_layer_name(name)
+            cut = None if split is None else self.by_source.get(split[0])
+            if cut is None or split[1] not in NEW_BIASES:
+                continue
+            mode = cut.attention if split[1] == "attn_output.bias" else cut.mlp
+            data = self.overrides[name]
+            if mode not in ("kept", "sliced") or tuple(data.shape) != (self.s.n_embd,):
+                continue
+            ref = TensorRef(name, GGMLQuantizationType.F32, (self.s.n_embd,), 0, 4 * self.s.n_embd)
+            self.jobs.append(TensorJob(f"blk.{cut.target}.{split[1]}", ref, ref.shape, "copy", data=data))
 
     def check_unused_overrides(self, refs: list[TensorRef]) -> None:
         """Every recovered tensor is written: one that names no base tensor, or a removed one, is a problem."""

@@ -1,0 +1,81 @@
+"""One ridge least-squares fit, accumulated over a token stream: the arithmetic under every closed-form recovery.
+
+``Y ≈ X·B`` over the real tokens of the calibration batches, with the sums XᵀX, XᵀY and ΣY² kept in float64,
+the training and the held-out sequences apart. :meth:`RidgeSums.solve` regularises toward a *prior* B₀ (zero for
+a linear patch, the original weights for a repair):
+
+    B = (XᵀX + λ·D)⁻¹ (XᵀY + λ·D·B₀),   λ = alpha · mean diag(XᵀX)
+
+where the diagonal D is 1 for every input but those listed as ``free`` (a bias column), which get a small
+weight instead. The solve is a Cholesky factorisation of a symmetric positive definite matrix (λ > 0), in
+float64: it gives finite weights even when the system is underdetermined (fewer tokens than inputs), and
+:meth:`solve` checks that it did.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gguf_prune.recovered import RecoverError
+
+FREE_WEIGHT = 1e-3  # the ridge on a "free" column (a bias), relative to the others
+
+
+class RidgeSums:
+    """Sums for one ridge fit of ``d_out`` targets on ``d_in`` inputs, train and held-out apart (float64)."""
+
+    def __init__(self, d_in: int, d_out: int | None = None, device: str | torch.device = "cpu"):
+        d_out = d_in if d_out is None else d_out
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.xx, self.xy, self.xx_h, self.xy_h = z(d_in, d_in), z(d_in, d_out), z(d_in, d_in), z(d_in, d_out)
+        self.yy = self.yy_h = 0.0
+        self.n = self.n_h = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor, heldout: bool,
+            w: torch.Tensor | None = None) -> None:
+        """Add the tokens of one batch: ``x`` (b, T, d_in), ``y`` (b, T, d_out), ``real`` (b, T) the tokens that
+        count, ``w`` (b, T) a weight per token (its squared error counts w times)."""
+        x, y = x[real].double(), y[real].double()  # (n, d): the real tokens of the batch
+        if w is not None:
+            sw = w[real].double().sqrt()[:, None]  # (n, 1): √weight on both sides weighs the squared error
+            x, y = x * sw, y * sw
+        xx, xy, yy = x.T @ x, x.T @ y, float((y * y).sum())
+        if heldout:
+            self.xx_h += xx
+            self.xy_h += xy
+            self.yy_h += yy
+            self.n_h += x.shape[0]
+        else:
+            self.xx += xx
+            self.xy += xy
+            self.yy += yy
+            self.n += x.shape[0]
+
+    def solve(self, alpha: float, prior: torch.Tensor | None = None, free: tuple[int, ...] = ()) -> torch.Tensor:
+        """B (d_in, d_out) for ridge strength ``alpha`` toward ``prior`` (d_in, d_out; None: zero)."""
+        d = self.xx.shape[0]
+        scale = float(torch.diagonal(self.xx).mean()) if self.n else 1.0
+        lam = alpha * (scale if scale > 0 else 1.0)
+        reg = torch.ones(d, dtype=torch.float64, device=self.xx.device)
+        if free:
+            reg[list(free)] = FREE_WEIGHT
+        a = self.xx + torch.diag(lam * reg)
+        rhs = self.xy if prior is None else self.xy + (lam * reg)[:, None] * prior.to(self.xy)
+        factor, info = torch.linalg.cholesky_ex(a)
+        b = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution
+        if not bool(torch.isfinite(b).all()):
+            raise RecoverError(f"the ridge fit (alpha {alpha:g}) gave non-finite weights: the calibration "
+                               "activations hold inf or NaN; check the checkpoint's weights")
+        return b
+
+    @staticmethod
+    def residual(b: torch.Tensor, xx: torch.Tensor, xy: torch.Tensor, yy: float) -> float:
+        """Σ‖y − x·B‖² from the sums."""
+        return float(torch.sum(b * (xx @ b)) - 2 * torch.sum(b * xy) + yy)
+
+    def heldout_residual(self, b: torch.Tensor) -> float:
+        """The held-out squared error of B relative to the targets' (1: B predicts nothing)."""
+        return self.residual(b, self.xx_h, self.xy_h, self.yy_h) / max(self.yy_h, 1e-30)
+
+    def train_residual(self, b: torch.Tensor) -> float:
+        return self.residual(b, self.xx, self.xy, self.yy) / max(self.yy, 1e-30)
