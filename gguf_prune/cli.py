@@ -118,6 +118,8 @@ def doctor() -> None:
 @option(PlanOptions, "--uniform", is_flag=True,
         help="One shape for every kept layer (one FFN width, one head count), so the file stays in the "
              "model's own architecture that every llama.cpp runtime loads. Always on for Qwen3 and Gemma 3.")
+@option(PlanOptions, "--repair/--no-repair",
+        help="Rank width cuts by their KL after repair where the scores have it (`score --width … --repair`).")
 @option(PlanOptions, "--quant", help="Target type, for predicted sizes.")
 def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     """Turn SCORES (scores.json) into plan.json, or --explain an existing plan."""
@@ -317,6 +319,9 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
 @click.option("--width", "width_spec", type=Fractions("0.17,0.33,0.5"), default=None,
               help="Width KL: each MLP with these fractions of its lowest-energy neurons removed, e.g. "
                    "0.17,0.33,0.5 (what `plan --units width` cuts by).")
+@option(ScoreOptions, "--repair", is_flag=True,
+        help="With --width: score each width again with its closed-form repair (cross-fitted); the planner "
+             "ranks width cuts by that KL.")
 @option(ScoreOptions, "--width-align", type=Align(),
         help="Removed-neuron counts for --width are multiples of this (k-quants need ffn_down rows of 256).")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -429,9 +434,12 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @option(RunOptions, "--device")
 @option(RunOptions, "--rounds", type=click.IntRange(min=1),
         help="Iterative pruning: cut budget/ROUNDS per round, recover, re-score on top of the cuts, repeat.")
+@option(RunOptions, "--repair/--no-repair",
+        help="Repair every cut in closed form (narrowed MLPs and attentions refitted, removed parts patched), "
+             "and score and plan widths by their KL after repair.  [default: on for llama-family models]")
 @option(RunOptions, "--recover", type=click.Choice(RECOVER_MODES),
         help="Recovery after cutting (every round when iterating): linear patches, LoRA or full fine-tuning "
-             "by distillation, or both; the pruned GGUF is written from the recovered weights.")
+             "by distillation, or both (after the repair); the pruned GGUF is written from the recovered weights.")
 @option(RunOptions, "--recover-samples", type=click.IntRange(min=2),
         help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @option(RunOptions, "--finetune-steps", type=POSITIVE, help="Fine-tuning steps (per round when iterating).")

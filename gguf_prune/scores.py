@@ -12,9 +12,11 @@ mean squared contribution to the residual stream, is the order width cuts follow
      "settings": {...}, "base_plan": null | {"digest", "path", "plan", "kl", "nll", "ppl"},
      "full": {"nll", "ppl"},
      "layers": [{"index", "removed", "bi", "kl", "ppl", "attn_kl", "mlp_kl", "attn_bi", "mlp_bi",
-                 "width_kl" (only with width scores)}, ...],
+                 "width_kl" (only with width scores), "width_kl_repaired" (only with score --repair)}, ...],
      "width": null | {"drops": [d, ...], "order": "energy", "align"}: width_kl[k] is the KL with the
-              d_k lowest-energy live neurons of that layer's MLP zeroed (absent in older files),
+              d_k lowest-energy live neurons of that layer's MLP zeroed (absent in older files);
+              with score --repair also "repair": {"alpha", "cross_fitted"}, and width_kl_repaired[k] is the KL of
+              the same cut with its closed-form repair,
      "heads": null | {"layers", "kl", "kv_kl", "norm", "taylor"},
      "neurons": null | {"file", "tau", "stats", "layers"},
      "greedy": null | {"units", "by", "steps": [{"kind", "layer", "kl", "delta_kl", "params_removed", "candidates"}]},
@@ -228,10 +230,10 @@ def _layer_types(e: Mapping[str, Any], where: str, p: list[str]) -> None:
         v = e.get(key)
         if v is not None and not _is_number(v, nan_ok=True):
             p.append(f"{where}.{key} is {python_kind(v)}, expected a number or null")
-    if "width_kl" in e:
-        w = e["width_kl"]
-        if not (isinstance(w, list) and all(v is None or _is_number(v, nan_ok=True) for v in w)):
-            p.append(f"{where}.width_kl is {python_kind(w)}, expected a list of numbers, one per --width level")
+    for key in ("width_kl", "width_kl_repaired"):
+        w = e.get(key)
+        if key in e and not (isinstance(w, list) and all(v is None or _is_number(v, nan_ok=True) for v in w)):
+            p.append(f"{where}.{key} is {python_kind(w)}, expected a list of numbers, one per --width level")
 
 
 # ----------------------------------------------------------------------------- building a document
@@ -247,13 +249,16 @@ def per_token(total: Any, n_real: int) -> float | None:
 def layer_entry(index: int, *, removed: bool = False, bi: float | None = None, kl: float | None = None,
                 ppl: float | None = None, attn_kl: float | None = None, mlp_kl: float | None = None,
                 attn_bi: float | None = None, mlp_bi: float | None = None,
-                width_kl: list | None = None) -> dict:
+                width_kl: list | None = None, width_kl_repaired: list | None = None) -> dict:
     """One ``layers`` entry: every LAYER_KEYS key (a removed layer: all scores null), and ``width_kl`` only when
-    width scores were measured (older files have none)."""
+    width scores were measured (older files have none), ``width_kl_repaired`` only when they were measured
+    with their repair too (``score --repair``)."""
     e = {"index": index, "removed": removed, "bi": bi, "kl": kl, "ppl": ppl, "attn_kl": attn_kl, "mlp_kl": mlp_kl,
          "attn_bi": attn_bi, "mlp_bi": mlp_bi}
     if width_kl is not None:
         e["width_kl"] = width_kl
+    if width_kl_repaired is not None:
+        e["width_kl_repaired"] = width_kl_repaired
     return e
 
 

@@ -19,7 +19,7 @@ from gguf_prune.plan import LayerPlan, ModelShape, Plan
 from gguf_prune.recovered import RecoverError, load_recovered_model
 from gguf_prune.recovery.options import RecoverOptions
 from gguf_prune.recovery.recover import recover
-from gguf_prune.recovery.ridge import RidgeSums
+from gguf_prune.ridge import RidgeSums
 from gguf_prune.runtime import llamacpp
 from gguf_prune.writing.prune import prune
 

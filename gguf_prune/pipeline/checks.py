@@ -154,6 +154,9 @@ def check_family(o: RunOptions, shape: ModelShape) -> bool:
                  f"plan cannot hold ({why}); use --strategy width-mixed")
     if uniform and o.rounds > 1:
         p.append(f"--rounds > 1 cuts sub-blocks round by round, which a uniform plan cannot hold ({why})")
+    if o.repair and shape.architecture != "llama":
+        p.append(f"--repair: recovery writes llama-layout tensors and patches (deci); it supports llama-family "
+                 f"models (llama, mistral) only, not {shape.architecture}; run with --no-repair")
     if o.recover != "none" and shape.architecture != "llama":
         p.append(f"--recover {o.recover}: recovery writes llama-layout tensors and patches (deci); it supports "
                  f"llama-family models (llama, mistral) only, not {shape.architecture}")

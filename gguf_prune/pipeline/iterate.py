@@ -102,6 +102,7 @@ class IterateOptions:
     seed: int = 0
     heldout: float = 0.1  # fraction of sequences held out (early stopping, ridge choice, the figures)
     units: tuple[str, ...] = UNITS  # what the budget may cut
+    repair: bool = False  # closed-form repair each round: narrowed parts refitted, removed parts patched
     protect_first: int = 2
     protect_last: int = 2
     quant: str = DEFAULT_QUANT  # for the plan's size estimate
@@ -301,8 +302,8 @@ class _Rounds:
         self.score_seqs = train[:o.score_samples] if o.score_samples else train
         self.heldout = sorted(heldout)
         self.ropts = RecoverOptions(calibration=o.calibration, calibration_kind=o.calibration_kind, seq_len=o.seq_len,
-                                    samples=o.samples, seed=o.seed, heldout=o.heldout, patch=self.patch,
-                                    patch_fit=o.patch_fit, finetune=fto.method if fto else None, finetune_options=fto,
+                                    samples=o.samples, seed=o.seed, heldout=o.heldout, patch=self.patch or o.repair,
+                                    repair=o.repair, patch_fit=o.patch_fit, finetune=fto.method if fto else None, finetune_options=fto,
                                     device=o.device)
         self.popts = PlanOptions(target_params=None, units=tuple(o.units), protect_first=o.protect_first,
                                  protect_last=o.protect_last, quant=o.quant)
@@ -384,7 +385,7 @@ class _Rounds:
         # 3. recover, starting from the last round's weights
         t = time.time()
         new_plan, new_rec, stages = new_cut, None, {}
-        if self.patch or self.fto is not None:
+        if self.patch or self.o.repair or self.fto is not None:
             res = recover(self.hf_dir, new_cut, rdir / "recovered", self.ropts, start=rec_dir)
             if res.manifest["calibration"]["fingerprint"] != self.cal.fingerprint:
                 raise RuntimeError("internal error: recovery tokenised other calibration sequences")

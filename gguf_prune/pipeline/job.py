@@ -69,13 +69,17 @@ class RunOptions:
     finetune_steps: int = 200  # fine-tuning steps (per round when iterating)
     heldout: float = 0.1  # fraction of the recovery sequences held out (early stopping, round figures)
     uniform: bool = False  # one shape for every kept layer: the model's own architecture (forced: Qwen3, Gemma 3)
+    # closed-form repair of every cut (width and head repairs, linear patches for removed parts), scored and
+    # planned with it; None: on where recovery supports the model's family (llama, mistral), else off
+    repair: bool | None = None
 
     def __post_init__(self) -> None:
         refuse("run options are invalid", run_option_problems(self))
 
-    def recovery_options(self) -> tuple[FinetuneOptions | None, RecoverOptions]:
+    def recovery_options(self, repair: bool = False) -> tuple[FinetuneOptions | None, RecoverOptions]:
         """The recovery settings of a run: the fine-tuning options (None without fine-tuning), which
-        IterateOptions takes too, and RecoverOptions for a one-shot run."""
+        IterateOptions takes too, and RecoverOptions for a one-shot run. ``repair``: the run repairs its cuts
+        (:meth:`repairs`): every narrowed part is refitted and every removed part patched."""
         from gguf_prune.pipeline.iterate import parse_recover
         from gguf_prune.recovery.options import FinetuneOptions
         from gguf_prune.recovery.options import RecoverOptions
@@ -83,8 +87,18 @@ class RunOptions:
         patch, method = parse_recover(self.recover)
         fto = FinetuneOptions(method=method, steps=self.finetune_steps) if method else None
         return fto, RecoverOptions(calibration=self.calibration, seq_len=self.seq_len, samples=self.recover_samples,
-                                   heldout=self.heldout, patch=patch, finetune=method, finetune_options=fto,
-                                   device=self.device)
+                                   heldout=self.heldout, patch=patch or repair, repair=repair, finetune=method,
+                                   finetune_options=fto, device=self.device)
+
+    def repairs(self, architecture: str) -> bool:
+        """Whether a run on a model of ``architecture`` repairs its cuts: ``repair``, or by default where
+        recovery supports the family."""
+        return self.repair if self.repair is not None else architecture == "llama"
+
+    def recover_label(self, repair: bool) -> str:
+        """What recovery a run does, in words: "repair", "repair+lora", "patch", "none", …"""
+        return self.recover if not repair else ("repair" if self.recover in ("none", "patch") else
+                                                "repair+" + self.recover.split("+")[-1])
 
 
 @dataclass
@@ -92,6 +106,7 @@ class _Job:
     """One run once its checks have passed: the model it cuts, where its files go, its stages and their times."""
 
     options: RunOptions
+    repair: bool  # closed-form repair of the cuts (RunOptions.repairs for this model)
     model: Path
     shape: ModelShape  # the checkpoint's
     uniform: bool  # one shape for every kept layer (the option, or forced by the model's family)
@@ -139,7 +154,7 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
     t_start = time.time()
     job = _prepare(o)
     recovered, rounds = None, None
-    fto, ropts = o.recovery_options()
+    fto, ropts = o.recovery_options(job.repair)
     if fto is not None and not job.iterative:  # iterate() checks its own data before any work
         check_training_data(job.model, ropts, fto)
     if job.iterative:
@@ -147,7 +162,7 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
     else:
         strategy = _strategy(job)
         plan = _plan(job, strategy, _score(job, strategy))
-        if o.recover != "none":
+        if o.recover != "none" or job.repair:
             recovered = _recover(job, plan, ropts)
     base, pruned = _prune(job, plan, recovered)
     report = _evaluate(job, base, pruned)
@@ -171,10 +186,14 @@ def _prepare(o: RunOptions) -> _Job:
     refuse("run inputs are invalid", check_inputs(model, out, o.calibration, o.text, o.prompts, o.device,
                                                   llama_tools(o.bench)))
     out.mkdir(parents=True, exist_ok=True)
-    recovering = o.recover != "none"
+    repair = o.repairs(shape.architecture)
+    if o.repair is None and not repair:
+        log.info("no closed-form repair: recovery supports llama-family models, not %s (yet)", shape.architecture)
+    recovering = o.recover != "none" or repair
     stages = (["iterate"] if o.rounds > 1 else ["score", "plan"] + (["recover"] if recovering else [])) \
         + ["prune", "eval"] + (["package"] if o.package else []) + ["summary"]
-    return _Job(options=o, model=model, shape=shape, uniform=uniform, name=name, out=out, stages=stages)
+    return _Job(options=o, repair=repair, model=model, shape=shape, uniform=uniform, name=name, out=out,
+                stages=stages)
 
 
 def _iterate(job: _Job, fto: FinetuneOptions | None) -> tuple[Plan, Path | None, list[dict]]:
@@ -183,10 +202,11 @@ def _iterate(job: _Job, fto: FinetuneOptions | None) -> tuple[Plan, Path | None,
 
     o = job.options
     with job.timed("iterate", f"iterative pruning: {o.rounds} rounds to {100 * o.budget:.0f}% of block parameters "
-                              f"(score on top of the cuts so far, extend the plan, recover: {o.recover})"):
+                              f"(score on top of the cuts so far, extend the plan, recover: {o.recover_label(job.repair)})"):
         it = iterate(job.model, job.out / "rounds", IterateOptions(
-            rounds=o.rounds, budget=o.budget, recover=o.recover, calibration=o.calibration, samples=max(
-                o.recover_samples, o.samples) if o.recover != "none" else o.samples, score_samples=o.samples,
+            rounds=o.rounds, budget=o.budget, recover=o.recover, repair=job.repair, calibration=o.calibration,
+            samples=max(o.recover_samples, o.samples) if o.recover != "none" or job.repair else o.samples,
+            score_samples=o.samples,
             seq_len=o.seq_len, heldout=o.heldout, quant=o.quant, finetune_options=fto, device=o.device))
         it.plan.save(job.out / "plan.json")
     return it.plan, it.recovered, it.rounds
@@ -212,12 +232,14 @@ def _strategy(job: _Job) -> _Strategy:
             planned="cheapest first (greedy order)")
     return _Strategy(
         score_options=ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads,
-                                   neurons=True, width=WIDTH_FRACTIONS, device=o.device),
+                                   neurons=True, width=WIDTH_FRACTIONS, repair=job.repair, device=o.device),
         plan_options=PlanOptions(target_params=o.budget, quant=o.quant, units=UNIFORM_UNITS if uniform else UNITS,
-                                 uniform=uniform),
-        scored="MLP widths " + "/".join(f"{f:.2f}" for f in WIDTH_FRACTIONS),
+                                 uniform=uniform, repair=job.repair),
+        scored="MLP widths " + "/".join(f"{f:.2f}" for f in WIDTH_FRACTIONS) + (", each also repaired" if job.repair
+                                                                                 else ""),
         planned=("whole layers and one MLP width for every kept layer (uniform), by KL per parameter" if uniform
-                 else "layers, sub-blocks and MLP widths by KL per parameter"))
+                 else "layers, sub-blocks and MLP widths by KL per parameter")
+        + (" (widths by their KL after repair)" if job.repair else ""))
 
 
 def _score(job: _Job, strategy: _Strategy) -> Path:
@@ -239,7 +261,8 @@ def _recover(job: _Job, plan: Plan, ropts: RecoverOptions) -> Path:
     from gguf_prune.recovery.recover import recover
 
     o = job.options
-    with job.timed("recover", f"recover the cut model ({o.recover}) on {o.recover_samples} calibration sequences"):
+    with job.timed("recover", f"recover the cut model ({o.recover_label(job.repair)}) on {o.recover_samples} calibration "
+                              "sequences"):
         rec = recover(job.model, plan, job.out / "recovered", ropts)
         log.info("%s", rec.summary())
     return rec.path
@@ -284,7 +307,7 @@ def _finish(job: _Job, plan: Plan, base: PruneResult, pruned: PruneResult, repor
                "timings_s": {k: round(v, 1) for k, v in job.timings.items()},
                "quality": report["models"][1].get("quality"), "speed": report["models"][1].get("speed"),
                "prompts": {e["name"]: (e.get("prompts") or {}).get("passed") for e in report["models"]},
-               "recover": job.options.recover, "recovered": str(recovered) if recovered else None,
+               "recover": job.options.recover_label(job.repair), "recovered": str(recovered) if recovered else None,
                "rounds": _round_rows(rounds)}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
     job.start("summary", "summary")

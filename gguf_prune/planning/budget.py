@@ -103,7 +103,8 @@ def _take_cheapest(w: Draft, scores: Mapping[str, Any], o: PlanOptions, protecte
     taken in order, each to the level with the lowest KL per parameter from where the layer stands."""
     s = w.shape
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
-    width = width_curves(scores, layers, stats_loader) if "width" in o.units else {}
+    width = width_curves(scores, layers, stats_loader, o.repair) if "width" in o.units else {}
+    before = width_curves(scores, layers, stats_loader, False) if width and o.repair and has_repaired(scores) else {}
     if not width and o.units == ("width",):
         return ["--units width needs width scores: run `gguf-prune score --width 0.17,0.33,0.5`"]
     if not _candidates(w, layers, width, o.units, protected):
@@ -115,7 +116,7 @@ def _take_cheapest(w: Draft, scores: Mapping[str, Any], o: PlanOptions, protecte
         candidates = _candidates(w, layers, width, o.units, protected)
         if not candidates:
             break
-        _take(w, candidates[0], width)
+        _take(w, candidates[0], width, before)
     return [] if met() else ["the budget cannot be met without cutting protected layers"]
 
 
@@ -160,14 +161,19 @@ def _width_candidate(s: ModelShape, i: int, curve: list[tuple[int, float]], orde
     return best
 
 
-def _take(w: Draft, c: Candidate, width: WidthCurves) -> None:
+def _take(w: Draft, c: Candidate, width: WidthCurves, before: WidthCurves) -> None:
+    """Make cut ``c``; ``before``: the width curves without repair, when ``width`` holds the repaired ones."""
     i = c.layer
     if c.kind == "width":
         order = width[i][1]
         now = set(w.neurons.get(i, range(w.shape.n_ff)))  # other neuron cuts (e.g. --prune-neurons) stay cut
         keep = tuple(sorted(int(j) for j in order[c.drop:] if int(j) in now))
         w.neurons[i] = keep
-        w.note(i, width_removed_by="budget/width-kl-per-param", neurons_kept=len(keep), width_kl=c.kl)
+        if i in before:  # ranked by the KL after repair: the note shows it and the KL of the cut alone
+            w.note(i, width_removed_by="budget/repaired-width-kl-per-param", neurons_kept=len(keep),
+                   width_kl_cut=width_kl_at(before[i][0], c.drop), width_kl_repaired=c.kl)
+        else:
+            w.note(i, width_removed_by="budget/width-kl-per-param", neurons_kept=len(keep), width_kl=c.kl)
         return
     {"layer": w.remove_layer, "attn": w.remove_attn, "mlp": w.remove_mlp}[c.kind](i)
     w.note(i, **{f"{c.kind}_removed_by": "budget/kl-per-param", f"{c.kind}_kl": c.kl})
@@ -180,9 +186,16 @@ def width_kl_at(curve: list[tuple[int, float]], d: int) -> float:
     return float(np.interp(d, xs, ys))
 
 
+def has_repaired(scores: Mapping[str, Any]) -> bool:
+    """The scores hold width KLs measured with their repair (``score --width … --repair``)."""
+    return any(e.get("width_kl_repaired") for e in scores.get("layers", []))
+
+
 def width_curves(scores: Mapping[str, Any], layers: Mapping[int, Mapping[str, Any]],
-                 stats_loader: Callable[[], Mapping[str, np.ndarray]]) -> WidthCurves:
-    """layer → (measured (removed neurons, KL) points, live neurons in energy order)."""
+                 stats_loader: Callable[[], Mapping[str, np.ndarray]], repaired: bool = False) -> WidthCurves:
+    """layer → (measured (removed neurons, KL) points, live neurons in energy order). ``repaired``: each cut's KL
+    after repair where the scores have it, or the cut alone's where that is lower (recover applies no repair
+    that makes held-out KL worse)."""
     from gguf_prune.scores import energy_order
 
     wd = scores.get("width")
@@ -195,6 +208,8 @@ def width_curves(scores: Mapping[str, Any], layers: Mapping[int, Mapping[str, An
     out = {}
     for i, e in layers.items():
         kls = e.get("width_kl")
+        if repaired and e.get("width_kl_repaired") and kls:  # a repair that does not help is not applied
+            kls = [None if a is None else (a if b is None else min(a, b)) for a, b in zip(kls, e["width_kl_repaired"])]
         if not kls or f"energy.{i}" not in stats:
             continue
         curve = [(int(d), float(k)) for d, k in zip(wd["drops"], kls) if k is not None]

@@ -60,6 +60,12 @@ def explain(plan: Plan) -> str:
                      f"(layers {ranges(lp.index for lp in patches)}): {_human(s.patch_params())} parameters each "
                      f"(n_embd² + attn_norm), {_human(len(patches) * s.patch_params())} in all, counted above; "
                      "weights from `gguf-prune recover`")
+    repaired = [lp.why for lp in plan.layers if "width_kl_repaired" in lp.why]
+    if repaired:
+        cut = sum(float(w["width_kl_cut"]) for w in repaired)
+        rep = sum(float(w["width_kl_repaired"]) for w in repaired)
+        lines.append(f"{len(repaired)} width cut(s) ranked by their KL after repair (calibration, each alone): "
+                     f"Σ {cut:.4f} before repair → {rep:.4f} after; `gguf-prune recover --repair` fits the repairs")
     if "size_bytes_estimate_after" in pred:
         lines.append(f"predicted {pred.get('quant', '')} size: {pred['size_bytes_estimate_before'] / 1e6:.1f} MB → "
                      f"{pred['size_bytes_estimate_after'] / 1e6:.1f} MB (estimate)")

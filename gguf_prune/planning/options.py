@@ -47,6 +47,7 @@ class PlanOptions:
     units: tuple[str, ...] = ()  # unit kinds the budget may take (UNITS); () = DEFAULT_UNITS / UNIFORM_UNITS
     quant: str = DEFAULT_QUANT  # for target_size and the predicted size
     uniform: bool = False  # one shape for every kept layer (forced for families that load nothing else)
+    repair: bool = True  # rank width cuts by their KL after repair, where the scores have it (score --repair)
 
     def __post_init__(self) -> None:
         # an API user gets the same refusal as the CLI: a negative count used as a slice bound removes all but

@@ -70,7 +70,7 @@ def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
         problems += uniform.prune_neurons(w, stats, o) if o.uniform else _prune_neurons(w, stats, o, protected)
     if o.target_params is not None or o.target_size is not None:
         if o.uniform:
-            curves = budget.width_curves(scores, layers, stats_loader) if "width" in o.units else {}
+            curves = budget.width_curves(scores, layers, stats_loader, o.repair) if "width" in o.units else {}
             problems += uniform.fill_budget(w, scores, o, protected, lambda: budget.budget_met(w, o, fingerprint),
                                             curves)
         else:

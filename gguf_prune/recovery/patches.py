@@ -30,7 +30,7 @@ from gguf_prune.models.tensors import PATCH_NAME
 from gguf_prune.plan import LayerPlan, Plan
 from gguf_prune.recovered import RecoverError
 from gguf_prune.recovery.options import PATCH_FITS
-from gguf_prune.recovery.ridge import RidgeSums
+from gguf_prune.ridge import RidgeSums
 
 log = logging.getLogger(__name__)
 

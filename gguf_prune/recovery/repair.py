@@ -36,7 +36,7 @@ import torch
 
 from gguf_prune.plan import LayerPlan, ModelShape
 from gguf_prune.recovered import RecoverError
-from gguf_prune.recovery.ridge import RidgeSums
+from gguf_prune.ridge import RidgeSums, fit_mask, token_weights
 
 if TYPE_CHECKING:
     from gguf_prune.recovery.patches import _PatchWalk
@@ -62,11 +62,6 @@ def repair_count(plan) -> int:
     """How many sub-blocks of ``plan`` a repair refits."""
     s = plan.shape
     return sum(width_wanted(lp, s) + heads_wanted(lp, s) for lp in plan.layers)
-
-
-def _fit_mask(real: torch.Tensor) -> torch.Tensor:
-    """The real tokens a repair is fitted on: all but the first real token of each sequence (the sink)."""
-    return real & (real.long().cumsum(-1) > 1)
 
 
 def _capture_input(module: torch.nn.Module, run):
@@ -153,8 +148,7 @@ class Repairs:
             if self.bias:
                 ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype)
                 x = torch.cat([x, ones], -1)
-            w = 1.0 / (after[b].float().pow(2).mean(-1) + walk.eps)  # (b, T): errors relative to the state's size
-            acc.add(x, y, _fit_mask(walk.reals[b]), walk.batches[b].heldout, w)
+            acc.add(x, y, fit_mask(walk.reals[b]), walk.batches[b].heldout, token_weights(after[b], walk.eps))
         if acc.n == 0:
             raise RecoverError("no calibration tokens to fit a repair on (every sequence has one real token)")
         if acc.n < len(cols):

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -389,6 +389,8 @@ class ScanSpec:
     tau: float = 0.05
     width_drops: tuple[int, ...] = ()  # width variants: this many MLP neurons zeroed (ascending counts)
     width_order: dict = field(default_factory=dict)  # pos → neuron indices, least important first
+    width_grams: Any = None  # width_repair.WidthGrams: accumulate the down_proj inputs' Grams on this walk
+    width_fits: dict = field(default_factory=dict)  # pos → width_repair fits: also score each width repaired
 
 
 @dataclass
@@ -413,6 +415,7 @@ class ScanResult:
     ff_abs: dict = field(default_factory=dict)  # pos → (n_ff,) Σ|a|
     ff_sq: dict = field(default_factory=dict)  # pos → (n_ff,) Σa²
     width_kl: dict = field(default_factory=dict)  # pos → (len(width_drops),) first neurons of width_order zeroed
+    width_kl_repaired: dict = field(default_factory=dict)  # pos → (len(width_drops),) the same with their repair
     seconds: dict = field(default_factory=dict)  # walk / layers / heads
 
 

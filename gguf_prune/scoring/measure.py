@@ -31,6 +31,7 @@ from gguf_prune.scoring.options import ScoreError, ScoreOptions
 from gguf_prune.scoring.inputs import ScoreInputs, prepare, width_drops
 from gguf_prune.scoring.memory import StreamError, activation_budget
 from gguf_prune.scoring.taylor import head_taylor
+from gguf_prune.scoring.width_repair import SCORE_ALPHA, WidthGrams
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +189,27 @@ class _InMemoryRun:
     def _neuron_walk(self) -> ablate.ScanResult:
         """Width variants follow each layer's energy order, so the neuron statistics come first (one walk)."""
         o, engine, plan = self.o, self.engine, self.plan
+        grams = WidthGrams(float(getattr(self.model.config, "rms_norm_eps", 1e-6))) if o.repair else None
         with _progress(o, len(self.groups) * engine.n_layer, "neurons", "layer") as bar:
-            pre = oneshot.scan(engine, self.groups, self.refs, ablate.ScanSpec(layers=False, neurons=True, tau=o.tau),
+            pre = oneshot.scan(engine, self.groups, self.refs,
+                               ablate.ScanSpec(layers=False, neurons=True, tau=o.tau, width_grams=grams),
                                progress=bar.update)
         self.seconds["neuron_walk"] = sum(pre.seconds.values())
-        order = {}
+        order, fits = {}, {}
+        t = time.perf_counter()
         for p, lay in enumerate(engine.layers):
             if p not in pre.ff_count:
                 continue
             live = plan.layers[self.sources[p]].kept_neurons(self.shape) if plan is not None else None
             order[p] = scores.energy_order(scores.neuron_energy(_column_norms(lay), pre.ff_sq[p], pre.n_real), live)
-        self.spec = replace(self.spec, neurons=False, width_drops=self.drops, width_order=order)
+            if grams is not None:  # the repair of each width, fitted now, scored on the scan
+                f = grams.fits(p, order[p], [d for d in self.drops if d < len(order[p])], lay.mlp.down_proj.weight)
+                grams.grams.pop(p, None)
+                if f:
+                    fits[p] = f
+        if grams is not None:
+            self.seconds["width_repair_fit"] = time.perf_counter() - t
+        self.spec = replace(self.spec, neurons=False, width_drops=self.drops, width_order=order, width_fits=fits)
         return pre
 
     # --- the document ------------------------------------------------------------------------
@@ -224,6 +235,8 @@ class _InMemoryRun:
         settings = _settings(o, self.device_desc, self.batch_tokens, self.group_seqs)
         self.seconds["total"] = time.perf_counter() - t_start
         width = {"drops": list(self.drops), "order": "energy", "align": o.width_align} if self.drops else None
+        if width and o.repair:
+            width["repair"] = {"alpha": SCORE_ALPHA, "cross_fitted": True}
         return scores.document(
             fingerprint=self.inp.fingerprint, shape=self.shape, model_path=self.hf_dir, calibration=self.cal.to_dict(),
             settings=settings, full_nll=self.full_nll, layers=layers, seconds=self.seconds,
@@ -235,19 +248,22 @@ class _InMemoryRun:
         if p is None:
             return scores.layer_entry(s, removed=True)
         res, lay, n_real = self.res, self.engine.layers[p], self.n_real
-        width_kl = None
+        width_kl = width_kl_repaired = None
         if self.drops:  # null where the layer has no more live neurons than the drop
-            w = res.width_kl.get(p)
+            w, wr = res.width_kl.get(p), res.width_kl_repaired.get(p)
             live = len(self.spec.width_order.get(p, ()))
             width_kl = [scores.per_token(w[k], n_real) if w is not None and d < live else None
                         for k, d in enumerate(self.drops)]
+            if self.o.repair:
+                width_kl_repaired = [scores.per_token(wr[k], n_real) if wr is not None and d < live else None
+                                     for k, d in enumerate(self.drops)]
         return scores.layer_entry(
             s, bi=scores.per_token(res.bi[p], n_real), kl=scores.per_token(res.kl[p], n_real),
             ppl=math.exp(res.nll[p] / self.n_tgt) if self.o.ppl else None,
             attn_kl=scores.per_token(res.attn_kl[p], n_real), mlp_kl=scores.per_token(res.mlp_kl[p], n_real),
             attn_bi=scores.per_token(res.attn_bi[p], n_real) if ablate.has_attention(lay) else None,
             mlp_bi=scores.per_token(res.mlp_bi[p], n_real) if ablate.has_mlp(lay) else None,
-            width_kl=width_kl)
+            width_kl=width_kl, width_kl_repaired=width_kl_repaired)
 
 
 def _column_norms(layer):

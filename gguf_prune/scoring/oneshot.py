@@ -59,6 +59,8 @@ def _empty_result(engine: Engine, spec: ScanSpec, drops: tuple[int, ...]) -> Sca
         r.head_kl[i], r.kv_kl[i], r.head_norm[i] = np.zeros(nh), np.zeros(nkv), np.zeros(nh)
     for i in (spec.width_order if drops else ()):
         r.width_kl[i] = np.zeros(len(drops))
+        if i in spec.width_fits:
+            r.width_kl_repaired[i] = np.full(len(drops), np.nan)
     return r
 
 
@@ -75,6 +77,8 @@ def _scan_layer(engine: Engine, i: int, h: torch.Tensor, mask: torch.Tensor, ctx
         r.bi[i] += ablate._one_minus_cos(h, h_out, rr)
         r.attn_bi[i] += ablate._one_minus_cos(h, h_mid, rr)
         r.mlp_bi[i] += ablate._one_minus_cos(h_mid, h_out, rr)
+        if "ff" in cap and spec.width_grams is not None:
+            spec.width_grams.add(i, cap["ff"], h_out, rr)
         if "ff" in cap and spec.neurons:
             a = cap["ff"][rr].float().abs()  # (n_real, n_ff): down_proj inputs of the real tokens
             r.ff_count[i] = r.ff_count.get(i, 0) + (a > spec.tau).sum(0, dtype=torch.float64).cpu().numpy()
@@ -85,7 +89,8 @@ def _scan_layer(engine: Engine, i: int, h: torch.Tensor, mask: torch.Tensor, ctx
             _layer_variants(engine, i, h, h_mid, ctx, ref, spec.sublayers, r)
     if i in r.width_kl:
         with clock("width"):
-            _width_variants(engine, i, h_mid, cap["ff"], ctx, ref, drops, spec.width_order[i], r)
+            _width_variants(engine, i, h_mid, cap["ff"], ctx, ref, drops, spec.width_order[i], r,
+                            spec.width_fits.get(i))
     if "o_in" in cap:
         with clock("heads"):
             _head_variants(engine, i, h, cap["o_in"], ctx, ref, set(spec.removed_heads.get(i, ())), r)
@@ -149,9 +154,12 @@ def _layer_variants(engine: Engine, i: int, h, h_mid, ctx: Context, ref: Referen
 
 
 def _width_variants(engine: Engine, i: int, h_mid, ff, ctx: Context, ref: Reference, drops: Sequence[int],
-                    order: np.ndarray, r: ScanResult) -> None:
+                    order: np.ndarray, r: ScanResult, fits: list | None = None) -> None:
     """Layer i's MLP narrowed: the first ``d`` neurons of ``order`` zeroed, for each d in ``drops``; one stacked
-    batch (chunked) through layers i+1…"""
+    batch (chunked) through layers i+1… With ``fits`` (one per live drop, :mod:`gguf_prune.scoring.width_repair`)
+    each narrowed MLP is scored again with its repair."""
+    from gguf_prune.scoring.width_repair import repaired_outputs
+
     down = engine.layers[i].mlp.down_proj
     idx = torch.as_tensor(np.asarray(order, dtype=np.int64), device=ff.device)
     n_all = len(drops)
@@ -166,6 +174,14 @@ def _width_variants(engine: Engine, i: int, h_mid, ff, ctx: Context, ref: Refere
     kl, _ = engine.run_variants(i + 1, states, len(drops), ctx, ref)
     r.width_kl[i][:len(drops)] += kl
     r.width_kl[i][len(drops):n_all] = np.nan
+    if fits:
+        def repaired(v0: int, v1: int) -> torch.Tensor:
+            y = repaired_outputs(ff, fits, v0, v1).to(h_mid.dtype)
+            return h_mid.repeat(v1 - v0, 1, 1) + engine.mlp_out(i, y)
+
+        kl, _ = engine.run_variants(i + 1, repaired, len(fits), ctx, ref)
+        rk = r.width_kl_repaired[i]
+        rk[:len(fits)] = np.where(np.isnan(rk[:len(fits)]), 0.0, rk[:len(fits)]) + kl
 
 
 def _head_variants(engine: Engine, i: int, h, o_in, ctx: Context, ref: Reference, removed: set,

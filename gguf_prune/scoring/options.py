@@ -39,6 +39,7 @@ class ScoreOptions:
     tau: float = DEFAULT_TAU  # |a| > tau counts a neuron as active
     width: tuple[float, ...] = ()  # width KL: each layer's MLP with these fractions of its neurons removed
     width_align: int = 256  # removed-neuron counts are multiples of this (k-quant rows of ffn_down)
+    repair: bool = False  # score each width again with its closed-form repair (needs width)
     plan: Path | None = None  # score on top of this plan's cuts
     greedy: int = 0  # greedy removal steps
     greedy_units: tuple[str, ...] = ("layer",)
@@ -101,6 +102,8 @@ def check_options(o: ScoreOptions) -> None:
         p.append(f"--width {','.join(map(str, o.width))}: fractions of each MLP's neurons, each between 0 and 1")
     if o.width_align < 1:
         p.append(f"--width-align {o.width_align}: must be 1 or more")
+    if o.repair and not o.width:
+        p.append("--repair scores width cuts with their repair: give --width as well (e.g. --width 0.17,0.33,0.5)")
     if o.width and o.stream:
         p.append("--width is not available with --stream: width variants run on the in-memory engine")
     if p:

@@ -1,4 +1,5 @@
-"""One ridge least-squares fit, accumulated over a token stream: the arithmetic under every closed-form recovery.
+"""One ridge least-squares fit, accumulated over a token stream: the arithmetic under every closed-form recovery
+(linear patches, repairs) and under repair-aware scoring.
 
 ``Y ≈ X·B`` over the real tokens of the calibration batches, with the sums XᵀX, XᵀY and ΣY² kept in float64,
 the training and the held-out sequences apart. :meth:`RidgeSums.solve` regularises toward a *prior* B₀ (zero for
@@ -16,9 +17,45 @@ from __future__ import annotations
 
 import torch
 
-from gguf_prune.recovered import RecoverError
+from gguf_prune.errors import GgufPruneError
 
 FREE_WEIGHT = 1e-3  # the ridge on a "free" column (a bias), relative to the others
+
+
+class RidgeError(GgufPruneError, ValueError):
+    """A fit that cannot give finite weights: what, and what to do."""
+
+
+def fit_mask(real: torch.Tensor) -> torch.Tensor:
+    """The real tokens (b, T) a repair is fitted on: all but the first real token of each sequence, whose state
+    (the attention sink) is orders of magnitude larger than the others' and would dominate a squared error."""
+    return real & (real.long().cumsum(-1) > 1)
+
+
+def token_weights(after: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each token's weight in a repair's squared error, from the full model's state after the sub-block (b, T, d):
+    1 / mean(state²), because the next layer sees the state normed, so an error counts relative to its size."""
+    return 1.0 / (after.float().pow(2).mean(-1) + eps)
+
+
+def ridge_solve(xx: torch.Tensor, xy: torch.Tensor, alpha: float, prior: torch.Tensor | None = None,
+                free: tuple[int, ...] = ()) -> torch.Tensor:
+    """B = (XᵀX + λ·D)⁻¹ (XᵀY + λ·D·B₀) from the sums ``xx`` (d_in, d_in) and ``xy`` (d_in, d_out), float64;
+    λ = alpha × the mean of XᵀX's diagonal (1 where that is 0), D = 1 but FREE_WEIGHT on the ``free`` inputs."""
+    d = xx.shape[0]
+    scale = float(torch.diagonal(xx).mean())
+    lam = alpha * (scale if scale > 0 else 1.0)
+    reg = torch.ones(d, dtype=torch.float64, device=xx.device)
+    if free:
+        reg[list(free)] = FREE_WEIGHT
+    a = xx + torch.diag(lam * reg)
+    rhs = xy if prior is None else xy + (lam * reg)[:, None] * prior.to(xy)
+    factor, info = torch.linalg.cholesky_ex(a)
+    b = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution
+    if not bool(torch.isfinite(b).all()):
+        raise RidgeError(f"the ridge fit (alpha {alpha:g}) gave non-finite weights: the calibration "
+                         "activations hold inf or NaN; check the checkpoint's weights")
+    return b
 
 
 class RidgeSums:
@@ -53,20 +90,7 @@ class RidgeSums:
 
     def solve(self, alpha: float, prior: torch.Tensor | None = None, free: tuple[int, ...] = ()) -> torch.Tensor:
         """B (d_in, d_out) for ridge strength ``alpha`` toward ``prior`` (d_in, d_out; None: zero)."""
-        d = self.xx.shape[0]
-        scale = float(torch.diagonal(self.xx).mean()) if self.n else 1.0
-        lam = alpha * (scale if scale > 0 else 1.0)
-        reg = torch.ones(d, dtype=torch.float64, device=self.xx.device)
-        if free:
-            reg[list(free)] = FREE_WEIGHT
-        a = self.xx + torch.diag(lam * reg)
-        rhs = self.xy if prior is None else self.xy + (lam * reg)[:, None] * prior.to(self.xy)
-        factor, info = torch.linalg.cholesky_ex(a)
-        b = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution
-        if not bool(torch.isfinite(b).all()):
-            raise RecoverError(f"the ridge fit (alpha {alpha:g}) gave non-finite weights: the calibration "
-                               "activations hold inf or NaN; check the checkpoint's weights")
-        return b
+        return ridge_solve(self.xx, self.xy, alpha, prior, free)
 
     @staticmethod
     def residual(b: torch.Tensor, xx: torch.Tensor, xy: torch.Tensor, yy: float) -> float:
