@@ -141,7 +141,7 @@ class Repairs:
         """Fit ``proj``'s columns ``cols`` (and a bias) on ``acts`` → ``targets``; keep the strength of least
         held-out KL, or nothing when no strength beats the cut."""
         n_in = len(cols) + self.bias
-        acc = RidgeSums(n_in, w0.shape[0])
+        acc = RidgeSums(n_in, w0.shape[0], heldout_sums=False)  # judged by held-out KL, not residual
         ones = None
         for b, (x, y) in enumerate(zip(acts, targets)):
             x = x[..., cols]
@@ -159,32 +159,37 @@ class Repairs:
         if self.bias:
             prior = torch.cat([prior, torch.zeros(1, w0.shape[0], dtype=torch.float64)])
         free = (len(cols),) if self.bias else ()
-        fits = {a: acc.solve(a, prior, free) for a in self.grid}
-        choice, kls = self._choose(walk, fits, acts, cols, proj, states, k_next, mlp_of)
+        choice, fit, kls = self._choose(walk, lambda a: acc.solve(a, prior, free), acts, cols, proj, states,
+                                        k_next, mlp_of)
         st = {"layer": index, "kind": kind, "kept": len(cols), "tokens": acc.n, "heldout_tokens": acc.n_h,
               "ridge": choice, "heldout_kl": kls}
         if choice is not None:
-            self._apply(proj, cols, fits[choice], name)
-            st["heldout_residual"] = round(acc.heldout_residual(fits[choice]), 6) if acc.n_h else None
+            self._apply(proj, cols, fit, name)
+            st["train_residual"] = round(acc.train_residual(fit), 6)
         self.stats.append(st)
         log.info("repair of layer %d (%s, %d kept): %s", index, kind, len(cols),
                  "not applied (no strength beat the cut on held-out KL)" if choice is None
                  else f"ridge {choice:g}, held-out KL " + " → ".join(f"{kls[k]:.4f}" for k in ("cut", str(choice))
                                                                       if k in kls))
 
-    def _choose(self, walk: _PatchWalk, fits: dict, acts: list, cols, proj, states, k_next: int,
-                mlp_of: int | None) -> tuple[float | None, dict]:
-        """The strength whose fit gives the least held-out KL (None: the cut itself is best), and every KL."""
+    def _choose(self, walk: _PatchWalk, solve, acts: list, cols, proj, states, k_next: int,
+                mlp_of: int | None) -> tuple[float | None, torch.Tensor | None, dict]:
+        """The strength whose fit (``solve(alpha)``) gives the least held-out KL, and that fit ((None, None): the
+        cut itself is best), and every KL. One fit is held at a time."""
         ho = [b for b, batch in enumerate(walk.batches) if batch.heldout]
         if not ho:
             mid = self.grid[len(self.grid) // 2]
-            return mid, {}  # nothing to choose on: the middle strength
+            return mid, solve(mid), {}  # nothing to choose on: the middle strength
         kls = {"cut": walk.heldout_kl_from(k_next, [states(b, proj(acts[b])) for b in ho], mlp_of)}
-        for a, fit in fits.items():
+        best, best_fit = "cut", None
+        for a in self.grid:
+            fit = solve(a)
             ys = [self._project(acts[b], cols, fit) for b in ho]
             kls[a] = walk.heldout_kl_from(k_next, [states(b, y) for b, y in zip(ho, ys)], mlp_of)
-        best = min(kls, key=kls.get)
-        return (None if best == "cut" else best), {str(k): round(v, 6) for k, v in kls.items()}
+            if kls[a] < kls[best]:
+                best, best_fit = a, fit
+            del fit
+        return (None if best == "cut" else best), best_fit, {str(k): round(v, 6) for k, v in kls.items()}
 
     def _project(self, x: torch.Tensor, cols: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
         """The repaired projection of activations ``x`` (…, n_in): the kept columns times the fit, plus the bias."""
