@@ -304,7 +304,7 @@ def test_training_data_shorter_than_one_batch_is_refused(tiny_tied, tmp_path):
         recover(tiny_tied, _plan(tiny_tied, shape), out,
                 _opts(calibration=text, finetune="lora", heldout=0.2, ft={"batch_size": 4}))
     assert not out.exists()
-    with pytest.raises(RecoverError, match="nothing to do: pass --patch"):
+    with pytest.raises(RecoverError, match="nothing to do: pass --repair"):
         recover(tiny_tied, _plan(tiny_tied, shape), out, _opts())
     assert not out.exists()
 

@@ -173,15 +173,15 @@ def _check_request(hf_dir: Path, plan: Plan | Path, out: Path, o: RecoverOptions
     validate(plan, shape, fp, source="plan")
     cut = plan.without_patches()
     target = mark_patches(cut) if o.patch else cut
-    if (o.patch or o.repair) and cut.removed_fraction() <= 0:
-        raise RecoverError("the plan cuts nothing: there is nothing to repair or patch. Make a plan that removes "
-                           "something (`gguf-prune plan --target-params 0.2`), or prune without recovery")
     if o.patch and not target.patches():
         log.warning("the plan removes no layer and no attention sub-block: there is nothing to patch")
     if o.repair and not repair_count(cut):
         log.warning("the plan narrows no attention and no MLP: there is nothing to repair")
     tied = bool(checkpoint.read_config(hf_dir).get("tie_word_embeddings", False))
     start_rec = None if start is None else _check_start(Path(start), shape, fp, cut, tied, out)
+    if (o.patch or o.repair) and cut.removed_fraction() <= 0:
+        raise RecoverError("the plan cuts nothing: there is nothing to repair or patch. Make a plan that removes "
+                           "something (`gguf-prune plan --target-params 0.2`), or prune without recovery")
     check_output_dir(out)
     cal_path, kind = check_calibration_file(o.calibration, o.calibration_kind)
     device = resolve_device(o.device)
