@@ -479,15 +479,21 @@ def run_cmd(prompts, no_package, greedy_pool, **kw) -> None:
 @click.option("--no-bench", is_flag=True)
 @option(SweepOptions, "-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path))
 @option(SweepOptions, "--device")
+@option(SweepOptions, "--repair", is_flag=True,
+        help="A second row per point: the strategy's cut repaired in closed form (widths planned by their KL "
+             "after repair, narrowed parts refitted, removed parts patched).")
+@option(SweepOptions, "--recover-samples", type=click.IntRange(min=2),
+        help="Calibration sequences the --repair rows are fitted on (10% held out).")
 def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, quant, eval_chunks, threads,
-              no_bench, out_dir, device) -> None:
+              no_bench, out_dir, device, repair, recover_samples) -> None:
     """Prune HF_DIR at several budgets with several strategies; evaluate all; draw quality vs size."""
     from gguf_prune.pipeline.sweep import sweep, sweep_markdown
 
     try:
         opts = SweepOptions(calibration=calibration, text=text, budgets=budgets, strategies=strategies or STRATEGIES,
                             samples=samples, seq_len=seq_len, quant=quant, eval_chunks=eval_chunks,
-                            threads=threads, bench=not no_bench, out_dir=out_dir, device=device)
+                            threads=threads, bench=not no_bench, out_dir=out_dir, device=device, repair=repair,
+                            recover_samples=recover_samples)
         result = sweep(hf_dir, opts)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from None

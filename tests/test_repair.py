@@ -4,6 +4,7 @@ fit never gives non-finite weights and never makes held-out KL worse; bad reques
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -148,3 +149,22 @@ def test_repair_on_a_plan_that_cuts_nothing_is_refused(tiny_tied, small_text, tm
         recover(tiny_tied, Plan.identity(shape, fingerprint=checkpoint.fingerprint(tiny_tied)), tmp_path / "rec",
                 _opts(small_text))
     assert not (tmp_path / "rec").exists()
+
+
+def test_sweep_repair_adds_a_repaired_row_per_point(tiny_untied, tmp_path):
+    """`sweep --repair`: width scores are measured with their repair, each point gets a repaired row written from
+    its recover directory (the cut planned by repaired width KL), evaluated in llama.cpp like the others."""
+    from gguf_prune.pipeline.sweep import SweepOptions, sweep
+
+    opts = SweepOptions(budgets=(0.25,), strategies=("kl-layers", "width"), samples=4, seq_len=32, quant="F16",
+                        eval_chunks=2, threads=2, bench=False, out_dir=tmp_path / "sw", protect_first=1,
+                        protect_last=0, repair=True, recover_samples=8)
+    r = sweep(tiny_untied, opts)
+    rows = {m["label"]: m for m in r["runs"]}
+    assert set(rows) == {"kl-layers-25", "kl-layers-25+repair", "width-25", "width-25+repair"}
+    assert all(m["quality"] for m in rows.values())
+    assert rows["width-25+repair"]["repaired"] and not rows["width-25"]["repaired"]
+    assert (tmp_path / "sw" / "recovered" / "width-25+repair" / "recover.json").is_file()
+    layers = {e["index"]: e for e in json.loads((tmp_path / "sw" / "scores.json").read_text())["layers"]}
+    assert any(e.get("width_kl_repaired") for e in layers.values())
+    assert "width + repair" in (tmp_path / "sw" / "sweep.md").read_text()

@@ -47,6 +47,7 @@ class StrategyInputs:
     scores_greedy_mixed: Path  # greedy KL per parameter over layers and sub-blocks
     out: Path  # the plan.json to write
     protect: tuple[int, int]  # (first, last) layers kept whatever their scores
+    repair: bool = False  # rank width cuts by their KL after repair (where the scores have it)
 
     def plan(self, scores: Path, **options: Any) -> "Plan":
         """make_plan on ``scores`` with ``options`` and the protected layers."""
@@ -54,7 +55,7 @@ class StrategyInputs:
         from gguf_prune.planning.strategies import make_plan
 
         return make_plan(scores, self.out, PlanOptions(**options, protect_first=self.protect[0],
-                                                       protect_last=self.protect[1]))
+                                                       protect_last=self.protect[1], repair=self.repair))
 
 
 def _all_units() -> tuple[str, ...]:
@@ -77,12 +78,14 @@ STRATEGIES = tuple(STRATEGY_PLANS)
 
 
 def strategy_plan(strategy: str, budget: float, scores_one: Path, scores_greedy_layers: Path,
-                  scores_greedy_mixed: Path, n_layer: int, out: Path, protect: tuple[int, int] = (2, 2)) -> "Plan":
-    """The plan ``strategy`` makes for ``budget`` from the sweep's scores files, written to ``out``."""
+                  scores_greedy_mixed: Path, n_layer: int, out: Path, protect: tuple[int, int] = (2, 2),
+                  repair: bool = False) -> "Plan":
+    """The plan ``strategy`` makes for ``budget`` from the sweep's scores files, written to ``out``; ``repair``:
+    width cuts ranked by their KL after repair."""
     make = STRATEGY_PLANS.get(strategy)
     if make is None:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     drop_layers = max(1, math.ceil(budget * n_layer - 1e-9))
     return make(StrategyInputs(budget=budget, drop_layers=drop_layers, scores_one=scores_one,
                                scores_greedy_layers=scores_greedy_layers, scores_greedy_mixed=scores_greedy_mixed,
-                               out=out, protect=protect))
+                               out=out, protect=protect, repair=repair))

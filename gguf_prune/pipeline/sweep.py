@@ -43,6 +43,8 @@ class SweepOptions:
     device: str = "auto"
     protect_first: int = 2
     protect_last: int = 2
+    repair: bool = False  # a second row per point: the cut repaired in closed form (planned by repaired width KL)
+    recover_samples: int = 64  # calibration sequences the repairs are fitted on (10% held out)
 
     def __post_init__(self) -> None:
         refuse("sweep options are invalid", sweep_option_problems(self))
@@ -94,8 +96,8 @@ def _score(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int) -> _SweepScor
     need_gm = "greedy-mixed" in o.strategies
     max_b = max(o.budgets)  # greedy orders long enough for the largest budget serve every smaller one
     log.info("== sweep: scoring %s", hf_dir)
-    if need_layers and not _reusable(scores.one, common, need_width):
-        score_model(hf_dir, scores.one, ScoreOptions(**common, neurons=need_width,
+    if need_layers and not _reusable(scores.one, common, need_width, o.repair and need_width):
+        score_model(hf_dir, scores.one, ScoreOptions(**common, neurons=need_width, repair=o.repair and need_width,
                                                      width=WIDTH_FRACTIONS if need_width else ()))
     if need_gl and not _reusable(scores.greedy_layers, common):
         score_model(hf_dir, scores.greedy_layers, ScoreOptions(
@@ -109,7 +111,7 @@ def _score(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int) -> _SweepScor
     return scores
 
 
-def _reusable(path: Path, common: dict, width: bool = False) -> bool:
+def _reusable(path: Path, common: dict, width: bool = False, repaired: bool = False) -> bool:
     """A scores file an earlier sweep into the same directory left, measured with the same calibration
     settings (and with width scores if they are needed): scoring is the slow part, so it is not repeated."""
     from gguf_prune.scores import ScoresError, load
@@ -122,7 +124,7 @@ def _reusable(path: Path, common: dict, width: bool = False) -> bool:
         return False
     st = d.get("settings", {})
     same = all(str(st.get(k)) == str(v) for k, v in common.items() if k != "device")
-    ok = same and (not width or bool(d.get("width")))
+    ok = same and (not width or bool(d.get("width"))) and (not repaired or bool((d.get("width") or {}).get("repair")))
     if ok:
         log.info("reusing %s (same calibration settings)", path)
     else:
@@ -145,8 +147,30 @@ def _build(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int,
                                  out / "plans" / f"{tag}.json", (o.protect_first, o.protect_last))
             r = prune(hf_dir, plan, out / f"{tag}-{o.quant}.gguf", quant=o.quant, threads=o.threads)
             runs.append({"label": tag, "strategy": s, "budget": b, "removed_fraction": plan.removed_fraction(),
-                         "architecture": r.architecture, "path": str(r.path)})
+                         "architecture": r.architecture, "path": str(r.path), "repaired": False})
+            if o.repair:
+                runs.append(_repaired_run(hf_dir, out, o, n_layer, scores, s, b, tag))
     return base, runs
+
+
+def _repaired_run(hf_dir: Path, out: Path, o: SweepOptions, n_layer: int, scores: _SweepScores, s: str,
+                  b: float, tag: str) -> dict[str, Any]:
+    """The strategy's plan with widths ranked by their KL after repair, repaired in closed form (narrowed parts
+    refitted, removed parts patched) and written from the recover directory."""
+    from gguf_prune.recovery.options import RecoverOptions
+    from gguf_prune.recovery.recover import recover
+    from gguf_prune.writing.prune import prune
+
+    tag_r = f"{tag}+repair"
+    plan = strategy_plan(s, b, scores.one, scores.greedy_layers, scores.greedy_mixed, n_layer,
+                         out / "plans" / f"{tag_r}.json", (o.protect_first, o.protect_last), repair=True)
+    rec = recover(hf_dir, plan, out / "recovered" / tag_r, RecoverOptions(
+        calibration=o.calibration, seq_len=o.seq_len, samples=o.recover_samples, patch=True, repair=True,
+        device=o.device))
+    r = prune(hf_dir, None, out / f"{tag_r}-{o.quant}.gguf", quant=o.quant, threads=o.threads, recovered=rec.path)
+    return {"label": tag_r, "strategy": s, "budget": b, "removed_fraction": rec.plan.removed_fraction(),
+            "architecture": r.architecture, "path": str(r.path), "repaired": True,
+            "heldout_kl_pytorch": rec.manifest.get("heldout_kl")}
 
 
 def _evaluate(out: Path, o: SweepOptions, base: PruneResult, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -198,15 +222,16 @@ def sweep_markdown(r: dict[str, Any]) -> str:
     """sweep.md: a row per (budget, strategy), the best strategy of each budget in bold."""
     lines = ["| budget | strategy | removed | size× | PPL× | KL mean | KL median | KL p99 | top-1 | tg× |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in sorted(r["runs"], key=lambda m: (m["budget"], m["strategy"])):
+    for m in sorted(r["runs"], key=lambda m: (m["budget"], m["strategy"], m.get("repaired", False))):
         q, sp = m.get("quality") or {}, m.get("speed") or {}
         star = " **best**" if r["best"].get(str(m["budget"])) == m["label"] else ""
+        name = m["strategy"] + (" + repair" if m.get("repaired") else "")
         if m.get("error"):
-            lines.append(f"| {m['budget']:.0%} | {m['strategy']} | error: {m['error'].splitlines()[0][:60]} "
+            lines.append(f"| {m['budget']:.0%} | {name} | error: {m['error'].splitlines()[0][:60]} "
                          "| | | | | | | |")
             continue
         lines.append(
-            f"| {m['budget']:.0%} | {m['strategy']}{star} | {100 * m['removed_fraction']:.1f}% | "
+            f"| {m['budget']:.0%} | {name}{star} | {100 * m['removed_fraction']:.1f}% | "
             f"{(m.get('size_ratio') or 0):.3f} | {q.get('ppl_ratio', float('nan')):.3f} | "
             f"{q.get('kl_mean', float('nan')):.4f} | {q.get('kl_median', float('nan')):.4f} | "
             f"{q.get('kl_p99', float('nan')):.3f} | {100 * q.get('top1_agreement', 0):.1f}% | "
@@ -226,11 +251,13 @@ def plot_sweep(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in r["strategies"]:
-        pts = sorted((m["removed_fraction"], m["quality"]["kl_mean"]) for m in r["runs"]
-                     if m["strategy"] == s and m.get("quality"))
-        if pts:
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=s)
+    for k, s in enumerate(r["strategies"]):
+        for repaired in (False, True):
+            pts = sorted((m["removed_fraction"], m["quality"]["kl_mean"]) for m in r["runs"]
+                         if m["strategy"] == s and m.get("quality") and bool(m.get("repaired")) == repaired)
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", color=f"C{k % 10}",
+                        linestyle="--" if repaired else "-", label=s + (" + repair" if repaired else ""))
     for b, label in r["best"].items():
         m = next(m for m in r["runs"] if m["label"] == label)
         ax.scatter([100 * m["removed_fraction"]], [m["quality"]["kl_mean"]], s=160, facecolors="none",
