@@ -294,3 +294,27 @@ def test_a_finished_run_is_reused_round_by_round(iterated, tiny_tied, small_text
     assert sum("(same inputs): reusing it" in m for m in caplog.messages) == 2
     assert again.rounds == iterated.rounds and again.recovered == iterated.recovered
     assert {p: p.stat().st_mtime_ns for p in iterated.out_dir.rglob("*") if "round-" in str(p)} == before
+
+
+def test_rounds_re_measure_width_cuts_with_their_repair(tiny_tied, small_text, tmp_path):
+    """units with width and repair: every round scores each live MLP's widths (and their repairs) on the current,
+    repaired model, the plan narrows MLPs further round by round without reviving a neuron, and each round's
+    recover directory holds the repaired projections."""
+    from gguf_prune.planning.diff import revived
+
+    it = iterate(tiny_tied, tmp_path / "it", _opts(small_text, recover="none", repair=True, units=("width",),
+                                                   heldout=0, samples=8, score_samples=4))
+    plans = [Plan.load(Path(r["plan"])) for r in it.rounds]
+    assert all(p.without_patches().removed_fraction() >= r["target"] - 1e-9 for p, r in zip(plans, it.rounds))
+    s = plans[0].shape
+    widths = [[len(lp.kept_neurons(s)) for lp in p.layers] for p in plans]
+    assert widths[1] != widths[0] and all(b <= a for a, b in zip(*widths))  # round 2 narrowed further
+    assert not revived(plans[0], plans[1])
+    for r in it.rounds:
+        doc = json.loads(Path(r["scores"]).read_text())
+        assert doc["width"]["repair"] and any(e.get("width_kl_repaired") for e in doc["layers"])
+        names = json.loads((Path(r["recovered"]) / "recover.json").read_text())["tensors"]["names"]
+        assert any(n.endswith("mlp.down_proj.bias") for n in names)
+    # round 2 scored the model round 1 left: its live neurons only
+    doc2 = json.loads(Path(it.rounds[1]["scores"]).read_text())
+    assert doc2["base_plan"] is not None

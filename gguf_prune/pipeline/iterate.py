@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 ITERATE_SCHEMA = "gguf-prune/iterate"
 ITERATE_VERSION = 1
-UNITS = ("layer", "attn", "mlp")
+UNITS = ("layer", "attn", "mlp", "width")  # what a round may cut (width: MLP neurons, re-measured every round)
 
 
 class IterateError(GgufPruneError, ValueError):
@@ -101,7 +101,7 @@ class IterateOptions:
     seq_len: int = 128
     seed: int = 0
     heldout: float = 0.1  # fraction of sequences held out (early stopping, ridge choice, the figures)
-    units: tuple[str, ...] = UNITS  # what the budget may cut
+    units: tuple[str, ...] = ("layer", "attn", "mlp")  # what the budget may cut (UNITS)
     repair: bool = False  # closed-form repair each round: narrowed parts refitted, removed parts patched
     protect_first: int = 2
     protect_last: int = 2
@@ -197,36 +197,56 @@ def _groups(cal: Calibration, seqs: list[int], seq_len: int, batch_tokens: int) 
 
 
 def score_current(teacher, student, plan: Plan | None, cal: Calibration, seqs: list[int], out: Path,
-                  hf_dir: Path, fingerprint: str, settings: dict, batch_tokens: int = 16384) -> Path:
+                  hf_dir: Path, fingerprint: str, settings: dict, batch_tokens: int = 16384,
+                  width: bool = False, repair: bool = False, align: int = 256) -> Path:
     """Score ``student`` (the current model: ``plan``'s cut, recovered weights) against ``teacher`` (the
     unpruned checkpoint) on sequences ``seqs`` of ``cal``; write a scores file the planner extends ``plan`` from.
 
     Per remaining layer: KL with the layer, its attention and its MLP bypassed, and BI; layers ``plan``
-    removes are marked removed (a patch standing in for them is not a unit the planner may cut).
+    removes are marked removed (a patch standing in for them is not a unit the planner may cut). ``width``:
+    also each MLP's KL with 1/6, 1/3, 1/2 of its live neurons removed (lowest energy first, multiples of
+    ``align``), and with ``repair`` the same cuts repaired, with the neuron side file the planner reads.
     """
+    from gguf_prune.pipeline.strategy import WIDTH_FRACTIONS
+    from gguf_prune.scoring.inputs import width_drops
+    from gguf_prune.scoring.measure import width_kls, width_spec, write_neurons
+    from gguf_prune.scoring.options import DEFAULT_TAU
+    from gguf_prune.scoring.width_repair import SCORE_ALPHA
+
     t0 = time.perf_counter()
     shape = checkpoint.check_model_dir(hf_dir)
     groups = _groups(cal, seqs, cal.seq_len, batch_tokens)
+    drops = width_drops(WIDTH_FRACTIONS, shape.n_ff, align) if width else ()
     with torch.inference_mode():
         te = ablate.Engine(teacher, batch_tokens=batch_tokens)
         refs = [te.reference(ids, mask) for ids, mask in groups]
         se = ablate.Engine(student, batch_tokens=batch_tokens)
-        res = oneshot.scan(se, groups, refs, ablate.ScanSpec(sublayers=True, neurons=False))
+        sources = [layer.source_index for layer in se.layers] if plan is not None else list(range(shape.n_layer))
+        spec, pre = ablate.ScanSpec(sublayers=True, neurons=False), None
+        if drops:
+            spec, pre = width_spec(se, groups, refs, spec, plan, shape, sources, drops, DEFAULT_TAU, repair)
+        res = oneshot.scan(se, groups, refs, spec)
     n_real, n_tgt = res.n_real, sum(r.n_tgt for r in refs)
     lps = {lp.index: lp for lp in plan.layers} if plan is not None else {}
-    pos_of = ({layer.source_index: p for p, layer in enumerate(se.layers)} if plan is not None
-              else {i: i for i in range(shape.n_layer)})
+    pos_of = {s: p for p, s in enumerate(sources)}
     layers = []
     for s in range(shape.n_layer):
         if s in lps and lps[s].removed:
             layers.append(scores.layer_entry(s, removed=True))
             continue
         p, lay = pos_of[s], se.layers[pos_of[s]]
+        wkl, wkl_r = width_kls(res, spec, p, drops, n_real, repair)
         layers.append(scores.layer_entry(
             s, bi=scores.per_token(res.bi[p], n_real), kl=scores.per_token(res.kl[p], n_real),
             attn_kl=scores.per_token(res.attn_kl[p], n_real), mlp_kl=scores.per_token(res.mlp_kl[p], n_real),
             attn_bi=scores.per_token(res.attn_bi[p], n_real) if ablate.has_attention(lay) else None,
-            mlp_bi=scores.per_token(res.mlp_bi[p], n_real) if ablate.has_mlp(lay) else None))
+            mlp_bi=scores.per_token(res.mlp_bi[p], n_real) if ablate.has_mlp(lay) else None,
+            width_kl=wkl, width_kl_repaired=wkl_r))
+    neurons = write_neurons(out, se, pre, sources, pre.n_real, DEFAULT_TAU) if pre is not None else None
+    wd = None
+    if drops:
+        wd = {"drops": list(drops), "order": "energy", "align": align} | (
+            {"repair": {"alpha": SCORE_ALPHA, "cross_fitted": True}} if repair else {})
     base = None
     if plan is not None:
         base = scores.base_plan_entry(plan, settings.get("plan_path"), res.base_kl / n_real, res.base_nll / n_tgt)
@@ -236,7 +256,7 @@ def score_current(teacher, student, plan: Plan | None, cal: Calibration, seqs: l
         settings={"scorer": "gguf_prune.pipeline.iterate.score_current", "sublayers": True, "neurons": False,
                   "heads": False, "batch_tokens": batch_tokens, "torch": torch.__version__} | settings,
         full_nll=sum(r.nll for r in refs) / n_tgt, layers=layers, seconds=seconds,
-        layer_evals=int(round(se.seq_layer_evals / max(1, len(seqs)))), base_plan=base)
+        layer_evals=int(round(se.seq_layer_evals / max(1, len(seqs)))), base_plan=base, neurons=neurons, width=wd)
     scores.save(out, doc)
     log.info("wrote %s (%.0f s): %d units scored on %d sequences%s", out, seconds["total"],
              sum(e[k] is not None for e in layers for k in ("kl", "attn_kl", "mlp_kl")), len(seqs),
@@ -306,7 +326,7 @@ class _Rounds:
                                     repair=o.repair, patch_fit=o.patch_fit, finetune=fto.method if fto else None, finetune_options=fto,
                                     device=o.device)
         self.popts = PlanOptions(target_params=None, units=tuple(o.units), protect_first=o.protect_first,
-                                 protect_last=o.protect_last, quant=o.quant)
+                                 protect_last=o.protect_last, quant=o.quant, repair=o.repair)
         log.info("iterative pruning of %s: %d round(s) to %.1f%% of block parameters, recovery %s; scoring on %d "
                  "sequences, %d held out", hf_dir, o.rounds, 100 * o.budget, o.recover, len(self.score_seqs),
                  len(self.heldout))
@@ -369,7 +389,7 @@ class _Rounds:
             {"round": r, "rounds": self.o.rounds, "recovered": str(rec_dir) if rec_dir else None,
              "plan_path": None if plan is None else str(rec_dir / "plan.json" if rec_dir
                                                         else self.out_dir / f"round-{r - 1}" / "plan.json")},
-            self.o.batch_tokens)
+            self.o.batch_tokens, width="width" in self.o.units, repair=self.o.repair, align=self.popts.align)
         t_score = time.time() - t
         kl_in = json.loads(scores_path.read_text())["base_plan"]
         # 2. extend the plan to this round's budget

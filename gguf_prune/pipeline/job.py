@@ -205,6 +205,7 @@ def _iterate(job: _Job, fto: FinetuneOptions | None) -> tuple[Plan, Path | None,
                               f"(score on top of the cuts so far, extend the plan, recover: {o.recover_label(job.repair)})"):
         it = iterate(job.model, job.out / "rounds", IterateOptions(
             rounds=o.rounds, budget=o.budget, recover=o.recover, repair=job.repair, calibration=o.calibration,
+            units=("layer", "attn", "mlp") + (("width",) if o.strategy == "width-mixed" else ()),
             samples=max(o.recover_samples, o.samples) if o.recover != "none" or job.repair else o.samples,
             score_samples=o.samples,
             seq_len=o.seq_len, heldout=o.heldout, quant=o.quant, finetune_options=fto, device=o.device))

@@ -188,28 +188,11 @@ class _InMemoryRun:
 
     def _neuron_walk(self) -> ablate.ScanResult:
         """Width variants follow each layer's energy order, so the neuron statistics come first (one walk)."""
-        o, engine, plan = self.o, self.engine, self.plan
-        grams = WidthGrams(float(getattr(self.model.config, "rms_norm_eps", 1e-6))) if o.repair else None
-        with _progress(o, len(self.groups) * engine.n_layer, "neurons", "layer") as bar:
-            pre = oneshot.scan(engine, self.groups, self.refs,
-                               ablate.ScanSpec(layers=False, neurons=True, tau=o.tau, width_grams=grams),
-                               progress=bar.update)
-        self.seconds["neuron_walk"] = sum(pre.seconds.values())
-        order, fits = {}, {}
-        t = time.perf_counter()
-        for p, lay in enumerate(engine.layers):
-            if p not in pre.ff_count:
-                continue
-            live = plan.layers[self.sources[p]].kept_neurons(self.shape) if plan is not None else None
-            order[p] = scores.energy_order(scores.neuron_energy(_column_norms(lay), pre.ff_sq[p], pre.n_real), live)
-            if grams is not None:  # the repair of each width, fitted now, scored on the scan
-                f = grams.fits(p, order[p], [d for d in self.drops if d < len(order[p])], lay.mlp.down_proj.weight)
-                grams.grams.pop(p, None)
-                if f:
-                    fits[p] = f
-        if grams is not None:
-            self.seconds["width_repair_fit"] = time.perf_counter() - t
-        self.spec = replace(self.spec, neurons=False, width_drops=self.drops, width_order=order, width_fits=fits)
+        o = self.o
+        with _progress(o, len(self.groups) * self.engine.n_layer, "neurons", "layer") as bar:
+            self.spec, pre = width_spec(self.engine, self.groups, self.refs, self.spec, self.plan, self.shape,
+                                        self.sources, self.drops, o.tau, o.repair, progress=bar.update,
+                                        seconds=self.seconds)
         return pre
 
     # --- the document ------------------------------------------------------------------------
@@ -228,7 +211,7 @@ class _InMemoryRun:
         neurons = None
         # width cuts follow the energy order: `plan --units width` reads it from the side file
         if o.neurons or self.drops:
-            neurons = _write_neurons(out, self.engine, res, self.sources, n_real, o.tau)
+            neurons = write_neurons(out, self.engine, res, self.sources, n_real, o.tau)
         base = None
         if self.plan is not None:
             base = scores.base_plan_entry(self.plan, str(o.plan), res.base_kl / n_real, res.base_nll / self.n_tgt)
@@ -248,15 +231,7 @@ class _InMemoryRun:
         if p is None:
             return scores.layer_entry(s, removed=True)
         res, lay, n_real = self.res, self.engine.layers[p], self.n_real
-        width_kl = width_kl_repaired = None
-        if self.drops:  # null where the layer has no more live neurons than the drop
-            w, wr = res.width_kl.get(p), res.width_kl_repaired.get(p)
-            live = len(self.spec.width_order.get(p, ()))
-            width_kl = [scores.per_token(w[k], n_real) if w is not None and d < live else None
-                        for k, d in enumerate(self.drops)]
-            if self.o.repair:
-                width_kl_repaired = [scores.per_token(wr[k], n_real) if wr is not None and d < live else None
-                                     for k, d in enumerate(self.drops)]
+        width_kl, width_kl_repaired = width_kls(res, self.spec, p, self.drops, n_real, self.o.repair)
         return scores.layer_entry(
             s, bi=scores.per_token(res.bi[p], n_real), kl=scores.per_token(res.kl[p], n_real),
             ppl=math.exp(res.nll[p] / self.n_tgt) if self.o.ppl else None,
@@ -266,12 +241,54 @@ class _InMemoryRun:
             width_kl=width_kl, width_kl_repaired=width_kl_repaired)
 
 
+def width_spec(engine: ablate.Engine, groups, refs, spec: ablate.ScanSpec, plan, shape: ModelShape,
+               sources: list[int], drops: tuple[int, ...], tau: float, repair: bool, progress=None,
+               seconds: dict | None = None) -> tuple[ablate.ScanSpec, ablate.ScanResult]:
+    """The neuron walk that width scores need first: neuron statistics (and, with ``repair``, the Grams each
+    width's repair is fitted from) on one walk; returns ``spec`` with the width variants set (each layer's live
+    neurons in energy order, the drops, the repairs' fits) and the walk's result (the neuron statistics)."""
+    seconds = {} if seconds is None else seconds
+    grams = WidthGrams(float(getattr(engine.model.config, "rms_norm_eps", 1e-6))) if repair else None
+    pre = oneshot.scan(engine, groups, refs, ablate.ScanSpec(layers=False, neurons=True, tau=tau, width_grams=grams),
+                       progress=progress)
+    seconds["neuron_walk"] = sum(pre.seconds.values())
+    order, fits = {}, {}
+    t = time.perf_counter()
+    for p, lay in enumerate(engine.layers):
+        if p not in pre.ff_count:
+            continue
+        live = plan.layers[sources[p]].kept_neurons(shape) if plan is not None else None
+        order[p] = scores.energy_order(scores.neuron_energy(_column_norms(lay), pre.ff_sq[p], pre.n_real), live)
+        if grams is not None:  # the repair of each width, fitted now, scored on the scan
+            f = grams.fits(p, order[p], [d for d in drops if d < len(order[p])], lay.mlp.down_proj.weight)
+            grams.grams.pop(p, None)
+            if f:
+                fits[p] = f
+    if grams is not None:
+        seconds["width_repair_fit"] = time.perf_counter() - t
+    return replace(spec, neurons=False, width_drops=drops, width_order=order, width_fits=fits), pre
+
+
+def width_kls(res: ablate.ScanResult, spec: ablate.ScanSpec, p: int, drops: tuple[int, ...], n_real: int,
+              repair: bool) -> tuple[list | None, list | None]:
+    """Layer position ``p``'s width KLs per drop, without and (``repair``) with repair; None where the layer has
+    no more live neurons than the drop."""
+    if not drops:
+        return None, None
+    w, wr = res.width_kl.get(p), res.width_kl_repaired.get(p)
+    live = len(spec.width_order.get(p, ()))
+    kl = [scores.per_token(w[k], n_real) if w is not None and d < live else None for k, d in enumerate(drops)]
+    if not repair:
+        return kl, None
+    return kl, [scores.per_token(wr[k], n_real) if wr is not None and d < live else None for k, d in enumerate(drops)]
+
+
 def _column_norms(layer):
     """‖down_proj column j‖ for each neuron j: down_proj is (n_embd, n_ff), column j is neuron j's output."""
     return layer.mlp.down_proj.weight.detach().float().norm(dim=0).cpu().numpy()
 
 
-def _write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sources: list[int], n_real: int,
+def write_neurons(out: Path, engine: ablate.Engine, res: ablate.ScanResult, sources: list[int], n_real: int,
                    tau: float) -> dict:
     col_norm = {p: _column_norms(engine.layers[p]) for p in res.ff_count}
     tensors = scores.neuron_tensors([(s, p) for p, s in enumerate(sources)], res.ff_count, res.ff_abs,
