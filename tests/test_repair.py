@@ -119,6 +119,7 @@ def test_a_repair_never_makes_held_out_kl_worse(tiny_tied, small_text, tmp_path)
     assert kl["patched"] <= kl["cut"]
 
 
+@pytest.mark.bad_input
 def test_too_few_tokens_for_the_kept_units_still_give_finite_weights(tiny_tied, small_text, tmp_path, caplog):
     """6 sequences of 8 tokens (42 fitted tokens) for 384 kept neurons: underdetermined, said once per repair,
     and the ridge toward the original weights keeps every weight finite."""
@@ -143,6 +144,7 @@ def test_the_ridge_is_finite_on_degenerate_sums():
     assert torch.isfinite(acc.solve(0.3, prior)).all()
 
 
+@pytest.mark.bad_input
 def test_repair_on_a_plan_that_cuts_nothing_is_refused(tiny_tied, small_text, tmp_path):
     shape = ModelShape.from_hf_dir(tiny_tied)
     with pytest.raises(RecoverError, match="the plan cuts nothing: there is nothing to repair"):
