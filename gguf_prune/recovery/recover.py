@@ -124,6 +124,9 @@ def recover(hf_dir: Path, plan: Plan | Path, out: Path, options: RecoverOptions 
     req = _check_request(Path(hf_dir), plan, Path(out), options, start)
     o = options
     tokenizer = cuts.load_tokenizer(req.hf_dir)
+    if (o.patch or o.repair) and req.cut.removed_fraction() <= 0:
+        raise RecoverError("the plan cuts nothing: there is nothing to repair or patch. Make a plan that removes "
+                           "something (`gguf-prune plan --target-params 0.2`), or prune without recovery")
     cal = load_calibration(req.calibration, tokenizer, seq_len=o.seq_len, samples=o.samples, seed=o.seed,
                            kind=req.calibration_kind)
     heldout = split_heldout(cal.n_seq, o.heldout, o.seed)
@@ -179,9 +182,6 @@ def _check_request(hf_dir: Path, plan: Plan | Path, out: Path, o: RecoverOptions
         log.warning("the plan narrows no attention and no MLP: there is nothing to repair")
     tied = bool(checkpoint.read_config(hf_dir).get("tie_word_embeddings", False))
     start_rec = None if start is None else _check_start(Path(start), shape, fp, cut, tied, out)
-    if (o.patch or o.repair) and cut.removed_fraction() <= 0:
-        raise RecoverError("the plan cuts nothing: there is nothing to repair or patch. Make a plan that removes "
-                           "something (`gguf-prune plan --target-params 0.2`), or prune without recovery")
     check_output_dir(out)
     cal_path, kind = check_calibration_file(o.calibration, o.calibration_kind)
     device = resolve_device(o.device)
