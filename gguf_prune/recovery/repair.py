@@ -64,15 +64,15 @@ def repair_count(plan) -> int:
     return sum(width_wanted(lp, s) + heads_wanted(lp, s) for lp in plan.layers)
 
 
-def _capture_input(module: torch.nn.Module, run):
-    """The input of ``module`` during ``run()`` (called once per batch); returns (run's results, inputs)."""
-    seen: list[torch.Tensor] = []
-    hook = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float()))
-    try:
-        out = run()
-    finally:
-        hook.remove()
-    return out, seen
+def _inputs(engine, k: int, what: str, runs: list) -> list:
+    """The input of pruned layer k's o_proj ("o_in") or down_proj ("ff") during each call of ``runs`` (one per
+    batch), through the engine's own capture."""
+    out = []
+    for run in runs:
+        with engine.capture(k, [what]) as cap:
+            run()
+        out.append(cap[what].detach().float())
+    return out
 
 
 class Repairs:
@@ -105,7 +105,8 @@ class Repairs:
         cols = torch.cat([torch.arange(h * s.head_dim, (h + 1) * s.head_dim) for h in sorted(lp.kept_heads(s))])
         proj = layer.self_attn.o_proj
         w0 = walk.full_e.layers[lp.index].self_attn.o_proj.weight.detach().float()  # the original (n_embd, q)
-        _, z = _capture_input(proj, lambda: [walk.pr_e.attn(k, h, c) for h, c in zip(walk.patched, walk.ctxs)])
+        e = walk.pr_e
+        z = _inputs(e, k, "o_in", [lambda h=h, c=c: e.attn(k, h, c) for h, c in zip(walk.patched, walk.ctxs)])
         local = has_sandwich_norms(layer)
         targets = [zi @ w0.T if local else fm - h for zi, fm, h in zip(z, full_mid, walk.patched)]
 
@@ -123,7 +124,8 @@ class Repairs:
         cols = torch.tensor(sorted(lp.neurons))
         proj = layer.mlp.down_proj
         w0 = walk.full_e.layers[lp.index].mlp.down_proj.weight.detach().float()  # the original (n_embd, n_ff)
-        _, a = _capture_input(proj, lambda: [walk.pr_e.mlp(k, h) for h in patched_mid])
+        e = walk.pr_e
+        a = _inputs(e, k, "ff", [lambda h=h: e.mlp(k, h) for h in patched_mid])
         local = has_sandwich_norms(layer)
         targets = [ai @ w0.T if local else fo - h for ai, fo, h in zip(a, full_out, patched_mid)]
 
@@ -142,7 +144,6 @@ class Repairs:
         held-out KL, or nothing when no strength beats the cut."""
         n_in = len(cols) + self.bias
         acc = RidgeSums(n_in, w0.shape[0], heldout_sums=False)  # judged by held-out KL, not residual
-        ones = None
         for b, (x, y) in enumerate(zip(acts, targets)):
             x = x[..., cols]
             if self.bias:

@@ -65,8 +65,7 @@ class WidthGrams:
         for d in drops:
             kept = torch.as_tensor(np.asarray(order[d:], dtype=np.int64))
             idx = torch.cat([kept, torch.tensor([n_ff])])  # the kept neurons and the bias column
-            prior = target[idx].clone()
-            prior[-1] = 0
+            prior = target[idx]  # the kept columns' original weights, and 0 for the bias
             per_fold = []
             for f in (0, 1):
                 xx = g[f][idx][:, idx]
