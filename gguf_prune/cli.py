@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import click
 
 from gguf_prune.calibration import KINDS as CALIBRATION_KINDS
-from gguf_prune.cli_params import (COUNT, FRACTION, NONNEG, OPEN_FRACTION, PORT, POSITIVE, SEED, SEQ_LEN, Align, Finite,
-                                   Fractions, Layers, Names, option)
-from gguf_prune.errors import GgufPruneError, describe_os_error
+from gguf_prune.cli_params import (COUNT, FRACTION, NONNEG, OPEN_FRACTION, PORT, POSITIVE, SEED, SEQ_LEN, Align, Depths,
+                                   Finite, Fractions, Layers, Names, option, speed_options,
+                                   Commands, setup_logging)
 # The options of every stage, with their defaults and choices. These modules import no torch (tests/test_layout.py
 # checks), so `gguf-prune --help` stays fast.
 from gguf_prune.pipeline.job import RunOptions
@@ -19,38 +18,18 @@ from gguf_prune.pipeline.strategy import RECOVER_MODES, RUN_STRATEGIES, STRATEGI
 from gguf_prune.pipeline.sweep import SweepOptions
 from gguf_prune.planning.options import HEAD_METRICS, METRICS, NEURON_METRICS, UNITS, PlanOptions
 from gguf_prune.recovery.options import LOSSES, METHODS, PATCH_FITS, FinetuneOptions, RecoverOptions
+from gguf_prune.runtime.cost import CostOptions
 from gguf_prune.runtime.evaluate import EvalOptions
 from gguf_prune.runtime.package import PackageOptions
 from gguf_prune.scoring.options import DTYPES, GREEDY_BY, GREEDY_UNITS, ScoreOptions
 from gguf_prune.writing.options import DEFAULT_OUTTYPE, DEFAULT_QUANT, OUTTYPES
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s")
-    if verbose == 0:
-        for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-class _Commands(click.Group):
-    """Every command's errors in one place: gguf-prune's own (bad input, a failed stage) and the
-    operating system's (a full disk, a read-only or forbidden path) become one line and exit code 1."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except GgufPruneError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            raise click.ClickException(describe_os_error(e)) from None
-
-
 # ------------------------------------------------------------------ options defined once
 
 # Every stage's options dataclass (imported above): its fields' defaults are the flags' defaults.
 
-OPTION_CLASSES = {"plan": (PlanOptions,), "eval": (EvalOptions,), "recover": (RecoverOptions, FinetuneOptions),
+OPTION_CLASSES = {"plan": (PlanOptions,), "eval": (EvalOptions,), "cost": (CostOptions,), "recover": (RecoverOptions, FinetuneOptions),
                   "score": (ScoreOptions,), "package": (PackageOptions,), "run": (RunOptions,),
                   "sweep": (SweepOptions,)}
 # Flags whose CLI default stands for the dataclass's on purpose: --finetune none is RecoverOptions.finetune None,
@@ -58,7 +37,7 @@ OPTION_CLASSES = {"plan": (PlanOptions,), "eval": (EvalOptions,), "recover": (Re
 CLI_ONLY_DEFAULTS = {"finetune", "prompts", "units"}
 
 
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="gguf-prune")
 def main(verbose: int) -> None:
@@ -67,7 +46,7 @@ def main(verbose: int) -> None:
 
     Stages: score → plan → prune (or rewrite) → eval → package; `run` does them all.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @main.command()
@@ -120,7 +99,13 @@ def doctor() -> None:
              "model's own architecture that every llama.cpp runtime loads. Always on for Qwen3 and Gemma 3.")
 @option(PlanOptions, "--repair/--no-repair",
         help="Rank width cuts by their KL after repair where the scores have it (`score --width … --repair`).")
-@option(PlanOptions, "--quant", help="Target type, for predicted sizes.")
+@option(PlanOptions, "--quant", help="Target type, for predicted sizes (and the cost file's type).")
+@speed_options(PlanOptions)
+@option(PlanOptions, "--cost", type=click.Path(dir_okay=False),
+        help="cost.json from `gguf-prune cost` (this model, this machine); the plan records its predicted speed-up.")
+@option(PlanOptions, "--threads", type=POSITIVE, help="Thread count the speed is for (checked against the cost file).")
+@option(PlanOptions, "--patched", is_flag=True,
+        help="Price the linear patches that `recover --repair/--patch` puts where layers and attentions go.")
 def plan_cmd(scores, output, explain_path, units, **kw) -> None:
     """Turn SCORES (scores.json) into plan.json, or --explain an existing plan."""
     from gguf_prune.plan import Plan, PlanError
@@ -173,6 +158,26 @@ def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench
     click.echo(f"\nreport: {output / 'report.md'}, {output / 'report.json'}")
     if any("error" in e for e in result["models"]):
         sys.exit(1)
+
+
+@main.command("cost")
+@click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("cost.json"),
+              show_default=True, help="cost.json to write.")
+@option(CostOptions, "--threads", type=POSITIVE, help="Threads for llama.cpp (default: its own choice).")
+@option(CostOptions, "--depths", type=Depths(), help="Context depths (tokens in the KV cache) to time at.")
+@option(CostOptions, "--quant", help="Type the variants are written in: the type the pruned models will have "
+                                      "(none: the F16 cut).")
+@option(CostOptions, "--reps", type=POSITIVE, help="llama-bench repetitions of each test.")
+@option(CostOptions, "--n-gen", type=POSITIVE, help="Tokens generated per tg test.")
+@option(CostOptions, "--n-prompt", type=POSITIVE, help="Prompt tokens per pp test.")
+def cost_cmd(base, output, **kw) -> None:
+    """Measure what each part of BASE (an F16/BF16/F32 GGUF) costs per token in llama.cpp here → cost.json."""
+    from gguf_prune.runtime.cost import format_table, measure_cost
+
+    doc = measure_cost(base, output, CostOptions(**kw))
+    click.echo(format_table(doc))
+    click.echo(f"\nwrote {output} ({doc['threads']} threads, {doc['quant']}, {doc['seconds']:.0f} s)")
 
 
 @main.command("rewrite")

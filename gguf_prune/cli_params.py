@@ -1,5 +1,5 @@
-"""The command line's parameter types and option helper: every value in its range, every default from the
-stage's options dataclass.
+"""The command line's plumbing: parameter types and the option helper (every value in its range, every default
+from the stage's options dataclass), the command group that turns errors into one line, and the logging set-up.
 
 Kept apart from cli.py, which holds the commands; only these two modules import click.
 """
@@ -7,10 +7,13 @@ Kept apart from cli.py, which holds the commands; only these two modules import 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 
 import click
+
+from gguf_prune.errors import GgufPruneError, describe_os_error
 
 class Finite(click.FloatRange):
     """click.FloatRange that also refuses nan and inf (which compare false with every bound, so pass it)."""
@@ -94,6 +97,24 @@ class Fractions(click.ParamType):
         return tuple(out)
 
 
+class Depths(click.ParamType):
+    """A comma list of context depths in tokens (whole numbers, 0 or more), none twice."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        out = []
+        for x in (x.strip() for x in str(value).split(",")):
+            if not re.fullmatch(r"\d+", x):
+                self.fail(f"{x!r} is not a whole number of tokens; give depths like 0,512.", param, ctx)
+            if int(x) in out:
+                self.fail(f"{x} is given twice.", param, ctx)
+            out.append(int(x))
+        return tuple(out)
+
+
 class Layers(click.ParamType):
     """Layer indices and ranges, 3,5-8 (the model's own count is checked by the stage, which knows it)."""
 
@@ -129,3 +150,44 @@ def option(cls, *decls: str, **kw):
     if not kw.get("is_flag") and default is not None:
         kw.setdefault("show_default", True)
     return click.option(*decls, **kw)
+
+
+def speed_options(cls):
+    """--target-speedup, --speed-metric and --speed-depth of ``cls`` (PlanOptions, RunOptions), as one decorator."""
+    from gguf_prune.costs import SPEED_METRICS
+
+    def apply(f):
+        for decorator in reversed((
+            option(cls, "--target-speedup", type=Finite(min=1, min_open=True),
+                   help="Cut until the cost file predicts this tokens/s over the base's (1.3: +30%), cheapest KL "
+                        "per second saved first; with a parameter or size target the first one reached stops the "
+                        "cut."),
+            option(cls, "--speed-metric", type=click.Choice(SPEED_METRICS), help="tg: generation; pp: prompt "
+                                                                                  "processing."),
+            option(cls, "--speed-depth", type=click.IntRange(min=0),
+                   help="Context depth (tokens in the KV cache) the speed is for; the cost file must have it."))):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Commands(click.Group):
+    """Every command's errors in one place: gguf-prune's own (bad input, a failed stage) and the
+    operating system's (a full disk, a read-only or forbidden path) become one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GgufPruneError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(describe_os_error(e)) from None

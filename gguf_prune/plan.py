@@ -32,7 +32,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from gguf_prune.models import arch
 from gguf_prune.atomic import write_text_atomic
@@ -168,6 +168,18 @@ class LayerPlan:
         if self.why:
             d["why"] = dict(self.why)
         return d
+
+
+def with_patches(layers: Sequence[LayerPlan]) -> tuple[LayerPlan, ...]:
+    """``layers`` with a linear patch on the last layer of every run of removed layers and on every removed
+    attention sub-block (a layer whose attention and MLP both go counts as the latter): where `recover --patch`
+    (and --repair) puts them."""
+    out = list(layers)
+    for k, lp in enumerate(out):
+        run_ends = lp.removed and (k + 1 == len(out) or not out[k + 1].removed)
+        if run_ends or lp.attention_removed:
+            out[k] = replace(lp, patch="linear")
+    return tuple(out)
 
 
 @dataclass(frozen=True)

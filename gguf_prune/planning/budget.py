@@ -25,6 +25,7 @@ import numpy as np
 from gguf_prune.plan import ModelShape, Plan
 from gguf_prune.planning.draft import Draft, head_counts
 from gguf_prune.planning.options import PlanOptions
+from gguf_prune.planning.speed import SpeedGoal
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Candidate:
     """One cut the one-shot fill may take next. Candidates sort cheapest first: by KL per parameter removed,
     ties by kind, then layer (the field order is the sort order)."""
 
-    kl_per_param: float
+    kl_per_param: float  # per second saved when planning for speed (speed.SpeedGoal)
     kind: str  # layer | attn | mlp | width
     layer: int
     kl: float  # what the cut costs (width: the KL of the MLP narrowed to that level)
@@ -54,13 +55,25 @@ def budget_met(w: Draft, o: PlanOptions, fingerprint: str) -> bool:
     return True
 
 
+def target_met(w: Draft, o: PlanOptions, fingerprint: str, goal: SpeedGoal | None) -> bool:
+    """The cut is done: the speed target is reached, or the parameter / size budget is (the first target reached
+    stops the cut)."""
+    if goal is None or goal.target is None:
+        return budget_met(w, o, fingerprint)
+    if goal.met(w):
+        return True
+    return (o.target_params is not None or o.target_size is not None) and budget_met(w, o, fingerprint)
+
+
 def fill_budget(w: Draft, scores: Mapping[str, Any], o: PlanOptions, protected: set[int], fingerprint: str,
-                stats_loader: Callable[[], Mapping[str, np.ndarray]]) -> list[str]:
-    """Cut ``w`` until the budget is met: the scores' greedy steps first, then one-shot KL per parameter.
-    Returns the problems (empty: met)."""
+                stats_loader: Callable[[], Mapping[str, np.ndarray]], goal: SpeedGoal | None = None) -> list[str]:
+    """Cut ``w`` until the budget is met: the scores' greedy steps first, then one-shot KL per parameter (per
+    second saved, with a speed ``goal``; the first of its target and --target-params / --target-size reached
+    stops the cut). Returns the problems (empty: met)."""
+    speed = goal is not None and goal.target is not None
 
     def met() -> bool:
-        return budget_met(w, o, fingerprint)
+        return target_met(w, o, fingerprint, goal)
 
     if met():
         return []
@@ -75,7 +88,7 @@ def fill_budget(w: Draft, scores: Mapping[str, Any], o: PlanOptions, protected: 
                     "re-run `gguf-prune score --greedy K` with a larger K"]
         log.warning("the greedy run (%d steps) does not reach the budget; the rest is taken by one-shot KL per "
                     "parameter (a larger `score --greedy K` re-measures further)", len(steps))
-    return _take_cheapest(w, scores, o, protected, met, stats_loader)
+    return _take_cheapest(w, scores, o, protected, met, stats_loader, goal if speed else None)
 
 
 def _take_greedy_steps(w: Draft, steps: list[Mapping[str, Any]], protected: set[int],
@@ -98,33 +111,39 @@ def _take_greedy_steps(w: Draft, steps: list[Mapping[str, Any]], protected: set[
 
 
 def _take_cheapest(w: Draft, scores: Mapping[str, Any], o: PlanOptions, protected: set[int],
-                   met: Callable[[], bool], stats_loader: Callable[[], Mapping[str, np.ndarray]]) -> list[str]:
-    """One-shot: the cheapest unit per parameter first, re-priced after every cut. Width cuts of one layer are
-    taken in order, each to the level with the lowest KL per parameter from where the layer stands."""
+                   met: Callable[[], bool], stats_loader: Callable[[], Mapping[str, np.ndarray]],
+                   goal: SpeedGoal | None = None) -> list[str]:
+    """One-shot: the cheapest unit per parameter (per second saved, with a speed ``goal``) first, re-priced after
+    every cut. Width cuts of one layer are taken in order, each to the level with the lowest price from where the
+    layer stands."""
     s = w.shape
     layers = {int(e["index"]): e for e in scores.get("layers", [])}
     width = width_curves(scores, layers, stats_loader, o.repair) if "width" in o.units else {}
     before = width_curves(scores, layers, stats_loader, False) if width and o.repair and has_repaired(scores) else {}
     if not width and o.units == ("width",):
         return ["--units width needs width scores: run `gguf-prune score --width 0.17,0.33,0.5`"]
-    if not _candidates(w, layers, width, o.units, protected):
+    if not _candidates(w, layers, width, o.units, protected, goal):
         if not any(w.alive(i) and i not in protected for i in range(s.n_layer)):
             return [f"the budget cannot be met: every layer left is protected (protect_first={o.protect_first}, "
                     f"protect_last={o.protect_last} of {s.n_layer} layers)"]
         return ["the budget needs layer or sub-block KL scores, width scores or a greedy run in the scores"]
     while not met():
-        candidates = _candidates(w, layers, width, o.units, protected)
+        candidates = _candidates(w, layers, width, o.units, protected, goal)
         if not candidates:
             break
         _take(w, candidates[0], width, before)
+        if goal is not None:
+            w.note(candidates[0].layer, speedup_after=round(goal.speedup(w), 4))
     return [] if met() else ["the budget cannot be met without cutting protected layers"]
 
 
 def _candidates(w: Draft, layers: Mapping[int, Mapping[str, Any]], width: WidthCurves, units: tuple[str, ...],
-                protected: set[int]) -> list[Candidate]:
+                protected: set[int], goal: SpeedGoal | None = None) -> list[Candidate]:
     """Every cut still open, cheapest first, priced by what it removes *now* (a base plan or an earlier cut may
-    have taken part of its layer)."""
+    have taken part of its layer): parameters, or with a speed ``goal`` the seconds per token it saves (a cut
+    that saves none is not offered)."""
     s = w.shape
+    saving = goal.saving(w) if goal is not None else None
     out = []
     for i in range(s.n_layer):
         if i in protected or not w.alive(i):
@@ -135,19 +154,21 @@ def _candidates(w: Draft, layers: Mapping[int, Mapping[str, Any]], width: WidthC
         mlp_p = s.mlp_params(n_ff)
         for kind, key, params in (("layer", "kl", attn_p + mlp_p), ("attn", "attn_kl", attn_p),
                                   ("mlp", "mlp_kl", mlp_p)):
-            if kind in units and e.get(key) is not None and params:
-                out.append(Candidate(float(e[key]) / params, kind, i, float(e[key])))
+            gain = params if saving is None or not params else saving(i, kind, None)
+            if kind in units and e.get(key) is not None and params and gain > 0:
+                out.append(Candidate(float(e[key]) / gain, kind, i, float(e[key])))
         if i in width and n_ff:
-            best = _width_candidate(s, i, *width[i], n_ff)
+            best = _width_candidate(s, i, *width[i], n_ff, saving)
             if best:
                 out.append(best)
     return sorted(out)
 
 
 def _width_candidate(s: ModelShape, i: int, curve: list[tuple[int, float]], order: np.ndarray,
-                     n_ff: int) -> Candidate | None:
+                     n_ff: int, saving: Callable[[int, str, int | None], float] | None = None) -> Candidate | None:
     """Layer i's MLP narrowed from ``n_ff`` live neurons to the measured level with the lowest added KL per
-    parameter removed; None when no measured level lies below the width it has."""
+    parameter removed (per second saved, with ``saving``); None when no measured level lies below the width it
+    has."""
     done = len(order) - n_ff  # neurons this plan already cut (in energy order)
     kl_now = width_kl_at(curve, done)
     best = None
@@ -155,7 +176,11 @@ def _width_candidate(s: ModelShape, i: int, curve: list[tuple[int, float]], orde
         if d <= done or d >= len(order):
             continue
         added_kl = max(width_kl_at(curve, d) - kl_now, 0.0)
-        ratio = added_kl / (s.mlp_params(n_ff) - s.mlp_params(len(order) - d))
+        gain = (s.mlp_params(n_ff) - s.mlp_params(len(order) - d) if saving is None
+                else saving(i, "width", len(order) - d))
+        if gain <= 0:
+            continue
+        ratio = added_kl / gain
         if best is None or ratio < best.kl_per_param:
             best = Candidate(ratio, "width", i, width_kl_at(curve, d), d)
     return best

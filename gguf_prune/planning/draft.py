@@ -54,17 +54,17 @@ class Draft:
     def alive(self, i: int) -> bool:
         return i not in self.removed
 
+    def layer_plan(self, i: int, why: Mapping[str, Any] | None = None) -> LayerPlan:
+        """Layer ``i`` as the plan would hold it now."""
+        if i in self.removed:
+            return LayerPlan(i, removed=True, why=why or {})
+        heads = () if i in self.attn_removed else self.heads.get(i)
+        neurons = () if i in self.mlp_removed else self.neurons.get(i)
+        return LayerPlan(i, heads=heads, neurons=neurons, why=why or {})
+
     def to_plan(self, fingerprint: str, settings: Mapping[str, Any]) -> Plan:
-        layers = []
-        for i in range(self.shape.n_layer):
-            why = self.why.get(i, {})
-            if i in self.removed:
-                layers.append(LayerPlan(i, removed=True, why=why))
-                continue
-            heads = () if i in self.attn_removed else self.heads.get(i)
-            neurons = () if i in self.mlp_removed else self.neurons.get(i)
-            layers.append(LayerPlan(i, heads=heads, neurons=neurons, why=why))
-        plan = Plan(shape=self.shape, layers=tuple(layers), fingerprint=fingerprint, settings=dict(settings))
+        layers = tuple(self.layer_plan(i, self.why.get(i, {})) for i in range(self.shape.n_layer))
+        plan = Plan(shape=self.shape, layers=layers, fingerprint=fingerprint, settings=dict(settings))
         return replace(plan, predicted=predict(plan, settings.get("quant", DEFAULT_QUANT)))
 
     @classmethod

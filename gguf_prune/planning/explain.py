@@ -66,6 +66,11 @@ def explain(plan: Plan) -> str:
         rep = sum(float(w["width_kl_repaired"]) for w in repaired)
         lines.append(f"{len(repaired)} width cut(s) ranked by their KL after repair (calibration, each alone): "
                      f"Σ {cut:.4f} before repair → {rep:.4f} after; `gguf-prune recover --repair` fits the repairs")
+    sp = pred.get("speedup")
+    if sp:
+        lines.append(f"predicted speed-up: ×{sp['value']:.3f} {sp['metric']} at depth {sp['depth']}, {sp['threads']} "
+                     f"threads, {sp['quant']}{' with the patches' if sp.get('patched') else ''} (cost file "
+                     f"{sp['cost']}); speedup_after: the prediction after each cut")
     if "size_bytes_estimate_after" in pred:
         lines.append(f"predicted {pred.get('quant', '')} size: {pred['size_bytes_estimate_before'] / 1e6:.1f} MB → "
                      f"{pred['size_bytes_estimate_after'] / 1e6:.1f} MB (estimate)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gguf_prune.costs import SPEED_METRICS
 from gguf_prune.plan import ModelShape, PlanError
 from gguf_prune.ranges import ranges
 from gguf_prune.values import is_int, is_real
@@ -48,6 +49,14 @@ class PlanOptions:
     quant: str = DEFAULT_QUANT  # for target_size and the predicted size
     uniform: bool = False  # one shape for every kept layer (forced for families that load nothing else)
     repair: bool = True  # rank width cuts by their KL after repair, where the scores have it (score --repair)
+    # speed: cut until the cost file (`gguf-prune cost`) predicts this tokens/s over the base's, cheapest KL per
+    # second saved first; with --target-params / --target-size too, the first target reached stops the cut
+    target_speedup: float | None = None
+    cost: str | None = None  # cost.json; with it (and no target) the plan still records its predicted speed-up
+    speed_metric: str = "tg"  # tg (generation) | pp (prompt processing)
+    speed_depth: int = 0  # context depth (tokens in the KV cache) the speed is for
+    threads: int | None = None  # the thread count the speed is for: a cost file timed with another is refused
+    patched: bool = False  # removed layers and attentions will carry linear patches (recover --repair / --patch)
 
     def __post_init__(self) -> None:
         # an API user gets the same refusal as the CLI: a negative count used as a slice bound removes all but
@@ -128,8 +137,27 @@ def option_problems(o: PlanOptions) -> list[str]:
     if bad:
         p.append(f"--units {','.join(map(str, o.units))!r}: unknown unit {bad[0]!r}; use a comma list of "
                  f"{', '.join(UNITS)}")
+    p += _speed_problems(o)
     if str(o.quant).strip().upper() not in QUANT_TYPES + ("NONE",):
         p.append(f"--quant {o.quant!r}: must be a llama-quantize type ({', '.join(QUANT_TYPES)}) or none")
+    return p
+
+
+def _speed_problems(o: PlanOptions) -> list[str]:
+    p = []
+    if o.target_speedup is not None and (not is_real(o.target_speedup, numpy=True) or not 1 < o.target_speedup < 1e6):
+        p.append(f"--target-speedup {o.target_speedup!r}: must be a number above 1 (1.3: 30% more tokens/s than "
+                 "the base)")
+    if o.target_speedup is not None and not o.cost:
+        p.append("--target-speedup needs --cost cost.json, the costs measured on this machine: "
+                 "`gguf-prune cost BASE.gguf -o cost.json`")
+    if o.speed_metric not in SPEED_METRICS:
+        p.append(f"--speed-metric {o.speed_metric!r}: must be one of {', '.join(SPEED_METRICS)} (generation, prompt "
+                 "processing)")
+    if not is_int(o.speed_depth, numpy=True) or o.speed_depth < 0:
+        p.append(f"--speed-depth {o.speed_depth!r}: must be a whole number of tokens, 0 or more")
+    if o.threads is not None and (not is_int(o.threads, numpy=True) or o.threads < 1):
+        p.append(f"--threads {o.threads!r}: must be a whole number, 1 or more")
     return p
 
 

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from gguf_prune.models import arch
-from gguf_prune.planning import budget, uniform
+from gguf_prune.planning import budget, speed, uniform
 from gguf_prune.planning.draft import Draft
 from gguf_prune.planning.options import (DEFAULT_UNITS, UNIFORM_UNITS, PlanOptions, PlanOptionsError, aligned_width,
                                          fit_problems)
@@ -68,17 +68,22 @@ def build_plan(scores: Mapping[str, Any], options: PlanOptions = PlanOptions(),
     if o.prune_neurons:
         stats = stats_loader()
         problems += uniform.prune_neurons(w, stats, o) if o.uniform else _prune_neurons(w, stats, o, protected)
-    if o.target_params is not None or o.target_size is not None:
+    goal = speed.goal_for(o, shape)
+    if o.target_params is not None or o.target_size is not None or o.target_speedup is not None:
+        if goal is not None:
+            goal.refuse_unreachable(w, protected, o)
         if o.uniform:
             curves = budget.width_curves(scores, layers, stats_loader, o.repair) if "width" in o.units else {}
-            problems += uniform.fill_budget(w, scores, o, protected, lambda: budget.budget_met(w, o, fingerprint),
+            problems += uniform.fill_budget(w, scores, o, protected, lambda: budget.target_met(w, o, fingerprint, goal),
                                             curves)
         else:
-            problems += budget.fill_budget(w, scores, o, protected, fingerprint, stats_loader)
+            problems += budget.fill_budget(w, scores, o, protected, fingerprint, stats_loader, goal)
     if problems:
         raise PlanError(problems, "plan request")
     settings = o.to_dict() | {"scores_calibration": scores.get("calibration", {}).get("fingerprint")}
     plan = w.to_plan(fingerprint, settings)
+    if goal is not None:
+        plan = replace(plan, predicted=dict(plan.predicted) | {"speedup": goal.info | {"value": round(goal.speedup(w), 4)}})
     return validate(plan)
 
 

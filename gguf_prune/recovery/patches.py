@@ -27,7 +27,7 @@ import torch
 from gguf_prune.calibration import Calibration
 from gguf_prune.models import cuts
 from gguf_prune.models.tensors import PATCH_NAME
-from gguf_prune.plan import LayerPlan, Plan
+from gguf_prune.plan import LayerPlan, Plan, with_patches
 from gguf_prune.recovered import RecoverError
 from gguf_prune.recovery.options import PATCH_FITS
 from gguf_prune.ridge import RidgeSums
@@ -42,13 +42,8 @@ RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × mean d
 
 def mark_patches(plan: Plan) -> Plan:
     """The plan with a linear patch on the last layer of every run of removed layers and on every
-    removed attention sub-block (a layer whose attention and MLP both go counts as the latter)."""
-    layers = list(plan.layers)
-    for k, lp in enumerate(layers):
-        run_ends = lp.removed and (k + 1 == len(layers) or not layers[k + 1].removed)
-        if run_ends or lp.attention_removed:
-            layers[k] = replace(lp, patch="linear")
-    return replace(plan, layers=tuple(layers))
+    removed attention sub-block (:func:`gguf_prune.plan.with_patches`)."""
+    return replace(plan, layers=with_patches(plan.layers))
 
 
 def patch_spans(plan: Plan) -> dict[int, dict]:

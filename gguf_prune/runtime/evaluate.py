@@ -199,14 +199,8 @@ def count_tokens(model: Path, text: str) -> int:
 
 def bench(models: list[Path], o: EvalOptions) -> tuple[dict[str, dict[str, float]], str, dict[str, Any]]:
     """llama-bench on all models in one invocation; returns {path: {pp_ts, tg_ts, ...}}."""
-    args: list[str] = []
-    for m in models:
-        args += ["-m", str(m)]
-    args += ["-p", str(o.bench_prompt), "-n", str(o.bench_gen), "-r", str(o.bench_reps), "-o", "json"]
-    if o.threads:
-        args += ["-t", str(o.threads)]
-    proc = llamacpp.run_tool("llama-bench", args)
-    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    rows, cmd = llamacpp.llama_bench(models, n_prompt=o.bench_prompt, n_gen=o.bench_gen, reps=o.bench_reps,
+                                     threads=o.threads)
     out: dict[str, dict[str, float]] = {}
     hw: dict[str, Any] = {}
     for row in rows:
@@ -218,7 +212,7 @@ def bench(models: list[Path], o: EvalOptions) -> tuple[dict[str, dict[str, float
         hw = {"cpu": row.get("cpu_info"), "gpu": row.get("gpu_info"), "threads": row.get("n_threads"),
               "backends": row.get("backends"), "build_commit": row.get("build_commit")}
     hw["rows"] = rows  # llama-bench's own JSON, kept in the report
-    return out, llamacpp.command_line("llama-bench", args), hw
+    return out, cmd, hw
 
 
 # ------------------------------------------------------------------- prompts

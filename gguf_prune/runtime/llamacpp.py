@@ -55,6 +55,29 @@ def command_line(name: str, args: Sequence[str | os.PathLike]) -> str:
     return " ".join([str(tool_path(name)), *map(str, args)])
 
 
+def llama_bench(models: Sequence[Path], *, n_prompt: int, n_gen: int, reps: int, threads: int | None = None,
+                depths: Sequence[int] = (0,)) -> tuple[list[dict], str]:
+    """llama-bench on ``models`` in one invocation: its JSON rows (one per model, test and depth) and the command.
+    ``n_prompt`` / ``n_gen`` 0 leaves that test out."""
+    import json
+
+    args: list[str] = []
+    for m in models:
+        args += ["-m", str(m)]
+    args += ["-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps), "-o", "json"]
+    if tuple(depths) != (0,):
+        args += ["-d", ",".join(str(int(d)) for d in depths)]
+    if threads:
+        args += ["-t", str(threads)]
+    proc = run_tool("llama-bench", args)
+    try:
+        rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    except ValueError as e:
+        raise LlamaCppError(f"llama-bench wrote no JSON ({e})\n  command: {command_line('llama-bench', args)}\n  "
+                            + "\n  ".join(proc.stdout.strip().splitlines()[-10:])) from None
+    return rows, command_line("llama-bench", args)
+
+
 def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = DEFAULT_OUTTYPE) -> Path:
     """Convert a Hugging Face checkpoint with the pinned convert_hf_to_gguf.py.
 

@@ -147,6 +147,12 @@ def shape_from_gguf(gf: GGUFFile) -> ModelShape:
                       n_ff=int(gf.get(k["n_ff"])), n_vocab=int(n_vocab))
 
 
+def base_shape(base: Path) -> ModelShape:
+    """The shape of a base GGUF that :func:`rewrite` can cut; RewriteError when it cannot (quantized, already
+    cut, an architecture not supported)."""
+    return _open_base(Path(base))[2]
+
+
 def _open_base(base: Path) -> tuple[GGUFFile, archmod.ArchSpec, ModelShape]:
     try:
         gf = read_gguf(base)

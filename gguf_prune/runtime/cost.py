@@ -1,0 +1,196 @@
+"""`gguf-prune cost`: measure what each part of a model costs per token in llama.cpp on this machine → cost.json.
+
+The rewriter writes a few synthetic variants of the base model (every MLP at each candidate width, every MLP
+removed, every attention removed, one query head per KV group, one KV group, a quarter and a half of the layers
+removed), each is quantized to the type the pruned models will have, and one llama-bench run times them all
+(generation and prompt processing, at each context depth asked for, ``-r`` repetitions). For each metric and depth
+a least-squares fit gives the seconds per token as a linear function of :data:`gguf_prune.costs.FEATURES`; its
+error is reported per variant, in sample and left out of the fit. The planner reads the fit
+(:func:`gguf_prune.costs.speedup`) to cut for speed; ``eval --cost`` checks it against measured speed-ups.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gguf_prune import costs
+from gguf_prune.errors import GgufPruneError
+from gguf_prune.plan import LayerPlan, ModelShape, Plan
+from gguf_prune.runtime import llamacpp
+from gguf_prune.values import is_int
+from gguf_prune.writing.options import DEFAULT_QUANT, NO_QUANT
+
+log = logging.getLogger(__name__)
+
+WIDTHS = (5 / 6, 2 / 3, 1 / 2, 1 / 3, 1 / 6)  # fractions of n_ff kept in the width variants
+
+
+class CostMeasureError(GgufPruneError):
+    """Bad options or input for `gguf-prune cost`."""
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    threads: int | None = None  # llama.cpp threads (None: llama-bench's default, recorded as measured)
+    depths: tuple[int, ...] = (0,)  # context depths (tokens already in the KV cache) to time at
+    quant: str = DEFAULT_QUANT  # the type the variants are written in: the type the pruned models will have
+    reps: int = 5  # llama-bench repetitions of each test
+    n_gen: int = 64  # generated tokens per tg test
+    n_prompt: int = 128  # prompt tokens per pp test
+
+    def __post_init__(self) -> None:
+        p = []
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
+            p.append(f"--threads {self.threads!r}: must be a whole number, 1 or more")
+        if not self.depths or any(not is_int(d) or d < 0 for d in self.depths):
+            p.append(f"--depths {','.join(map(str, self.depths))!r}: must be whole numbers of tokens, 0 or more")
+        for flag, v in (("--reps", self.reps), ("--n-gen", self.n_gen), ("--n-prompt", self.n_prompt)):
+            if not is_int(v) or v < 1:
+                p.append(f"{flag} {v!r}: must be a whole number, 1 or more")
+        if p:
+            raise CostMeasureError("cost options are invalid: " + "; ".join(p))
+
+
+def variants(shape: ModelShape, align: int = 32) -> list[tuple[str, Plan]]:
+    """The synthetic models timed, as plans on ``shape`` (each cut the same in every layer)."""
+    s, n = shape, shape.n_layer
+
+    def every(**kw) -> Plan:
+        return Plan(shape=s, layers=tuple(LayerPlan(i, **kw) for i in range(n)))
+
+    out = [("base", costs.uncut(s))]
+    widths = sorted({max(align, int(round(f * s.n_ff / align)) * align) for f in WIDTHS} - {s.n_ff}, reverse=True)
+    out += [(f"every MLP at {w}", every(neurons=tuple(range(w)))) for w in widths]
+    out += [("every MLP removed", every(neurons=())), ("every attention removed", every(heads=()))]
+    if s.group_size > 1:
+        out.append(("one query head per KV group", every(heads=tuple(range(0, s.n_head, s.group_size)))))
+    if s.n_head_kv > 1:
+        out.append(("one KV group", every(heads=tuple(range(s.group_size)))))
+    for part, name in ((4, "a quarter"), (2, "half")):
+        gone = set(range(n // 2 - n // (2 * part), n // 2 - n // (2 * part) + n // part))
+        if 0 < len(gone) < n:
+            out.append((f"{name} of the layers removed",
+                        Plan(shape=s, layers=tuple(LayerPlan(i, removed=i in gone) for i in range(n)))))
+    return out
+
+
+def measure_cost(base_gguf: Path, out: Path, options: CostOptions | None = None) -> dict[str, Any]:
+    """Write and time the variants of ``base_gguf`` (F16/BF16/F32, as converted), fit, write ``out`` (cost.json)."""
+    from gguf_prune.writing.quantize import check_quant_type, quantize
+    from gguf_prune.writing.rewrite import base_shape, rewrite
+
+    o = options or CostOptions()
+    base_gguf, out = Path(base_gguf), Path(out)
+    quant = NO_QUANT if str(o.quant).upper() == NO_QUANT else check_quant_type(o.quant)
+    shape = base_shape(base_gguf)
+    t0 = time.time()
+    plans = variants(shape, align=256 if quant.startswith(("Q", "IQ")) and "_K" in quant else 32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".cost-", dir=out.parent))
+    try:
+        files = []
+        for k, (name, plan) in enumerate(plans, start=1):
+            log.info("[cost %d/%d] writing %s (%s)", k, len(plans), name, quant.lower())
+            cut = work / f"v{k:02d}-cut.gguf"
+            rewrite(base_gguf, plan, cut, fsync=False)
+            if quant == NO_QUANT:
+                files.append(cut)
+                continue
+            files.append(work / f"v{k:02d}.gguf")
+            quantize(cut, files[-1], quant, threads=o.threads, check_load=False)
+            cut.unlink()
+        log.info("[cost] llama-bench: %d variants, pp%d / tg%d at depth %s, %d repetitions", len(files), o.n_prompt,
+                 o.n_gen, ",".join(map(str, o.depths)), o.reps)
+        rows, cmd = llamacpp.llama_bench(files, n_prompt=o.n_prompt, n_gen=o.n_gen, reps=o.reps, threads=o.threads,
+                                         depths=o.depths)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc = _document(base_gguf, shape, quant, o, plans, files, rows, cmd)
+    doc["seconds"] = round(time.time() - t0, 1)
+    costs.save(out, doc)
+    log.info("wrote %s in %.0f s", out, doc["seconds"])
+    return doc
+
+
+def _document(base: Path, shape: ModelShape, quant: str, o: CostOptions, plans: list[tuple[str, Plan]],
+              files: list[Path], rows: list[dict], cmd: str) -> dict[str, Any]:
+    """cost.json: the variants, what llama-bench measured for each, and one fit per metric and depth."""
+    by_file = {str(f): k for k, f in enumerate(files)}
+    measured: list[dict[str, dict[str, float]]] = [{} for _ in plans]
+    threads = o.threads
+    for r in rows:
+        k = by_file.get(str(r["model_filename"]))
+        metric = "tg" if r.get("n_gen") and not r.get("n_prompt") else "pp" if r.get("n_prompt") else None
+        if k is None or metric is None:
+            continue
+        measured[k][costs.key(metric, int(r.get("n_depth", 0)))] = {
+            "ts": float(r["avg_ts"]), "ts_std": float(r.get("stddev_ts", 0.0))}
+        threads = int(r.get("n_threads") or threads or 0)
+    feats = [costs.features(p) for _, p in plans]
+    fits = {k: _fit(feats, [m.get(k, {}).get("ts") for m in measured]) for k in sorted({k for m in measured for k in m})}
+    if not fits:
+        raise CostMeasureError(f"llama-bench measured nothing usable ({cmd})")
+    cpu = next((r.get("cpu_info") for r in rows), None) or platform.processor()
+    return {
+        "schema": costs.SCHEMA, "version": costs.VERSION,
+        "model": {"name": base.name, "shape": shape.to_dict()},
+        "quant": quant, "threads": threads, "cpu": cpu, "machine": platform.machine(),
+        "build_commit": next((r.get("build_commit") for r in rows), None),
+        "bench": {"n_prompt": o.n_prompt, "n_gen": o.n_gen, "reps": o.reps, "depths": list(o.depths),
+                  "command": cmd},
+        "variants": [{"name": name, "features": f, "measured": m}
+                     for (name, _), f, m in zip(plans, feats, measured)],
+        "fits": fits,
+    }
+
+
+def _fit(feats: list[dict[str, float]], ts: list[float | None]) -> dict[str, Any]:
+    """Least squares of seconds per token on the features; the error of each variant in the fit and left out."""
+    rows = [(f, 1.0 / t) for f, t in zip(feats, ts) if t]
+    x = np.array([[f[k] for k in costs.FEATURES] for f, _ in rows])
+    y = np.array([s for _, s in rows])
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    rel = x @ coef / y - 1
+    loo = []
+    for i in range(len(y)):  # each variant predicted by the fit to the others
+        keep = np.arange(len(y)) != i
+        c = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
+        loo.append(float(x[i] @ c / y[i] - 1))
+    return {"coef": {k: float(v) for k, v in zip(costs.FEATURES, coef)},
+            "rel_error": [round(float(r), 5) for r in rel], "rel_error_left_out": [round(r, 5) for r in loo],
+            "max_rel_error": round(float(np.abs(rel).max()), 5),
+            "median_rel_error_left_out": round(float(np.median(np.abs(loo))), 5),
+            "variants_used": len(y)}
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The variants, measured and fitted tokens/s for every metric and depth, and each fit's per-part costs."""
+    keys = sorted(doc["fits"])
+    lines = ["| variant | " + " | ".join(f"{k} t/s | fit" for k in keys) + " |",
+             "|---|" + "---|---|" * len(keys)]
+    for v in doc["variants"]:
+        cells = []
+        for k in keys:
+            m = v["measured"].get(k)
+            coef = doc["fits"][k]["coef"]
+            pred = 1.0 / sum(coef[f] * v["features"][f] for f in costs.FEATURES)
+            cells.append(f"{m['ts']:.1f} ± {m['ts_std']:.1f} | {pred:.1f}" if m else f"- | {pred:.1f}")
+        lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for k in keys:
+        f = doc["fits"][k]
+        c = f["coef"]
+        lines.append(f"{k}: per token {c['const'] * 1e3:.3f} ms + per layer {c['layers'] * 1e3:.4f} ms + per attention "
+                     f"{c['attn'] * 1e3:.4f} ms + per query head {c['q_heads'] * 1e6:.2f} µs + per KV group "
+                     f"{c['kv_heads'] * 1e6:.2f} µs + per FFN neuron {c['ff'] * 1e9:.1f} ns; error in the fit ≤ "
+                     f"{100 * f['max_rel_error']:.1f}%, left out (median) {100 * f['median_rel_error_left_out']:.1f}%")
+    return "\n".join(lines)
