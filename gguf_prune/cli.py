@@ -142,14 +142,16 @@ def plan_cmd(scores, output, explain_path, units, **kw) -> None:
 @click.option("--no-bench", is_flag=True, help="Skip llama-bench.")
 @option(EvalOptions, "--bench-reps", type=POSITIVE)
 @option(EvalOptions, "--label", "labels", multiple=True, help="Names for BASE and MODELS in order.")
-def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench, bench_reps, labels) -> None:
+@option(EvalOptions, "--cost", type=click.Path(dir_okay=False, path_type=Path),
+        help="cost.json (`gguf-prune cost`): each model's predicted speed-up beside the measured one.")
+def eval_cmd(base, models, text, prompts, output, ctx, chunks, threads, no_bench, bench_reps, labels, cost) -> None:
     """Evaluate pruned GGUFs against BASE in llama.cpp: PPL, KL, top-1, speed, size, prompts."""
     from gguf_prune.runtime.evaluate import EvalError, evaluate
     from gguf_prune.runtime.llamacpp import LlamaCppError
     from gguf_prune.runtime.report import format_table, table_rows
 
     opts = EvalOptions(ctx=ctx, chunks=chunks, threads=threads, bench=not no_bench, bench_reps=bench_reps,
-                       prompts=prompts, labels=list(labels))
+                       prompts=prompts, labels=list(labels), cost=cost)
     try:
         result = evaluate(base, list(models), output, text=text, options=opts)
     except (EvalError, LlamaCppError) as e:
@@ -417,7 +419,11 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
         help="Calibration text or chat JSONL (default: bundled text).")
 @option(RunOptions, "--samples", type=POSITIVE)
 @option(RunOptions, "--seq-len", type=SEQ_LEN)
-@option(RunOptions, "--budget", type=OPEN_FRACTION, help="Fraction of transformer-block parameters to remove.")
+@option(RunOptions, "--budget", type=OPEN_FRACTION,
+        help="Fraction of transformer-block parameters to remove.  [default: 0.2; none with --target-speedup]")
+@speed_options(RunOptions)
+@option(RunOptions, "--cost", type=click.Path(dir_okay=False, path_type=Path),
+        help="cost.json measured before (`gguf-prune cost`); without it a speed target measures one in the run.")
 @option(RunOptions, "--strategy", type=click.Choice(RUN_STRATEGIES),
         help="width-mixed: layers, sub-blocks and MLP widths, each priced by its measured KL per parameter; "
              "greedy-mixed: layers and sub-blocks, re-measured after each cut. With --rounds > 1 each round "

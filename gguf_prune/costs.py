@@ -45,6 +45,19 @@ class CostError(GgufPruneError):
     """A cost.json that is missing, damaged, or measured for another model, thread count or depth."""
 
 
+def speed_option_problems(target: Any, metric: Any, depth: Any) -> list[str]:
+    """--target-speedup, --speed-metric and --speed-depth out of range (plan and run share them)."""
+    p = []
+    if target is not None and (not is_real(target, numpy=True) or not 1 < target < 1e6):
+        p.append(f"--target-speedup {target!r}: must be a number above 1 (1.3: 30% more tokens/s than the base)")
+    if metric not in SPEED_METRICS:
+        p.append(f"--speed-metric {metric!r}: must be one of {', '.join(SPEED_METRICS)} (generation, prompt "
+                 "processing)")
+    if not is_int(depth, numpy=True) or depth < 0:
+        p.append(f"--speed-depth {depth!r}: must be a whole number of tokens, 0 or more")
+    return p
+
+
 def key(metric: str, depth: int) -> str:
     """The fit's name for ``metric`` at context ``depth``: ``tg@0``, ``pp@512``."""
     return f"{metric}@{int(depth)}"
@@ -128,7 +141,8 @@ def check(doc: Mapping[str, Any], shape: ModelShape, threads: int | None = None,
         problems.append(f"it was measured for another model ({doc['model'].get('name', '?')}: {diff})")
     if threads is not None and int(doc["threads"]) != int(threads):
         problems.append(f"it was measured with {doc['threads']} threads, not {threads}")
-    if quant is not None and str(doc["quant"]).upper() != str(quant).upper():
+    unquantized = str(quant).upper() == "NONE" and str(doc["quant"]).upper() in ("F16", "BF16", "F32")
+    if quant is not None and str(doc["quant"]).upper() != str(quant).upper() and not unquantized:
         problems.append(f"it was measured on {doc['quant']} files, not {quant}")
     if problems:
         raise CostError(f"{source} does not fit: " + "; ".join(problems) + ". Measure this model with "

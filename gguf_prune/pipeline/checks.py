@@ -65,8 +65,9 @@ def run_option_problems(o: RunOptions) -> list[str]:
     p = []
     if not is_int(o.rounds) or o.rounds < 1:
         p.append(f"--rounds {o.rounds!r} must be a whole number, at least 1")
-    if not is_real(o.budget) or not 0 < o.budget < 1:
+    if o.budget is not None and (not is_real(o.budget) or not 0 < o.budget < 1):
         p.append(f"--budget {o.budget} must be a fraction of the block parameters in (0, 1)")
+    p += _speed_problems(o)
     if o.strategy not in RUN_STRATEGIES:
         p.append(f"--strategy {o.strategy!r}: use one of {', '.join(RUN_STRATEGIES)}")
     if o.recover not in RECOVER_MODES:
@@ -79,6 +80,17 @@ def run_option_problems(o: RunOptions) -> list[str]:
                              ("recover_samples", "--recover-samples", 2, False),
                              ("finetune_steps", "--finetune-steps", 1, False)))
     p += _quant_problems(o.quant)
+    return p
+
+
+def _speed_problems(o: RunOptions) -> list[str]:
+    """A speed target out of range, or one the run cannot take."""
+    from gguf_prune.costs import speed_option_problems
+
+    p = speed_option_problems(o.target_speedup, o.speed_metric, o.speed_depth)
+    if o.target_speedup is not None and is_int(o.rounds) and o.rounds > 1:
+        p.append("--target-speedup with --rounds > 1: the rounds cut a parameter budget step by step; run one "
+                 "round for a speed target (or give --budget instead)")
     return p
 
 
@@ -161,7 +173,7 @@ def check_family(o: RunOptions, shape: ModelShape) -> bool:
         p.append(f"--recover {o.recover}: recovery writes llama-layout tensors and patches (deci); it supports "
                  f"llama-family models (llama, mistral) only, not {shape.architecture}")
     most, free = max_removable(shape, uniform)
-    if o.budget > most + 1e-9:
+    if o.params_budget is not None and o.params_budget > most + 1e-9:
         p.append(f"--budget {o.budget}: at most {most:.3f} of this model's block parameters can be removed (the "
                  f"first 2 and last 2 of its {shape.n_layer} layers are kept; layers {ranges(free) or 'none'} may go)")
     refuse("run options do not fit this model", p)

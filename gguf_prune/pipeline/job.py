@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
+DEFAULT_BUDGET = 0.2  # --budget without a speed target
+SPEED_GREEDY_REACH = 0.5  # greedy-mixed with only a speed target: steps enough to remove this much
 
 
 @dataclass
@@ -50,7 +52,7 @@ class RunOptions:
     calibration: Path | None = None  # None: the bundled calibration text
     samples: int = 16
     seq_len: int = 128
-    budget: float = 0.2  # fraction of transformer-block parameters to remove
+    budget: float | None = None  # fraction of block parameters to remove; None: 0.2, or none with a speed target
     strategy: str = "width-mixed"  # RUN_STRATEGIES: one-shot layers, sub-blocks and MLP widths; or greedy-mixed
     greedy_steps: int | None = None  # None: enough for the budget
     greedy_pool: int | None = 8  # lazy greedy: re-measure the 8 cheapest candidates per step
@@ -72,9 +74,21 @@ class RunOptions:
     # closed-form repair of every cut (width and head repairs, linear patches for removed parts), scored and
     # planned with it; None: on where recovery supports the model's family (llama, mistral), else off
     repair: bool | None = None
+    # speed: cut until the cost file (measured in the run, or given) predicts this tokens/s over the base's
+    target_speedup: float | None = None
+    speed_metric: str = "tg"
+    speed_depth: int = 0
+    cost: Path | None = None  # a cost.json measured before on this machine (None: a speed target measures it)
 
     def __post_init__(self) -> None:
         refuse("run options are invalid", run_option_problems(self))
+
+    @property
+    def params_budget(self) -> float | None:
+        """The parameter target: --budget, else 0.2 without a speed target (with one, none unless given)."""
+        if self.budget is not None:
+            return self.budget
+        return None if self.target_speedup is not None else DEFAULT_BUDGET
 
     def recovery_options(self, repair: bool = False) -> tuple[FinetuneOptions | None, RecoverOptions]:
         """The recovery settings of a run: the fine-tuning options (None without fine-tuning), which
@@ -114,6 +128,14 @@ class _Job:
     out: Path
     stages: list[str]  # the names of the stages this run goes through, in order, for the "[n/total]" headers
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, in the order they ran
+    cost: Path | None = None  # cost.json: given, or measured by the run's cost stage (a speed target)
+
+    def speed_plan(self) -> dict[str, Any]:
+        """The PlanOptions fields of the run's speed target (its cost file, the patches its repair adds)."""
+        o = self.options
+        return dict(target_speedup=o.target_speedup, cost=str(self.cost) if self.cost else None,
+                    speed_metric=o.speed_metric, speed_depth=o.speed_depth, threads=o.threads,
+                    patched=self.repair or "patch" in o.recover)
 
     @property
     def iterative(self) -> bool:
@@ -161,7 +183,10 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
         plan, recovered, rounds = _iterate(job, fto)
     else:
         strategy = _strategy(job)
-        plan = _plan(job, strategy, _score(job, strategy))
+        scores = _score(job, strategy)
+        if "cost" in job.stages:
+            _cost(job)
+        plan = _plan(job, strategy, scores)
         if o.recover != "none" or job.repair:
             recovered = _recover(job, plan, ropts)
     base, pruned = _prune(job, plan, recovered)
@@ -181,6 +206,10 @@ def _prepare(o: RunOptions) -> _Job:
     model = Path(o.model) if o.model else ensure_demo_checkpoint()
     shape = checkpoint.check_model_dir(model)
     uniform = check_family(o, shape)
+    if o.cost is not None:  # a cost file measured before: for this model, thread count and type, before any work
+        from gguf_prune import costs
+
+        costs.check(costs.load(o.cost), shape, o.threads, o.quant, source=str(o.cost))
     name = MODEL_NAME if o.model is None else model.name
     out = Path(o.out_dir) if o.out_dir else Path("runs") / name
     refuse("run inputs are invalid", check_inputs(model, out, o.calibration, o.text, o.prompts, o.device,
@@ -190,10 +219,12 @@ def _prepare(o: RunOptions) -> _Job:
     if o.repair is None and not repair:
         log.info("no closed-form repair: recovery supports llama-family models, not %s (yet)", shape.architecture)
     recovering = o.recover != "none" or repair
-    stages = (["iterate"] if o.rounds > 1 else ["score", "plan"] + (["recover"] if recovering else [])) \
-        + ["prune", "eval"] + (["package"] if o.package else []) + ["summary"]
+    measure = o.target_speedup is not None and o.cost is None
+    stages = (["iterate"] if o.rounds > 1 else ["score"] + (["cost"] if measure else []) + ["plan"]
+              + (["recover"] if recovering else [])) + ["prune", "eval"] + (["package"] if o.package else []) \
+        + ["summary"]
     return _Job(options=o, repair=repair, model=model, shape=shape, uniform=uniform, name=name, out=out,
-                stages=stages)
+                stages=stages, cost=out / "cost.json" if measure else o.cost)
 
 
 def _iterate(job: _Job, fto: FinetuneOptions | None) -> tuple[Plan, Path | None, list[dict]]:
@@ -201,10 +232,10 @@ def _iterate(job: _Job, fto: FinetuneOptions | None) -> tuple[Plan, Path | None,
     from gguf_prune.pipeline.iterate import IterateOptions, iterate
 
     o = job.options
-    with job.timed("iterate", f"iterative pruning: {o.rounds} rounds to {100 * o.budget:.0f}% of block parameters "
+    with job.timed("iterate", f"iterative pruning: {o.rounds} rounds to {100 * o.params_budget:.0f}% of block parameters "
                               f"(score on top of the cuts so far, extend the plan, recover: {o.recover_label(job.repair)})"):
         it = iterate(job.model, job.out / "rounds", IterateOptions(
-            rounds=o.rounds, budget=o.budget, recover=o.recover, repair=job.repair, calibration=o.calibration,
+            rounds=o.rounds, budget=o.params_budget, recover=o.recover, repair=job.repair, calibration=o.calibration,
             units=("layer", "attn", "mlp") + (("width",) if o.strategy == "width-mixed" else ()),
             samples=max(o.recover_samples, o.samples) if o.recover != "none" or job.repair else o.samples,
             score_samples=o.samples,
@@ -222,20 +253,20 @@ def _strategy(job: _Job) -> _Strategy:
     o, uniform = job.options, job.uniform
     if o.strategy == "greedy-mixed":
         units = ("layer", "attn", "mlp")
-        steps = o.greedy_steps or greedy_steps_for(o.budget, job.shape.n_layer, units)
+        steps = o.greedy_steps or greedy_steps_for(o.params_budget or SPEED_GREEDY_REACH, job.shape.n_layer, units)
         return _Strategy(
             score_options=ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len,
                                        heads=o.heads, neurons=True, greedy=steps, greedy_units=units,
                                        greedy_by="kl-per-param", greedy_pool=o.greedy_pool, device=o.device),
-            plan_options=PlanOptions(target_params=o.budget, quant=o.quant),
+            plan_options=PlanOptions(target_params=o.params_budget, quant=o.quant, **job.speed_plan()),
             scored=(f"greedy {steps} steps over {'/'.join(units)}, re-measuring the {o.greedy_pool or 'all'} "
                     "cheapest each step"),
             planned="cheapest first (greedy order)")
     return _Strategy(
         score_options=ScoreOptions(calibration=o.calibration, samples=o.samples, seq_len=o.seq_len, heads=o.heads,
                                    neurons=True, width=WIDTH_FRACTIONS, repair=job.repair, device=o.device),
-        plan_options=PlanOptions(target_params=o.budget, quant=o.quant, units=UNIFORM_UNITS if uniform else UNITS,
-                                 uniform=uniform, repair=job.repair),
+        plan_options=PlanOptions(target_params=o.params_budget, quant=o.quant, units=UNIFORM_UNITS if uniform else UNITS,
+                                 uniform=uniform, repair=job.repair, **job.speed_plan()),
         scored="MLP widths " + "/".join(f"{f:.2f}" for f in WIDTH_FRACTIONS) + (", each also repaired" if job.repair
                                                                                  else ""),
         planned=("whole layers and one MLP width for every kept layer (uniform), by KL per parameter" if uniform
@@ -254,8 +285,24 @@ def _score(job: _Job, strategy: _Strategy) -> Path:
 def _plan(job: _Job, strategy: _Strategy, scores: Path) -> Plan:
     from gguf_prune.planning.strategies import make_plan
 
-    with job.timed("plan", f"plan: remove {100 * job.options.budget:.0f}% of block parameters, {strategy.planned}"):
+    o = job.options
+    goal = " or ".join(([f"×{o.target_speedup:g} {o.speed_metric} predicted"] if o.target_speedup else [])
+                       + ([f"{100 * o.params_budget:.0f}% of block parameters removed"] if o.params_budget else []))
+    with job.timed("plan", f"plan: until {goal}, {strategy.planned}"):
         return make_plan(scores, job.out / "plan.json", strategy.plan_options)
+
+
+def _cost(job: _Job) -> None:
+    """cost.json: the model's parts timed in llama.cpp on this machine, in the run's type and thread count."""
+    from gguf_prune.runtime.cost import CostOptions, format_table, measure_cost
+    from gguf_prune.writing.prune import convert_cached
+
+    o = job.options
+    with job.timed("cost", f"cost: time the model's parts in llama.cpp ({o.quant}, {o.threads or 'default'} "
+                           f"threads, depth {o.speed_depth}) for the speed target ×{o.target_speedup:g}"):
+        doc = measure_cost(convert_cached(job.model), job.cost, CostOptions(threads=o.threads, quant=o.quant,
+                                                                            depths=(o.speed_depth,)))
+        log.info("%s", format_table(doc))
 
 
 def _recover(job: _Job, plan: Plan, ropts: RecoverOptions) -> Path:
@@ -288,7 +335,8 @@ def _evaluate(job: _Job, base: PruneResult, pruned: PruneResult) -> dict[str, An
     o = job.options
     with job.timed("eval", "eval in llama.cpp against the base: perplexity, KL, top-1, speed, size, prompts"):
         return ev.evaluate(base.path, [pruned.path], job.out / "report", text=o.text, options=ev.EvalOptions(
-            chunks=o.eval_chunks, threads=o.threads, prompts=o.prompts, bench=o.bench, labels=["base", "pruned"]))
+            chunks=o.eval_chunks, threads=o.threads, prompts=o.prompts, bench=o.bench, labels=["base", "pruned"],
+            cost=job.cost))
 
 
 def _package(job: _Job, pruned: PruneResult) -> Path:
@@ -309,7 +357,8 @@ def _finish(job: _Job, plan: Plan, base: PruneResult, pruned: PruneResult, repor
                "quality": report["models"][1].get("quality"), "speed": report["models"][1].get("speed"),
                "prompts": {e["name"]: (e.get("prompts") or {}).get("passed") for e in report["models"]},
                "recover": job.options.recover_label(job.repair), "recovered": str(recovered) if recovered else None,
-               "rounds": _round_rows(rounds)}
+               "rounds": _round_rows(rounds), "cost": str(job.cost) if job.cost else None,
+               "predicted_speedup": plan.predicted.get("speedup")}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
     job.start("summary", "summary")
     return summary
@@ -339,8 +388,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"quality      KL {q.get('kl_mean', float('nan')):.4f} mean / {q.get('kl_median', float('nan')):.4f} "
                      f"median, top-1 {100 * q.get('top1_agreement', 0):.1f}%, PPL ×{q.get('ppl_ratio', float('nan')):.3f}")
     if sp.get("tg_ratio"):
+        pred = (f"; predicted ×{sp['pp_ratio_predicted']:.2f} / ×{sp['tg_ratio_predicted']:.2f} from {s['cost']}"
+                if sp.get("tg_ratio_predicted") else "")
         lines.append(f"speed        prompt ×{sp.get('pp_ratio', float('nan')):.2f}, generation ×{sp['tg_ratio']:.2f} "
-                     "(llama-bench, against the base in the same run)")
+                     f"(llama-bench, against the base in the same run{pred})")
     if any(v is not None for v in s["prompts"].values()):
         lines.append("prompts      " + ", ".join(f"{k} {v}" for k, v in s["prompts"].items()))
     for r in s.get("rounds") or []:

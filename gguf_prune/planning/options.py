@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gguf_prune.costs import SPEED_METRICS
+from gguf_prune.costs import speed_option_problems
 from gguf_prune.plan import ModelShape, PlanError
 from gguf_prune.ranges import ranges
 from gguf_prune.values import is_int, is_real
@@ -144,18 +144,10 @@ def option_problems(o: PlanOptions) -> list[str]:
 
 
 def _speed_problems(o: PlanOptions) -> list[str]:
-    p = []
-    if o.target_speedup is not None and (not is_real(o.target_speedup, numpy=True) or not 1 < o.target_speedup < 1e6):
-        p.append(f"--target-speedup {o.target_speedup!r}: must be a number above 1 (1.3: 30% more tokens/s than "
-                 "the base)")
+    p = speed_option_problems(o.target_speedup, o.speed_metric, o.speed_depth)
     if o.target_speedup is not None and not o.cost:
         p.append("--target-speedup needs --cost cost.json, the costs measured on this machine: "
                  "`gguf-prune cost BASE.gguf -o cost.json`")
-    if o.speed_metric not in SPEED_METRICS:
-        p.append(f"--speed-metric {o.speed_metric!r}: must be one of {', '.join(SPEED_METRICS)} (generation, prompt "
-                 "processing)")
-    if not is_int(o.speed_depth, numpy=True) or o.speed_depth < 0:
-        p.append(f"--speed-depth {o.speed_depth!r}: must be a whole number of tokens, 0 or more")
     if o.threads is not None and (not is_int(o.threads, numpy=True) or o.threads < 1):
         p.append(f"--threads {o.threads!r}: must be a whole number, 1 or more")
     return p

@@ -44,8 +44,8 @@ class CostOptions:
     depths: tuple[int, ...] = (0,)  # context depths (tokens already in the KV cache) to time at
     quant: str = DEFAULT_QUANT  # the type the variants are written in: the type the pruned models will have
     reps: int = 5  # llama-bench repetitions of each test
-    n_gen: int = 64  # generated tokens per tg test
-    n_prompt: int = 128  # prompt tokens per pp test
+    n_gen: int = 128  # generated tokens per tg test (eval's llama-bench: pp512 / tg128)
+    n_prompt: int = 512  # prompt tokens per pp test
 
     def __post_init__(self) -> None:
         p = []
@@ -114,11 +114,19 @@ def measure_cost(base_gguf: Path, out: Path, options: CostOptions | None = None)
                                          depths=o.depths)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = _document(base_gguf, shape, quant, o, plans, files, rows, cmd)
+    doc = _document(base_gguf, shape, quant if quant != NO_QUANT else file_type(base_gguf), o, plans, files, rows, cmd)
     doc["seconds"] = round(time.time() - t0, 1)
     costs.save(out, doc)
     log.info("wrote %s in %.0f s", out, doc["seconds"])
     return doc
+
+
+def file_type(path: Path) -> str:
+    """The llama.cpp file type of a GGUF (F16, Q4_K_M, ...)."""
+    from gguf_prune.runtime.evaluate import file_type_name
+    from gguf_prune.writing.gguf_read import read_gguf
+
+    return file_type_name(read_gguf(Path(path)).get("general.file_type")) or "unknown"
 
 
 def _document(base: Path, shape: ModelShape, quant: str, o: CostOptions, plans: list[tuple[str, Plan]],
@@ -132,8 +140,10 @@ def _document(base: Path, shape: ModelShape, quant: str, o: CostOptions, plans: 
         metric = "tg" if r.get("n_gen") and not r.get("n_prompt") else "pp" if r.get("n_prompt") else None
         if k is None or metric is None:
             continue
-        measured[k][costs.key(metric, int(r.get("n_depth", 0)))] = {
-            "ts": float(r["avg_ts"]), "ts_std": float(r.get("stddev_ts", 0.0))}
+        samples = [float(x) for x in r.get("samples_ts") or []]
+        measured[k][costs.key(metric, int(r.get("n_depth", 0)))] = {  # the median: robust to a busy moment
+            "ts": float(np.median(samples)) if samples else float(r["avg_ts"]),
+            "ts_mean": float(r["avg_ts"]), "ts_std": float(r.get("stddev_ts", 0.0))}
         threads = int(r.get("n_threads") or threads or 0)
     feats = [costs.features(p) for _, p in plans]
     fits = {k: _fit(feats, [m.get(k, {}).get("ts") for m in measured]) for k in sorted({k for m in measured for k in m})}

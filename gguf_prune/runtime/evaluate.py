@@ -59,6 +59,7 @@ class EvalOptions:
     prompts: Path | None = None
     max_tokens: int = 128
     labels: list[str] = field(default_factory=list)
+    cost: Path | None = None  # cost.json: each pruned model's predicted speed-up beside the measured one
 
     def __post_init__(self) -> None:
         # llama-perplexity scores tokens n_ctx/2 .. n_ctx-2 of each window: none below a context of 3
@@ -126,7 +127,18 @@ def gguf_facts(path: Path) -> dict[str, Any]:
         "tensor_types": dict(sorted(types.items())),
         "n_vocab": len(tokens.data) if tokens is not None else None,
         "plan": json.loads(plan_json) if isinstance(plan_json, str) else None,
+        "file_type": file_type_name(field_value("general.file_type")),
     }
+
+
+def file_type_name(v: Any) -> str | None:
+    """llama.cpp's file type (F16, Q4_K_M, ...) for a ``general.file_type`` value."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(v)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return None
 
 
 def _vocab_digest(path: Path) -> str:
@@ -293,6 +305,13 @@ def _check_inputs(base: Path, models: list[Path], text: Path, o: EvalOptions) ->
         llamacpp.load(base, n_ctx=8, vocab_only=True).close()
     except LlamaCppError as e:
         raise EvalError(f"the base model cannot be loaded by llama.cpp: {e}") from None
+    if o.cost is not None:
+        from gguf_prune.costs import CostError, load
+
+        try:
+            load(o.cost)
+        except CostError as e:
+            raise EvalError(str(e)) from None
     n_tokens = count_tokens(base, text.read_text(errors="replace"))
     if n_tokens < 2 * o.ctx:
         raise EvalError(f"evaluation text {text} has {n_tokens} tokens; llama-perplexity needs at least "
@@ -352,7 +371,31 @@ def _measure_speed(measured: list[tuple[Path, dict[str, Any]]], base_entry: dict
         for key in ("pp_ts", "tg_ts"):
             if key in e.get("speed", {}) and base_speed.get(key):
                 e["speed"][key.replace("_ts", "_ratio")] = e["speed"][key] / base_speed[key]
+    if o.cost is not None:
+        _predict_speed(measured, o.cost, hardware.get("threads"))
     return hardware
+
+
+def _predict_speed(measured: list[tuple[Path, dict[str, Any]]], cost: Path, threads: int | None) -> None:
+    """Each pruned model's speed-up as the cost file predicts it from the plan the GGUF records, beside the
+    measured one (depth 0, like the llama-bench run above); a cost file that does not fit the model is noted."""
+    from gguf_prune import costs
+    from gguf_prune.plan import Plan
+
+    doc = costs.load(cost)
+    for _, e in measured:
+        plan_d, ftype = e["facts"].get("plan"), e["facts"].get("file_type")
+        if not plan_d:
+            continue
+        try:
+            plan = Plan.from_dict(plan_d)
+            costs.check(doc, plan.shape, threads, ftype, source=str(cost))
+        except costs.CostError as err:
+            e["speed"]["predicted_error"] = str(err)
+            continue
+        for metric in costs.SPEED_METRICS:
+            if costs.key(metric, 0) in doc["fits"]:
+                e["speed"][f"{metric}_ratio_predicted"] = costs.speedup(doc, plan, metric, 0)
 
 
 def _run_task_prompts(measured: list[tuple[Path, dict[str, Any]]], prompts: list[dict[str, Any]],

@@ -18,10 +18,10 @@ def _f(v: Any, fmt: str) -> str:
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = [["model", "size MB", "size×", "params×", "PPL", "PPL×", "KL mean", "KL med", "KL p99", "top-1",
-             "pp t/s", "tg t/s", "tg×", "prompts"]]
+             "pp t/s", "tg t/s", "tg×", "tg× pred", "prompts"]]
     for e in result["models"]:
         if "error" in e:
-            rows.append([e["name"], "error: " + e["error"].splitlines()[0][:80]] + [""] * 12)
+            rows.append([e["name"], "error: " + e["error"].splitlines()[0][:80]] + [""] * 13)
             continue
         q, s, facts = e.get("quality", {}), e.get("speed", {}), e.get("facts", {})
         pr = e.get("prompts")
@@ -31,7 +31,8 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             _f(e.get("params_ratio"), ".3f"), _f(q.get("ppl"), ".3f"), _f(q.get("ppl_ratio"), ".3f"),
             _f(q.get("kl_mean"), ".4f"), _f(q.get("kl_median"), ".4f"), _f(q.get("kl_p99"), ".3f"),
             _f(q.get("top1_agreement", None) and 100 * q["top1_agreement"], ".1f") + ("%" if q.get("top1_agreement") else ""),
-            _f(s.get("pp_ts"), ".1f"), _f(s.get("tg_ts"), ".1f"), _f(s.get("tg_ratio"), ".2f"), prompts,
+            _f(s.get("pp_ts"), ".1f"), _f(s.get("tg_ts"), ".1f"), _f(s.get("tg_ratio"), ".2f"),
+            _f(s.get("tg_ratio_predicted"), ".2f"), prompts,
         ])
     return rows
 
