@@ -183,10 +183,9 @@ def run(options: RunOptions | None = None) -> dict[str, Any]:
         plan, recovered, rounds = _iterate(job, fto)
     else:
         strategy = _strategy(job)
-        scores = _score(job, strategy)
         if "cost" in job.stages:
-            _cost(job)
-        plan = _plan(job, strategy, scores)
+            _cost(job, strategy.plan_options)
+        plan = _plan(job, strategy, _score(job, strategy))
         if o.recover != "none" or job.repair:
             recovered = _recover(job, plan, ropts)
     base, pruned = _prune(job, plan, recovered)
@@ -220,7 +219,7 @@ def _prepare(o: RunOptions) -> _Job:
         log.info("no closed-form repair: recovery supports llama-family models, not %s (yet)", shape.architecture)
     recovering = o.recover != "none" or repair
     measure = o.target_speedup is not None and o.cost is None
-    stages = (["iterate"] if o.rounds > 1 else ["score"] + (["cost"] if measure else []) + ["plan"]
+    stages = (["iterate"] if o.rounds > 1 else (["cost"] if measure else []) + ["score", "plan"]
               + (["recover"] if recovering else [])) + ["prune", "eval"] + (["package"] if o.package else []) \
         + ["summary"]
     return _Job(options=o, repair=repair, model=model, shape=shape, uniform=uniform, name=name, out=out,
@@ -292,8 +291,12 @@ def _plan(job: _Job, strategy: _Strategy, scores: Path) -> Plan:
         return make_plan(scores, job.out / "plan.json", strategy.plan_options)
 
 
-def _cost(job: _Job) -> None:
-    """cost.json: the model's parts timed in llama.cpp on this machine, in the run's type and thread count."""
+def _cost(job: _Job, plan_options: PlanOptions) -> None:
+    """cost.json: the model's parts timed in llama.cpp on this machine, in the run's type and thread count; a
+    speed target no plan reaches is refused here, before scoring."""
+    from gguf_prune.planning.draft import Draft
+    from gguf_prune.planning.speed import goal_for
+    from gguf_prune.ranges import protected_layers
     from gguf_prune.runtime.cost import CostOptions, format_table, measure_cost
     from gguf_prune.writing.prune import convert_cached
 
@@ -303,6 +306,8 @@ def _cost(job: _Job) -> None:
         doc = measure_cost(convert_cached(job.model), job.cost, CostOptions(threads=o.threads, quant=o.quant,
                                                                             depths=(o.speed_depth,)))
         log.info("%s", format_table(doc))
+    goal_for(plan_options, job.shape).refuse_unreachable(Draft(job.shape), protected_layers(
+        job.shape.n_layer, plan_options.protect_first, plan_options.protect_last), plan_options)
 
 
 def _recover(job: _Job, plan: Plan, ropts: RecoverOptions) -> Path:
