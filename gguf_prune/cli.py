@@ -495,16 +495,15 @@ def run_cmd(prompts, no_package, greedy_pool, **kw) -> None:
              "after repair, narrowed parts refitted, removed parts patched).")
 @option(SweepOptions, "--recover-samples", type=click.IntRange(min=2),
         help="Calibration sequences the --repair rows are fitted on (10% held out).")
-def sweep_cmd(hf_dir, calibration, text, budgets, strategies, samples, seq_len, quant, eval_chunks, threads,
-              no_bench, out_dir, device, repair, recover_samples) -> None:
+@option(SweepOptions, "--bench-reps", type=POSITIVE)
+@option(SweepOptions, "--cost", type=click.Path(dir_okay=False, path_type=Path),
+        help="cost.json for the predicted speed-ups (default: measured into the sweep directory).")
+def sweep_cmd(hf_dir, strategies, no_bench, out_dir, **kw) -> None:
     """Prune HF_DIR at several budgets with several strategies; evaluate all; draw quality vs size."""
     from gguf_prune.pipeline.sweep import sweep, sweep_markdown
 
     try:
-        opts = SweepOptions(calibration=calibration, text=text, budgets=budgets, strategies=strategies or STRATEGIES,
-                            samples=samples, seq_len=seq_len, quant=quant, eval_chunks=eval_chunks,
-                            threads=threads, bench=not no_bench, out_dir=out_dir, device=device, repair=repair,
-                            recover_samples=recover_samples)
+        opts = SweepOptions(strategies=strategies or STRATEGIES, bench=not no_bench, out_dir=out_dir, **kw)
         result = sweep(hf_dir, opts)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from None

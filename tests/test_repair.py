@@ -4,6 +4,7 @@ fit never gives non-finite weights and never makes held-out KL worse; bad reques
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -170,3 +171,13 @@ def test_sweep_repair_adds_a_repaired_row_per_point(tiny_untied, tmp_path):
     layers = {e["index"]: e for e in json.loads((tmp_path / "sw" / "scores.json").read_text())["layers"]}
     assert any(e.get("width_kl_repaired") for e in layers.values())
     assert "width + repair" in (tmp_path / "sw" / "sweep.md").read_text()
+    # the same sweep again with llama-bench: every GGUF and recover directory is reused, the costs are measured,
+    # and each point gets its measured and predicted generation speed-up and a place on the speed panel
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.suffix in (".gguf", ".safetensors")}
+    r2 = sweep(tiny_untied, dataclasses.replace(opts, bench=True, bench_reps=1))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.name in made} == made
+    assert r2["cost"] == str(tmp_path / "sw" / "cost.json")
+    for m in r2["runs"]:
+        assert m["speed"]["tg_ratio"] > 0 and m["speed"]["tg_ratio_predicted"] > 0
+    md = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "tg× pred" in md and "prediction error median" in md

@@ -114,8 +114,8 @@ def sweep_option_problems(o: SweepOptions) -> list[str]:
         p.append(f"--strategies {','.join(strategies)}: a strategy is given twice")
     p += _count_problems(o, (("samples", "--samples", 1, False), ("seq_len", "--seq-len", 2, False),
                              ("greedy_pool", "--greedy-pool", 1, True), ("eval_chunks", "--eval-chunks", 1, True),
-                             ("threads", "--threads", 1, True), ("protect_first", "--protect-first", 0, False),
-                             ("protect_last", "--protect-last", 0, False)))
+                             ("threads", "--threads", 1, True), ("bench_reps", "--bench-reps", 1, False),
+                             ("protect_first", "--protect-first", 0, False), ("protect_last", "--protect-last", 0, False)))
     p += _quant_problems(o.quant)
     return p
 
