@@ -236,3 +236,20 @@ def test_run_to_a_speed_target_measures_costs_and_reports_the_prediction(tiny_ti
     assert costs.speedup(doc, plan) == pytest.approx(pred["value"], abs=2e-3)
     assert s["speed"]["tg_ratio_predicted"] == pytest.approx(pred["value"], abs=2e-3)
     assert s["speed"]["tg_ratio"] > 0 and "predicted" in format_summary(s)
+
+
+@pytest.mark.bad_input
+def test_cost_and_eval_refuse_bad_files_with_one_clear_line(tmp_path):
+    missing = tmp_path / "nowhere.gguf"
+    r = CliRunner().invoke(main, ["cost", str(missing), "-o", str(tmp_path / "cost.json")])
+    assert r.exit_code == 1 and "nowhere.gguf" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "cost.json").exists()
+    not_gguf = tmp_path / "text.gguf"
+    not_gguf.write_text("hello")
+    r = CliRunner().invoke(main, ["cost", str(not_gguf), "-o", str(tmp_path / "cost.json")])
+    assert r.exit_code == 1 and "text.gguf" in r.output and "Traceback" not in r.output
+    assert not_gguf.read_text() == "hello" and not (tmp_path / "cost.json").exists()
+    (tmp_path / "broken.json").write_text("{not json")
+    r = CliRunner().invoke(main, ["eval", str(not_gguf), str(not_gguf), "--cost", str(tmp_path / "broken.json"),
+                                  "-o", str(tmp_path / "report")])
+    assert r.exit_code == 1 and "Traceback" not in r.output

@@ -185,6 +185,15 @@ BAD_OPTIONS = {  # the option dataclasses refuse what the CLI refuses: an API us
                              "run options are invalid: --samples 0 must be a whole number, 1 or more"),
     "RunOptions quant=Q9": ("gguf_prune.pipeline.job", "RunOptions", dict(quant="Q9"),
                             "run options are invalid: --quant 'Q9' is not a llama-quantize type; use one of Q1_0,"),
+    "RunOptions target_speedup=0.8": ("gguf_prune.pipeline.job", "RunOptions", dict(target_speedup=0.8),
+                                      "run options are invalid: --target-speedup 0.8: must be a number above 1"),
+    "RunOptions target_speedup with rounds": ("gguf_prune.pipeline.job", "RunOptions",
+                                              dict(target_speedup=1.3, rounds=2),
+                                              "run options are invalid: --target-speedup with --rounds > 1"),
+    "PlanOptions speed_metric=ttft": ("gguf_prune.planning.options", "PlanOptions", dict(speed_metric="ttft"),
+                                      "invalid plan options: --speed-metric 'ttft': must be one of tg, pp"),
+    "CostOptions depths=(-1,)": ("gguf_prune.runtime.cost", "CostOptions", dict(depths=(-1,)),
+                                 "cost options are invalid: --depths '-1': must be whole numbers of tokens"),
     "SweepOptions budgets=(0.1, 2.0)": ("gguf_prune.pipeline.sweep", "SweepOptions", dict(budgets=(0.1, 2.0)),
                                         "sweep options are invalid: --budgets: 2.0 is not a fraction of the block "
                                         "parameters in (0, 1)"),
@@ -215,7 +224,8 @@ def _args(tmp_path: Path, command: str) -> list:
             "recover": ["recover", m, "--plan", tmp_path / "p.json", "-o", tmp_path / "rec"],
             "package": ["package", tmp_path / "a.gguf", "-o", tmp_path / "exe"],
             "run": ["run", "--model", m, "-o", tmp_path / "run"],
-            "sweep": ["sweep", m, "-o", tmp_path / "sweep"]}[command]
+            "sweep": ["sweep", m, "-o", tmp_path / "sweep"],
+            "cost": ["cost", tmp_path / "a.gguf", "-o", tmp_path / "cost.json"]}[command]
 
 
 USAGE = {  # (command, arguments, the error line)
@@ -284,6 +294,16 @@ USAGE = {  # (command, arguments, the error line)
                                 "greedy-layers, oneshot-mixed, greedy-mixed, width, width-mixed (give a comma list "
                                 "like width,kl-layers)."),
     "sweep: no samples": ("sweep", ["--samples", "0"], _range("--samples", "0", "x>=1")),
+    "sweep: no bench repetitions": ("sweep", ["--bench-reps", "0"], _range("--bench-reps", "0", "x>=1")),
+    "run: speed-up of one": ("run", ["--target-speedup", "1"], _range("--target-speedup", "1.0", "x>1")),
+    "run: unknown speed metric": ("run", ["--speed-metric", "ttft"],
+                                  "Error: Invalid value for '--speed-metric': 'ttft' is not one of 'tg', 'pp'."),
+    "run: negative speed depth": ("run", ["--speed-depth", "-1"], _range("--speed-depth", "-1", "x>=0")),
+    "cost: depth not a number": ("cost", ["--depths", "0,deep"],
+                                 "Error: Invalid value for '--depths': 'deep' is not a whole number of tokens; give "
+                                 "depths like 0,512."),
+    "cost: depth twice": ("cost", ["--depths", "0,0"], "Error: Invalid value for '--depths': 0 is given twice."),
+    "cost: no repetitions": ("cost", ["--reps", "0"], _range("--reps", "0", "x>=1")),
 }
 
 
