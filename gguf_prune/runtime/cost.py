@@ -25,7 +25,7 @@ import numpy as np
 from gguf_prune import costs
 from gguf_prune.errors import GgufPruneError
 from gguf_prune.plan import LayerPlan, ModelShape, Plan
-from gguf_prune.runtime import llamacpp
+from gguf_prune.runtime.speed import bench_against_base
 from gguf_prune.values import is_int
 from gguf_prune.writing.options import DEFAULT_QUANT, NO_QUANT
 
@@ -43,7 +43,7 @@ class CostOptions:
     threads: int | None = None  # llama.cpp threads (None: llama-bench's default, recorded as measured)
     depths: tuple[int, ...] = (0,)  # context depths (tokens already in the KV cache) to time at
     quant: str = DEFAULT_QUANT  # the type the variants are written in: the type the pruned models will have
-    reps: int = 5  # llama-bench repetitions of each test
+    reps: int = 3  # rounds: llama-bench runs of every variant, the base between every two
     n_gen: int = 128  # generated tokens per tg test (eval's llama-bench: pp512 / tg128)
     n_prompt: int = 512  # prompt tokens per pp test
 
@@ -109,13 +109,13 @@ def measure_cost(base_gguf: Path, out: Path, options: CostOptions | None = None)
             files.append(work / f"v{k:02d}.gguf")
             quantize(cut, files[-1], quant, threads=o.threads, check_load=False)
             cut.unlink()
-        log.info("[cost] llama-bench: %d variants, pp%d / tg%d at depth %s, %d repetitions", len(files), o.n_prompt,
-                 o.n_gen, ",".join(map(str, o.depths)), o.reps)
-        rows, cmd = llamacpp.llama_bench(files, n_prompt=o.n_prompt, n_gen=o.n_gen, reps=o.reps, threads=o.threads,
-                                         depths=o.depths)
+        log.info("[cost] llama-bench: %d variants, pp%d / tg%d at depth %s, %d rounds with the base between "
+                 "them", len(files), o.n_prompt, o.n_gen, ",".join(map(str, o.depths)), o.reps)
+        res = bench_against_base(files[0], files[1:], n_prompt=o.n_prompt, n_gen=o.n_gen, rounds=o.reps,
+                                 threads=o.threads, depths=o.depths)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = _document(base_gguf, shape, quant if quant != NO_QUANT else own, o, plans, files, rows, cmd)
+    doc = _document(base_gguf, shape, quant if quant != NO_QUANT else own, o, plans, res)
     doc["seconds"] = round(time.time() - t0, 1)
     costs.save(out, doc)
     log.info("wrote %s in %.0f s", out, doc["seconds"])
@@ -131,33 +131,27 @@ def file_type(path: Path) -> str:
 
 
 def _document(base: Path, shape: ModelShape, quant: str, o: CostOptions, plans: list[tuple[str, Plan]],
-              files: list[Path], rows: list[dict], cmd: str) -> dict[str, Any]:
-    """cost.json: the variants, what llama-bench measured for each, and one fit per metric and depth."""
-    by_file = {str(f): k for k, f in enumerate(files)}
-    measured: list[dict[str, dict[str, float]]] = [{} for _ in plans]
-    threads = o.threads
-    for r in rows:
-        k = by_file.get(str(r["model_filename"]))
-        metric = "tg" if r.get("n_gen") and not r.get("n_prompt") else "pp" if r.get("n_prompt") else None
-        if k is None or metric is None:
-            continue
-        samples = [float(x) for x in r.get("samples_ts") or []]
-        measured[k][costs.key(metric, int(r.get("n_depth", 0)))] = {  # the median: robust to a busy moment
-            "ts": float(np.median(samples)) if samples else float(r["avg_ts"]),
-            "ts_mean": float(r["avg_ts"]), "ts_std": float(r.get("stddev_ts", 0.0))}
-        threads = int(r.get("n_threads") or threads or 0)
+              res: dict[str, Any]) -> dict[str, Any]:
+    """cost.json: the variants, what llama-bench measured for each, and one fit per metric and depth. A variant's
+    tokens/s is the base's (median) times its speed-up over the base runs beside it (median over the rounds)."""
+    base_t = res["base"]
+    measured = [{k: {"ts": t["ts"], "ts_std": t["ts_std"], "ratio": 1.0} for k, t in base_t.items()}]
+    for timings in res["models"]:
+        measured.append({k: {"ts": base_t[k]["ts"] * t["ratio"], "ts_run": t["ts"], "ts_std": t["ts_std"],
+                             "ratio": t["ratio"], "ratio_spread": t["ratio_spread"]}
+                         for k, t in timings.items() if k in base_t})
     feats = [costs.features(p) for _, p in plans]
-    fits = {k: _fit(feats, [m.get(k, {}).get("ts") for m in measured]) for k in sorted({k for m in measured for k in m})}
+    fits = {k: _fit(feats, [m.get(k, {}).get("ts") for m in measured]) for k in sorted(base_t)}
     if not fits:
-        raise CostMeasureError(f"llama-bench measured nothing usable ({cmd})")
-    cpu = next((r.get("cpu_info") for r in rows), None) or platform.processor()
+        raise CostMeasureError(f"llama-bench measured nothing usable ({res['command']})")
+    hw = res["hardware"]
     return {
         "schema": costs.SCHEMA, "version": costs.VERSION,
         "model": {"name": base.name, "shape": shape.to_dict()},
-        "quant": quant, "threads": threads, "cpu": cpu, "machine": platform.machine(),
-        "build_commit": next((r.get("build_commit") for r in rows), None),
-        "bench": {"n_prompt": o.n_prompt, "n_gen": o.n_gen, "reps": o.reps, "depths": list(o.depths),
-                  "command": cmd},
+        "quant": quant, "threads": int(hw.get("threads") or o.threads or 0), "cpu": hw.get("cpu") or
+        platform.processor(), "machine": platform.machine(), "build_commit": hw.get("build_commit"),
+        "bench": {"n_prompt": o.n_prompt, "n_gen": o.n_gen, "rounds": o.reps, "depths": list(o.depths),
+                  "command": res["command"]},
         "variants": [{"name": name, "features": f, "measured": m}
                      for (name, _), f, m in zip(plans, feats, measured)],
         "fits": fits,
@@ -165,17 +159,18 @@ def _document(base: Path, shape: ModelShape, quant: str, o: CostOptions, plans: 
 
 
 def _fit(feats: list[dict[str, float]], ts: list[float | None]) -> dict[str, Any]:
-    """Least squares of seconds per token on the features; the error of each variant in the fit and left out."""
+    """Seconds per token on the features: least squares of the relative error, every cost ≥ 0 (a part never
+    costs less than nothing; noise would otherwise buy one part's fit with another's negative cost); the error
+    of each variant in the fit and left out of it."""
     rows = [(f, 1.0 / t) for f, t in zip(feats, ts) if t]
     x = np.array([[f[k] for k in costs.FEATURES] for f, _ in rows])
     y = np.array([s for _, s in rows])
-    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    coef = _nonnegative_fit(x, y)
     rel = x @ coef / y - 1
     loo = []
     for i in range(len(y)):  # each variant predicted by the fit to the others
         keep = np.arange(len(y)) != i
-        c = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
-        loo.append(float(x[i] @ c / y[i] - 1))
+        loo.append(float(x[i] @ _nonnegative_fit(x[keep], y[keep]) / y[i] - 1))
     return {"coef": {k: float(v) for k, v in zip(costs.FEATURES, coef)},
             "rel_error": [round(float(r), 5) for r in rel], "rel_error_left_out": [round(r, 5) for r in loo],
             "max_rel_error": round(float(np.abs(rel).max()), 5),
@@ -183,10 +178,28 @@ def _fit(feats: list[dict[str, float]], ts: list[float | None]) -> dict[str, Any
             "variants_used": len(y)}
 
 
+def _nonnegative_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin Σ ((x·c − y) / y)² over c ≥ 0, exactly: every subset of the features (there are six) fitted
+    freely, the best whose costs are all ≥ 0 kept."""
+    a, b = x / y[:, None], np.ones_like(y)
+    n = x.shape[1]
+    best, best_err = np.zeros(n), float("inf")
+    for mask in range(1, 2 ** n):
+        cols = [j for j in range(n) if mask >> j & 1]
+        c = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
+        if (c < 0).any():
+            continue
+        err = float(((a[:, cols] @ c - b) ** 2).sum())
+        if err < best_err - 1e-15:
+            best, best_err = np.zeros(n), err
+            best[cols] = c
+    return best
+
+
 def format_table(doc: dict[str, Any]) -> str:
     """The variants, measured and fitted tokens/s for every metric and depth, and each fit's per-part costs."""
     keys = sorted(doc["fits"])
-    lines = ["| variant | " + " | ".join(f"{k} t/s | fit" for k in keys) + " |",
+    lines = ["| variant | " + " | ".join(f"{k} t/s (× base) | fit" for k in keys) + " |",
              "|---|" + "---|---|" * len(keys)]
     for v in doc["variants"]:
         cells = []
@@ -194,7 +207,7 @@ def format_table(doc: dict[str, Any]) -> str:
             m = v["measured"].get(k)
             coef = doc["fits"][k]["coef"]
             pred = 1.0 / sum(coef[f] * v["features"][f] for f in costs.FEATURES)
-            cells.append(f"{m['ts']:.1f} ± {m['ts_std']:.1f} | {pred:.1f}" if m else f"- | {pred:.1f}")
+            cells.append(f"{m['ts']:.1f} (×{m['ratio']:.3f}) | {pred:.1f}" if m else f"- | {pred:.1f}")
         lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
     lines.append("")
     for k in keys:

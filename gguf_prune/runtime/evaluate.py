@@ -209,24 +209,6 @@ def count_tokens(model: Path, text: str) -> int:
 # -------------------------------------------------------------------- bench
 
 
-def bench(models: list[Path], o: EvalOptions) -> tuple[dict[str, dict[str, float]], str, dict[str, Any]]:
-    """llama-bench on all models in one invocation; returns {path: {pp_ts, tg_ts, ...}}."""
-    rows, cmd = llamacpp.llama_bench(models, n_prompt=o.bench_prompt, n_gen=o.bench_gen, reps=o.bench_reps,
-                                     threads=o.threads)
-    out: dict[str, dict[str, float]] = {}
-    hw: dict[str, Any] = {}
-    for row in rows:
-        d = out.setdefault(row["model_filename"], {})
-        if row.get("n_prompt") and not row.get("n_gen"):
-            d["pp_ts"], d["pp_ts_std"] = float(row["avg_ts"]), float(row.get("stddev_ts", 0))
-        elif row.get("n_gen") and not row.get("n_prompt"):
-            d["tg_ts"], d["tg_ts_std"] = float(row["avg_ts"]), float(row.get("stddev_ts", 0))
-        hw = {"cpu": row.get("cpu_info"), "gpu": row.get("gpu_info"), "threads": row.get("n_threads"),
-              "backends": row.get("backends"), "build_commit": row.get("build_commit")}
-    hw["rows"] = rows  # llama-bench's own JSON, kept in the report
-    return out, cmd, hw
-
-
 # ------------------------------------------------------------------- prompts
 
 
@@ -354,23 +336,29 @@ def _measure_against_base(model: Path, name: str, base: Path, base_vocab: str, k
 
 def _measure_speed(measured: list[tuple[Path, dict[str, Any]]], base_entry: dict[str, Any],
                    o: EvalOptions) -> dict[str, Any]:
-    """llama-bench on every model measured, speeds and their ratios to the base into each entry; the hardware
-    it ran on (or the error that stopped it)."""
-    log.info("[eval] speed: llama-bench pp%d/tg%d × %d on %d model(s)", o.bench_prompt, o.bench_gen,
-             o.bench_reps, len(measured))
+    """llama-bench on every model measured, in rounds with the base between the models (runtime/speed.py): speeds
+    and their ratios to the base into each entry; the hardware it ran on (or the error that stopped it)."""
+    from gguf_prune.runtime.speed import bench_against_base
+
+    base = Path(base_entry["facts"]["path"])
+    others = [(p, e) for p, e in measured if e is not base_entry]
+    log.info("[eval] speed: llama-bench pp%d/tg%d, %d rounds of %d model(s) with the base between them",
+             o.bench_prompt, o.bench_gen, o.bench_reps, len(others))
     try:
-        speeds, cmd, hardware = bench([p for p, _ in measured], o)
+        res = bench_against_base(base, [p for p, _ in others], n_prompt=o.bench_prompt, n_gen=o.bench_gen,
+                                 rounds=o.bench_reps, threads=o.threads)
     except LlamaCppError as err:
         log.error("llama-bench failed: %s", str(err).splitlines()[0])
         return {"error": str(err)}
-    for p, e in measured:
-        e["speed"] = speeds.get(str(p), {})
-        e["commands"]["bench"] = cmd
-    base_speed = base_entry.get("speed", {})
-    for _, e in measured:
-        for key in ("pp_ts", "tg_ts"):
-            if key in e.get("speed", {}) and base_speed.get(key):
-                e["speed"][key.replace("_ts", "_ratio")] = e["speed"][key] / base_speed[key]
+    for e, timings in [(base_entry, res["base"])] + [(e, t) for (_, e), t in zip(others, res["models"])]:
+        e["speed"] = {}
+        for metric in ("pp", "tg"):
+            t = timings.get(f"{metric}@0")
+            if t:
+                e["speed"] |= {f"{metric}_ts": t["ts"], f"{metric}_ts_std": t["ts_std"], f"{metric}_ratio": t["ratio"],
+                               f"{metric}_ratio_spread": t["ratio_spread"]}
+        e["commands"]["bench"] = f"{res['command']}  (× {o.bench_reps} rounds)"
+    hardware = res["hardware"] | {"rows": res["rows"], "rounds": o.bench_reps}
     if o.cost is not None:
         _predict_speed(measured, o.cost, hardware.get("threads"))
     return hardware

@@ -58,9 +58,10 @@ def render_markdown(result: dict[str, Any]) -> str:
              f"{t['note']}.", ""]
     if result.get("bench"):
         b = result["bench"]
-        lines.append(f"Speed: llama-bench pp{b['pp']} / tg{b['tg']}, {b['reps']} repetitions, "
-                     f"{hw.get('threads')} threads on {hw.get('cpu')} ({hw.get('backends')}); ratios are to the "
-                     "base measured in the same run.")
+        lines.append(f"Speed: llama-bench pp{b['pp']} / tg{b['tg']}, {b['reps']} rounds with the base timed "
+                     f"between every two models, {hw.get('threads')} threads on {hw.get('cpu')} "
+                     f"({hw.get('backends')}); a ratio is the median over the rounds of the model's tokens/s over "
+                     "the base runs beside it; tg× pred: the cost model's prediction (`eval --cost`).")
         lines.append("")
     lines.append(markdown_table(table_rows(result)))
     lines.append("")
