@@ -89,23 +89,35 @@ def test_numbers_agree_with_llama_perplexity_run_by_hand(report, which, tmp_path
 
 
 def test_bench_agrees_with_llama_bench_by_hand(report):
+    """Speeds come from rounds of llama-bench (the base timed between every two models): each model's tokens/s
+    is the median of its runs, its ratio the median over the rounds of its speed over the base runs beside it."""
+    import statistics
+
     result, _ = report
-    raw = result["hardware"]["rows"]  # llama-bench's own JSON from the run
-    for e in result["models"]:
-        path = e["facts"]["path"]
-        tg = [r["avg_ts"] for r in raw if r["model_filename"] == path and r["n_gen"] == 32 and not r["n_prompt"]]
-        pp = [r["avg_ts"] for r in raw if r["model_filename"] == path and r["n_prompt"] == 128 and not r["n_gen"]]
-        assert e["speed"]["tg_ts"] == tg[0] and e["speed"]["pp_ts"] == pp[0]
-    # each ratio is against the base measured in the same run, from llama-bench's own rows
-    base_tg = result["models"][0]["speed"]["tg_ts"]
-    for e in result["models"][1:]:
-        assert e["speed"]["tg_ratio"] == pytest.approx(e["speed"]["tg_ts"] / base_tg, rel=1e-3)
-    # the recorded command is what a user re-runs by hand: same models, tests, repetitions, threads
+    raw = result["hardware"]["rows"]  # llama-bench's own JSON from every round
+    rounds = result["hardware"]["rounds"]
+    assert rounds == OPTS["bench_reps"]
+    per_round = len(raw) // rounds
+    n = len(result["models"])
+    assert per_round == 2 * (2 * (n - 1) + 1)  # pp and tg for base, m1, base, m2, ..., base
+    for test, key in (("tg", lambda r: r["n_gen"] == 32 and not r["n_prompt"]),
+                      ("pp", lambda r: r["n_prompt"] == 128 and not r["n_gen"])):
+        for k, e in enumerate(result["models"]):
+            mine = [r["avg_ts"] for r in raw if r["model_filename"] == e["facts"]["path"] and key(r)]
+            assert e["speed"][f"{test}_ts"] == pytest.approx(statistics.median(mine))
+            if k == 0:
+                continue
+            ratios = []
+            for r0 in range(rounds):
+                runs = [r["avg_ts"] for r in raw[r0 * per_round:(r0 + 1) * per_round] if key(r)]
+                ratios.append(runs[2 * k - 1] / ((runs[2 * k - 2] + runs[2 * k]) / 2))
+            assert e["speed"][f"{test}_ratio"] == pytest.approx(statistics.median(ratios), rel=1e-9)
+    # the recorded command is one round, as a user re-runs it by hand: same models in the same order, tests, threads
     cmd = shlex.split(result["models"][0]["commands"]["bench"])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout[out.stdout.index("["):])
     key = lambda r: (r["model_filename"], r["n_prompt"], r["n_gen"], r["n_threads"], len(r["samples_ts"]))
-    assert sorted(map(key, rows)) == sorted(map(key, raw))
+    assert list(map(key, rows)) == list(map(key, raw[:per_round]))
     assert all(r["avg_ts"] > 0 for r in rows)
 
 

@@ -357,7 +357,7 @@ def _measure_speed(measured: list[tuple[Path, dict[str, Any]]], base_entry: dict
             if t:
                 e["speed"] |= {f"{metric}_ts": t["ts"], f"{metric}_ts_std": t["ts_std"], f"{metric}_ratio": t["ratio"],
                                f"{metric}_ratio_spread": t["ratio_spread"]}
-        e["commands"]["bench"] = f"{res['command']}  (× {o.bench_reps} rounds)"
+        e["commands"]["bench"] = res["command"]  # one round; the run repeats it bench_reps times
     hardware = res["hardware"] | {"rows": res["rows"], "rounds": o.bench_reps}
     if o.cost is not None:
         _predict_speed(measured, o.cost, hardware.get("threads"))
