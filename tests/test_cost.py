@@ -172,9 +172,12 @@ def test_cost_measures_a_fixture_and_eval_predicts_its_speedup(tiny_tied, tmp_pa
     base = convert_cached(tiny_tied, cache_dir=tmp_path / "converted")
     before = _digest(base)
     doc = measure_cost(base, tmp_path / "cost.json", CostOptions(threads=2, quant="none", reps=2, n_gen=16,
-                                                                 n_prompt=32))
+                                                                 n_prompt=32, depths=(0, 64)))
     assert _digest(base) == before and costs.load(tmp_path / "cost.json") == json.loads(json.dumps(doc))
-    assert doc["quant"] == "F16" and doc["threads"] == 2 and set(doc["fits"]) == {"tg@0", "pp@0"}
+    assert doc["quant"] == "F16" and doc["threads"] == 2
+    assert set(doc["fits"]) == {"tg@0", "pp@0", "tg@64", "pp@64"}  # each metric at each depth (llama-bench -d)
+    for fit in doc["fits"].values():
+        assert all(c >= 0 for c in fit["coef"].values()) and len(fit["rel_error_left_out"]) == len(doc["variants"])
     names = [v["name"] for v in doc["variants"]]
     assert names[0] == "base" and "every attention removed" in names and "half of the layers removed" in names
     assert all(v["measured"]["tg@0"]["ts"] > 0 for v in doc["variants"])
