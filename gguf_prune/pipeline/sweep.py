@@ -212,21 +212,24 @@ def _built(path: Path, digest: str | None, shape=None) -> str | None:
 
 
 def _recovered_before(path: Path, plan, o: SweepOptions):
-    """The recover directory an earlier sweep left for the same cut, calibration sequences and repair, or None."""
+    """A recover directory an earlier point or sweep left for the same cut, calibration sequences and repair
+    (``path`` first, then any other under recovered/: two strategies often make the same plan), or None."""
     from gguf_prune.recovered import RecoverError, open_recovered
 
-    try:
-        manifest = json.loads((path / "recover.json").read_text())
-        cal = manifest["calibration"]
-        same = (manifest.get("cut_digest") == plan.digest() and cal.get("n_seq") == o.recover_samples
-                and cal.get("seq_len") == o.seq_len and manifest.get("patch", {}).get("repairs") is not None)
-        if not same:
-            return None
-        rec = open_recovered(path, plan=plan)
-    except (OSError, ValueError, KeyError, AttributeError, RecoverError):
-        return None
-    log.info("reusing %s (the same cut, calibration and repair)", path)
-    return rec
+    for d in [path] + sorted(p for p in path.parent.glob("*") if p != path):
+        try:
+            manifest = json.loads((d / "recover.json").read_text())
+            cal = manifest["calibration"]
+            same = (manifest.get("cut_digest") == plan.digest() and cal.get("n_seq") == o.recover_samples
+                    and cal.get("seq_len") == o.seq_len and manifest.get("patch", {}).get("repairs") is not None)
+            if not same:
+                continue
+            rec = open_recovered(d, plan=plan)
+        except (OSError, ValueError, KeyError, AttributeError, RecoverError):
+            continue
+        log.info("reusing %s (the same cut, calibration and repair)", d)
+        return rec
+    return None
 
 
 def _cost(hf_dir: Path, out: Path, o: SweepOptions, shape) -> Path | None:
