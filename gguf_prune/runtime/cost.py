@@ -205,8 +205,7 @@ def format_table(doc: dict[str, Any]) -> str:
         cells = []
         for k in keys:
             m = v["measured"].get(k)
-            coef = doc["fits"][k]["coef"]
-            pred = 1.0 / sum(coef[f] * v["features"][f] for f in costs.FEATURES)
+            pred = 1.0 / costs.seconds_of(doc["fits"][k]["coef"], v["features"])
             cells.append(f"{m['ts']:.1f} (×{m['ratio']:.3f}) | {pred:.1f}" if m else f"- | {pred:.1f}")
         lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
     lines.append("")
