@@ -190,7 +190,10 @@ def test_cost_measures_a_fixture_and_eval_predicts_its_speedup(tiny_tied, tmp_pa
     rep = evaluate(b.path, [p.path], tmp_path / "report", options=EvalOptions(
         chunks=2, threads=2, bench_reps=1, bench_prompt=32, bench_gen=16, cost=tmp_path / "cost.json"))
     sp = rep["models"][1]["speed"]
-    assert sp["tg_ratio_predicted"] == pytest.approx(costs.speedup(doc, plan)) and sp["tg_ratio_predicted"] > 1
+    assert sp["tg_ratio_predicted"] == pytest.approx(costs.speedup(doc, plan))
+    # two layers fewer: faster by the fit unless noise put every second into the constant (non-negative fit)
+    per_layer = any(c > 0 for f, c in doc["fits"]["tg@0"]["coef"].items() if f != "const")
+    assert sp["tg_ratio_predicted"] > 1 if per_layer else sp["tg_ratio_predicted"] == pytest.approx(1)
     assert "tg× pred" in (tmp_path / "report" / "report.md").read_text()
 
 
