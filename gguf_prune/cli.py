@@ -267,6 +267,8 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 @option(FinetuneOptions, "--loss", type=click.Choice(LOSSES),
         help="distill: KL to the unpruned model's logits; nexttoken: the data's own next tokens.")
 @option(FinetuneOptions, "--steps", type=POSITIVE)
+@option(FinetuneOptions, "--max-minutes", type=Finite(min=0, min_open=True),
+        help="Time budget for training: fewer steps when --steps would not fit, the schedule fitted to them.")
 @option(FinetuneOptions, "--batch-size", type=POSITIVE, help="Sequences per step.")
 @option(FinetuneOptions, "--lr", type=Finite(min=0, min_open=True),
         help="Peak learning rate (default: 2e-4 LoRA, 2e-5 full).")
@@ -279,7 +281,7 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
         help="Steps between checkpoints (an interrupted run started again resumes).")
 @option(RecoverOptions, "--device", help="auto, cpu, cuda or cuda:N.")
 def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_len, samples, heldout, seed, patch,
-                repair, patch_fit, finetune, loss, steps, batch_size, lr, warmup, lora_rank, lora_alpha, eval_every, patience,
+                repair, patch_fit, finetune, loss, steps, max_minutes, batch_size, lr, warmup, lora_rank, lora_alpha, eval_every, patience,
                 checkpoint_every, device) -> None:
     """Recover what a cut lost: repairs and linear patches (closed form) and/or fine-tuning; write a directory
     for `gguf-prune prune HF_DIR --recovered DIR`."""
@@ -291,7 +293,8 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
     from gguf_prune.recovery.recover import recover
 
     method = None if finetune == "none" else finetune
-    fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, batch_size=batch_size, lr=lr,
+    fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, max_minutes=max_minutes,
+                          batch_size=batch_size, lr=lr,
                           warmup=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha, eval_every=eval_every,
                           patience=patience, checkpoint_every=checkpoint_every, seed=seed)
     opts = RecoverOptions(calibration=calibration, calibration_kind=calibration_kind, seq_len=seq_len,
@@ -454,6 +457,8 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @option(RunOptions, "--recover-samples", type=click.IntRange(min=2),
         help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @option(RunOptions, "--finetune-steps", type=POSITIVE, help="Fine-tuning steps (per round when iterating).")
+@option(RunOptions, "--finetune-minutes", type=Finite(min=0, min_open=True),
+        help="Time budget for fine-tuning (per round): fewer steps when --finetune-steps would not fit.")
 @option(RunOptions, "--uniform", is_flag=True,
         help="One shape for every kept layer, written in the model's own architecture (always on for "
              "Qwen3 and Gemma 3).")

@@ -263,6 +263,7 @@ USAGE = {  # (command, arguments, the error line)
     "recover: warm-up fraction of one": ("recover", ["--warmup", "1.5"], _range("--warmup", "1.5", "0<=x<1")),
     "recover: zero learning rate": ("recover", ["--lr", "0"], _range("--lr", "0.0", "x>0")),
     "recover: no steps": ("recover", ["--steps", "0"], _range("--steps", "0", "x>=1")),
+    "recover: no time budget": ("recover", ["--max-minutes", "0"], _range("--max-minutes", "0.0", "x>0")),
     "recover: no LoRA rank": ("recover", ["--lora-rank", "0"], _range("--lora-rank", "0", "x>=1")),
     "recover: one-token sequences": ("recover", ["--seq-len", "1"], _range("--seq-len", "1", "x>=2")),
     "package: port 0": ("package", ["--port", "0"], _range("--port", "0", "1<=x<=65535")),
@@ -277,6 +278,8 @@ USAGE = {  # (command, arguments, the error line)
     "run: negative greedy pool": ("run", ["--greedy-pool", "-1"], _range("--greedy-pool", "-1", "x>=0")),
     "run: one recovery sample": ("run", ["--recover-samples", "1"], _range("--recover-samples", "1", "x>=2")),
     "run: no fine-tuning steps": ("run", ["--finetune-steps", "0"], _range("--finetune-steps", "0", "x>=1")),
+    "run: negative fine-tuning time": ("run", ["--finetune-minutes", "-5"],
+                                       _range("--finetune-minutes", "-5.0", "x>0")),
     "run: no threads": ("run", ["--threads", "0"], _range("--threads", "0", "x>=1")),
     "sweep: budget above one": ("sweep", ["--budgets", "0.1,2"],
                                 "Error: Invalid value for '--budgets': 2 is not in the range 0<x<1; give fractions "

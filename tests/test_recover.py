@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,27 @@ def test_fine_tuning_never_leaves_the_model_worse_on_held_out_text(tiny_tied, tm
     assert [h["kl"] for h in ft["history"][1:]] > [ft["heldout_kl_before"]] * 2
     assert r.manifest["heldout_kl"]["finetuned"] == ft["heldout_kl_before"]
     assert r.manifest["tensors"]["count"] == 0  # nothing changed, nothing to write
+
+
+def test_a_time_budget_shortens_the_schedule_to_the_steps_that_fit(tiny_tied, tmp_path, monkeypatch):
+    """Steps slowed to at least 0.2 s: a 3-second budget fits at most 15 of the 1,000 asked for; the run stops
+    there with the cosine schedule at its end and the last weights evaluated."""
+    real_step = torch.optim.AdamW.step
+
+    def slow_step(self, *a, **k):
+        time.sleep(0.2)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+    shape = ModelShape.from_hf_dir(tiny_tied)
+    ft_opts = {"steps": 1000, "max_minutes": 0.05, "eval_every": 5, "patience": 1000, "lr": 1e-4}
+    r = recover(tiny_tied, _plan(tiny_tied, shape), tmp_path / "rec", _opts(finetune="lora", ft=ft_opts))
+    ft = r.manifest["finetune"]
+    assert ft["stopped"] == "time" and 2 <= ft["steps_done"] <= 15, ft
+    assert ft["planned_steps"] == ft["steps_done"]
+    last = ft["history"][-1]
+    assert last["step"] == ft["steps_done"]
+    assert last["lr"] == pytest.approx(1e-4 * FinetuneOptions().min_lr_ratio)  # the schedule ran to its end
 
 
 def test_an_interrupted_finetune_resumes_where_it_stopped(tiny_tied, tmp_path, monkeypatch):

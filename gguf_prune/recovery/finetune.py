@@ -11,8 +11,9 @@ cross-entropy on the data's own next tokens.
 AdamW, linear warm-up then cosine decay, gradient clipping; a held-out split is
 scored every ``eval_every`` steps (held-out KL to the teacher, or NLL for
 ``nexttoken``), the best weights are kept, and training stops after ``patience``
-evaluations without improvement. If no step beats the starting point, the weights
-are left as they were. A checkpoint is written every ``checkpoint_every`` steps; a run
+evaluations without improvement. With a time budget (``max_minutes``) the planned steps shrink to
+those that fit at the pace measured so far, so the schedule still decays to its end. If no step beats
+the starting point, the weights are left as they were. A checkpoint is written every ``checkpoint_every`` steps; a run
 started again with the same inputs resumes from it.
 """
 
@@ -97,14 +98,16 @@ def batch_loss(core, lm_head, ids, mask, t_states, loss: str, autocast) -> tuple
     return per.mean(), per.detach()
 
 
-def _lr_lambda(o: FinetuneOptions):
-    """The learning rate's factor at a step: linear warm-up, then cosine decay to ``min_lr_ratio``."""
-    warm = max(1, int(o.warmup * o.steps)) if o.warmup > 0 else 0
-
+def _lr_lambda(o: FinetuneOptions, total=None):
+    """The learning rate's factor at a step: linear warm-up, then cosine decay to ``min_lr_ratio`` at the last
+    step. ``total``: a callable giving the planned number of steps (a time budget changes it as the run goes);
+    default ``o.steps``."""
     def f(step: int) -> float:
+        steps = total() if total is not None else o.steps
+        warm = max(1, int(o.warmup * steps)) if o.warmup > 0 else 0
         if step < warm:
             return (step + 1) / warm
-        t = (step - warm) / max(1, o.steps - warm)
+        t = (step - warm) / max(1, steps - warm)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
 
@@ -165,7 +168,9 @@ class Trainer:
                  len(self.ho_idx), cal.seq_len, o.steps, o.batch_size, o.learning_rate, device)
         self.opt = torch.optim.AdamW([p for _, p in self.params], lr=o.learning_rate, weight_decay=o.weight_decay,
                                      betas=(0.9, 0.95))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(o))
+        self.total = o.steps  # the planned steps: o.steps, or fewer when a time budget (max_minutes) binds
+        self.eval_seconds = 0.0  # what one held-out evaluation costs (measured on the starting point)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(o, lambda: self.total))
 
         self.metric = "nll" if o.loss == "nexttoken" else "kl"  # what early stopping and "best" go by
         self.state_path = None if state_dir is None else Path(state_dir) / "state.pt"
@@ -272,7 +277,9 @@ class Trainer:
         """Resume, or score the starting point: the best so far until a step beats it."""
         self.resume()
         if not self.best:
+            t = time.time()
             ev = self.evaluate()
+            self.eval_seconds = time.time() - t
             self.best = {"step": 0, "metric": ev.get(self.metric, math.inf), "params": self._snapshot(), "eval": ev}
             self.history.append({"step": 0, **ev})
             if ev:
@@ -282,7 +289,8 @@ class Trainer:
         """Evaluate after a step, keep the best weights; True when training should stop early."""
         o, step = self.o, self.steps_done
         ev = self.evaluate()
-        self.history.append({"step": step, "loss": _mean(self.losses[-o.eval_every:]), **ev})
+        self.history.append({"step": step, "loss": _mean(self.losses[-o.eval_every:]),
+                             "lr": self.sched.get_last_lr()[0], **ev})
         if not ev:  # no held-out split: the latest weights are the best there is
             self.best = {"step": step, "metric": math.inf, "params": self._snapshot(), "eval": {}}
             return False
@@ -307,20 +315,41 @@ class Trainer:
         self.student.model.train()
         t_loop, step0 = time.time(), self.steps_done
         stopped = "steps"
-        while self.steps_done < o.steps:
+        while self.steps_done < self.total:
             self.step()
             step = self.steps_done
-            if step % o.log_every == 0 or step == o.steps:
+            out_of_time = self._fit_to_budget(t_loop, step0)
+            if step % o.log_every == 0 or step == self.total:
                 rate = (time.time() - t_loop) / max(1, step - step0)
-                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f s/step  ETA %s", step, o.steps,
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f s/step  ETA %s", step, self.total,
                          _mean(self.losses[-o.log_every:]), self.sched.get_last_lr()[0], rate,
-                         _fmt_eta(rate * (o.steps - step)))
-            if (step % o.eval_every == 0 or step == o.steps) and self._evaluate_step():
+                         _fmt_eta(rate * (self.total - step)))
+            if (step % o.eval_every == 0 or step == self.total or out_of_time) and self._evaluate_step():
                 stopped = "early"
                 break
-            if step % o.checkpoint_every == 0 and step < o.steps:
+            if out_of_time:
+                log.info("stopping at step %d: the time budget of %g minutes is spent", step, o.max_minutes)
+                break
+            if step % o.checkpoint_every == 0 and step < self.total:
                 self.save_checkpoint()
+        if stopped == "steps" and self.total < o.steps:
+            stopped = "time"
         return self._finish(before, stopped, t_loop, step0)
+
+    def _fit_to_budget(self, t_loop: float, step0: int) -> bool:
+        """With a time budget: re-plan the steps to those that fit in it at the pace so far (evaluations
+        included), so that the cosine schedule still ends at the last step; True once the budget is spent."""
+        o = self.o
+        if o.max_minutes is None:
+            return False
+        elapsed, budget = time.time() - t_loop, 60.0 * o.max_minutes
+        if elapsed >= budget:
+            return True
+        done = self.steps_done - step0
+        if done >= min(3, o.steps):  # the first steps' pace is all there is to go by
+            pace = elapsed / done + self.eval_seconds / o.eval_every
+            self.total = max(self.steps_done, min(o.steps, self.steps_done + int((budget - elapsed) / pace)))
+        return False
 
     def _finish(self, before: dict, stopped: str, t_loop: float, step0: int) -> FinetuneResult:
         """The best weights back into the student; the changed tensors and the run's figures."""
@@ -335,6 +364,7 @@ class Trainer:
             "method": o.method, "loss": o.loss, "options": asdict(o), "device": self.device,
             "trainable_params": self.n_trainable, "train_sequences": len(self.train_idx),
             "heldout_sequences": len(self.ho_idx), "steps_done": self.steps_done, "stopped": stopped,
+            "planned_steps": self.total, "max_minutes": o.max_minutes,
             "resumed": self.resumed, "best_step": best["step"],
             "heldout_kl_before": before.get("kl"), "heldout_kl_best": best["eval"].get("kl"),
             "history": self.history, "seconds": round(time.time() - self.t0, 1),

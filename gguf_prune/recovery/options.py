@@ -9,6 +9,7 @@ from pathlib import Path
 from gguf_prune.calibration import KINDS as CALIBRATION_KINDS
 from gguf_prune.errors import GgufPruneError
 from gguf_prune.recovered import RecoverError
+from gguf_prune.values import is_real
 
 METHODS = ("lora", "full")
 LOSSES = ("distill", "nexttoken")
@@ -24,6 +25,7 @@ class FinetuneOptions:
     method: str = "lora"
     loss: str = "distill"
     steps: int = 200
+    max_minutes: float | None = None  # a time budget for the training loop: the schedule shrinks to the steps that fit
     batch_size: int = 4
     lr: float | None = None  # default: DEFAULT_LR[method]
     warmup: float = 0.05  # fraction of the steps
@@ -56,6 +58,8 @@ def check_options(o: FinetuneOptions) -> None:
             p.append(f"{name} is {getattr(o, name)}; it must be at least 1")
     if o.learning_rate <= 0:
         p.append(f"learning rate {o.learning_rate} must be positive")
+    if o.max_minutes is not None and not (is_real(o.max_minutes) and o.max_minutes > 0):
+        p.append(f"time budget {o.max_minutes} minutes must be a positive number")
     if not 0 <= o.warmup < 1:
         p.append(f"warmup {o.warmup} must be a fraction of the steps in [0, 1)")
     if p:
