@@ -457,6 +457,8 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @option(RunOptions, "--recover-samples", type=click.IntRange(min=2),
         help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @option(RunOptions, "--finetune-steps", type=POSITIVE, help="Fine-tuning steps (per round when iterating).")
+@option(RunOptions, "--finetune-lr", type=Finite(min=0, min_open=True),
+        help="Peak learning rate for fine-tuning (default: 2e-4 LoRA, 2e-5 full).")
 @option(RunOptions, "--finetune-minutes", type=Finite(min=0, min_open=True),
         help="Time budget for fine-tuning (per round): fewer steps when --finetune-steps would not fit.")
 @option(RunOptions, "--uniform", is_flag=True,

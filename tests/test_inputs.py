@@ -280,6 +280,7 @@ USAGE = {  # (command, arguments, the error line)
     "run: no fine-tuning steps": ("run", ["--finetune-steps", "0"], _range("--finetune-steps", "0", "x>=1")),
     "run: negative fine-tuning time": ("run", ["--finetune-minutes", "-5"],
                                        _range("--finetune-minutes", "-5.0", "x>0")),
+    "run: zero fine-tuning rate": ("run", ["--finetune-lr", "0"], _range("--finetune-lr", "0.0", "x>0")),
     "run: no threads": ("run", ["--threads", "0"], _range("--threads", "0", "x>=1")),
     "sweep: budget above one": ("sweep", ["--budgets", "0.1,2"],
                                 "Error: Invalid value for '--budgets': 2 is not in the range 0<x<1; give fractions "

@@ -278,10 +278,13 @@ def test_cli_run_takes_rounds_and_recover(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "run", fake_run)
     monkeypatch.setattr(pipeline, "format_summary", lambda s: "ok")
     r = CliRunner().invoke(main, ["run", "--rounds", "3", "--recover", "patch+lora", "--finetune-steps", "50",
-                                  "-o", str(tmp_path / "r")])
+                                  "--finetune-lr", "1e-3", "--finetune-minutes", "10", "-o", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     o = seen["opts"]
     assert (o.rounds, o.recover, o.finetune_steps, o.recover_samples) == (3, "patch+lora", 50, 64)
+    fto, ropts = o.recovery_options()
+    assert (fto.method, fto.steps, fto.learning_rate, fto.max_minutes) == ("lora", 50, 1e-3, 10.0)
+    assert ropts.finetune_options is fto
     r = CliRunner().invoke(main, ["run", "--rounds", "0"])
     assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output
     r = CliRunner().invoke(main, ["run", "--recover", "magic"])

@@ -74,8 +74,9 @@ def run_option_problems(o: RunOptions) -> list[str]:
         p.append(f"--recover {o.recover!r} is not one of {', '.join(RECOVER_MODES)}")
     if not is_real(o.heldout) or not 0 <= o.heldout < 1:
         p.append(f"heldout {o.heldout} must be in [0, 1)")
-    if o.finetune_minutes is not None and (not is_real(o.finetune_minutes) or not o.finetune_minutes > 0):
-        p.append(f"--finetune-minutes {o.finetune_minutes} must be a positive number of minutes")
+    for name, value in (("--finetune-minutes", o.finetune_minutes), ("--finetune-lr", o.finetune_lr)):
+        if value is not None and (not is_real(value) or not value > 0):
+            p.append(f"{name} {value} must be a positive number")
     p += _count_problems(o, (("samples", "--samples", 1, False), ("seq_len", "--seq-len", 2, False),
                              ("greedy_steps", "--greedy-steps", 1, True), ("greedy_pool", "--greedy-pool", 1, True),
                              ("eval_chunks", "--eval-chunks", 1, True), ("threads", "--threads", 1, True),

@@ -69,6 +69,7 @@ class RunOptions:
     recover: str = "none"  # none | patch | lora | full | patch+lora | patch+full (iterate.RECOVER_MODES)
     recover_samples: int = 64  # calibration sequences for recovery (patch fit, fine-tuning, held-out split)
     finetune_steps: int = 200  # fine-tuning steps (per round when iterating)
+    finetune_lr: float | None = None  # peak learning rate for fine-tuning; None: the method's default
     finetune_minutes: float | None = None  # a time budget for fine-tuning (per round); None: none
     heldout: float = 0.1  # fraction of the recovery sequences held out (early stopping, round figures)
     uniform: bool = False  # one shape for every kept layer: the model's own architecture (forced: Qwen3, Gemma 3)
@@ -100,8 +101,8 @@ class RunOptions:
         from gguf_prune.recovery.options import RecoverOptions
 
         patch, method = parse_recover(self.recover)
-        fto = (FinetuneOptions(method=method, steps=self.finetune_steps, max_minutes=self.finetune_minutes)
-               if method else None)
+        fto = (FinetuneOptions(method=method, steps=self.finetune_steps, lr=self.finetune_lr,
+                               max_minutes=self.finetune_minutes) if method else None)
         return fto, RecoverOptions(calibration=self.calibration, seq_len=self.seq_len, samples=self.recover_samples,
                                    heldout=self.heldout, patch=patch or repair, repair=repair, finetune=method,
                                    finetune_options=fto, device=self.device)
