@@ -294,8 +294,7 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
 
     method = None if finetune == "none" else finetune
     fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, max_minutes=max_minutes,
-                          batch_size=batch_size, lr=lr,
-                          warmup=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha, eval_every=eval_every,
+                          batch_size=batch_size, lr=lr, warmup=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha, eval_every=eval_every,
                           patience=patience, checkpoint_every=checkpoint_every, seed=seed)
     opts = RecoverOptions(calibration=calibration, calibration_kind=calibration_kind, seq_len=seq_len,
                           samples=samples, seed=seed, heldout=heldout, patch=patch, repair=repair,
@@ -457,8 +456,7 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @option(RunOptions, "--recover-samples", type=click.IntRange(min=2),
         help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @option(RunOptions, "--finetune-steps", type=POSITIVE, help="Fine-tuning steps (per round when iterating).")
-@option(RunOptions, "--finetune-lr", type=Finite(min=0, min_open=True),
-        help="Peak learning rate for fine-tuning (default: 2e-4 LoRA, 2e-5 full).")
+@option(RunOptions, "--finetune-lr", type=Finite(min=0, min_open=True), help="Peak fine-tuning rate (default: 2e-4 LoRA).")
 @option(RunOptions, "--finetune-minutes", type=Finite(min=0, min_open=True),
         help="Time budget for fine-tuning (per round): fewer steps when --finetune-steps would not fit.")
 @option(RunOptions, "--uniform", is_flag=True,
