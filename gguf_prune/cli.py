@@ -9,7 +9,7 @@ import click
 
 from gguf_prune.calibration import KINDS as CALIBRATION_KINDS
 from gguf_prune.cli_params import (COUNT, FRACTION, NONNEG, OPEN_FRACTION, PORT, POSITIVE, SEED, SEQ_LEN, Align, Depths,
-                                   Finite, Fractions, Layers, Names, option, speed_options,
+                                   Finite, Fractions, Layers, Names, fields_of, option, speed_options,
                                    Commands, setup_logging)
 # The options of every stage, with their defaults and choices. These modules import no torch (tests/test_layout.py
 # checks), so `gguf-prune --help` stays fast.
@@ -280,9 +280,7 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 @option(FinetuneOptions, "--checkpoint-every", type=POSITIVE,
         help="Steps between checkpoints (an interrupted run started again resumes).")
 @option(RecoverOptions, "--device", help="auto, cpu, cuda or cuda:N.")
-def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_len, samples, heldout, seed, patch,
-                repair, patch_fit, finetune, loss, steps, max_minutes, batch_size, lr, warmup, lora_rank, lora_alpha, eval_every, patience,
-                checkpoint_every, device) -> None:
+def recover_cmd(hf_dir, plan_path, output, finetune, **kw) -> None:
     """Recover what a cut lost: repairs and linear patches (closed form) and/or fine-tuning; write a directory
     for `gguf-prune prune HF_DIR --recovered DIR`."""
     from gguf_prune.calibration import CalibrationError
@@ -293,12 +291,8 @@ def recover_cmd(hf_dir, plan_path, output, calibration, calibration_kind, seq_le
     from gguf_prune.recovery.recover import recover
 
     method = None if finetune == "none" else finetune
-    fto = FinetuneOptions(method=method or "lora", loss=loss, steps=steps, max_minutes=max_minutes,
-                          batch_size=batch_size, lr=lr, warmup=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha, eval_every=eval_every,
-                          patience=patience, checkpoint_every=checkpoint_every, seed=seed)
-    opts = RecoverOptions(calibration=calibration, calibration_kind=calibration_kind, seq_len=seq_len,
-                          samples=samples, seed=seed, heldout=heldout, patch=patch, repair=repair,
-                          patch_fit=patch_fit, finetune=method, finetune_options=fto, device=device)
+    fto = FinetuneOptions(method=method or "lora", **fields_of(FinetuneOptions, kw))  # the seed goes to both
+    opts = RecoverOptions(finetune=method, finetune_options=fto, **fields_of(RecoverOptions, kw))
     try:
         r = recover(hf_dir, plan_path, output, opts)
     except (ModelDirError, CalibrationError, PlanError, RecoverError, FinetuneError, WeightsError) as e:
@@ -456,7 +450,8 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
 @option(RunOptions, "--recover-samples", type=click.IntRange(min=2),
         help="Calibration sequences for recovery (10% held out for early stopping and the round figures).")
 @option(RunOptions, "--finetune-steps", type=POSITIVE, help="Fine-tuning steps (per round when iterating).")
-@option(RunOptions, "--finetune-lr", type=Finite(min=0, min_open=True), help="Peak fine-tuning rate (default: 2e-4 LoRA).")
+@option(RunOptions, "--finetune-lr", type=Finite(min=0, min_open=True),
+        help="Peak learning rate for fine-tuning (default: 2e-4 LoRA, 2e-5 full).")
 @option(RunOptions, "--finetune-minutes", type=Finite(min=0, min_open=True),
         help="Time budget for fine-tuning (per round): fewer steps when --finetune-steps would not fit.")
 @option(RunOptions, "--uniform", is_flag=True,

@@ -131,6 +131,12 @@ class Layers(click.ParamType):
 
 
 
+def fields_of(cls, kw: dict) -> dict:
+    """The entries of ``kw`` (a command's parsed flags) that are fields of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kw.items() if k in names}
+
+
 def field_default(cls, name: str):
     f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
     if f is None:

@@ -13,8 +13,8 @@ scored every ``eval_every`` steps (held-out KL to the teacher, or NLL for
 ``nexttoken``), the best weights are kept, and training stops after ``patience``
 evaluations without improvement. With a time budget (``max_minutes``) the planned steps shrink to
 those that fit at the pace measured so far, so the schedule still decays to its end. If no step beats
-the starting point, the weights are left as they were. A checkpoint is written every ``checkpoint_every`` steps; a run
-started again with the same inputs resumes from it.
+the starting point, the weights are left as they were. A checkpoint is written every
+``checkpoint_every`` steps; a run started again with the same inputs resumes from it.
 """
 
 from __future__ import annotations
