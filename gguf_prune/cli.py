@@ -17,7 +17,7 @@ from gguf_prune.pipeline.job import RunOptions
 from gguf_prune.pipeline.strategy import RECOVER_MODES, RUN_STRATEGIES, STRATEGIES
 from gguf_prune.pipeline.sweep import SweepOptions
 from gguf_prune.planning.options import HEAD_METRICS, METRICS, NEURON_METRICS, UNITS, PlanOptions
-from gguf_prune.recovery.options import LOSSES, METHODS, PATCH_FITS, FinetuneOptions, RecoverOptions
+from gguf_prune.recovery.options import LOSSES, METHODS, PATCH_FITS, PRECISIONS, FinetuneOptions, RecoverOptions
 from gguf_prune.runtime.cost import CostOptions
 from gguf_prune.runtime.evaluate import EvalOptions
 from gguf_prune.runtime.package import PackageOptions
@@ -279,6 +279,7 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 @option(FinetuneOptions, "--patience", type=POSITIVE, help="Stop after this many evaluations without improvement.")
 @option(FinetuneOptions, "--checkpoint-every", type=POSITIVE,
         help="Steps between checkpoints (an interrupted run started again resumes).")
+@option(FinetuneOptions, "--precision", type=click.Choice(PRECISIONS), help="auto: bf16 where it is native.")
 @option(RecoverOptions, "--device", help="auto, cpu, cuda or cuda:N.")
 def recover_cmd(hf_dir, plan_path, output, finetune, **kw) -> None:
     """Recover what a cut lost: repairs and linear patches (closed form) and/or fine-tuning; write a directory

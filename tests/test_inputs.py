@@ -264,6 +264,9 @@ USAGE = {  # (command, arguments, the error line)
     "recover: zero learning rate": ("recover", ["--lr", "0"], _range("--lr", "0.0", "x>0")),
     "recover: no steps": ("recover", ["--steps", "0"], _range("--steps", "0", "x>=1")),
     "recover: no time budget": ("recover", ["--max-minutes", "0"], _range("--max-minutes", "0.0", "x>0")),
+    "recover: unknown precision": ("recover", ["--precision", "fp16"],
+                                   "Error: Invalid value for '--precision': 'fp16' is not one of 'auto', 'fp32', "
+                                   "'bf16'."),
     "recover: no LoRA rank": ("recover", ["--lora-rank", "0"], _range("--lora-rank", "0", "x>=1")),
     "recover: one-token sequences": ("recover", ["--seq-len", "1"], _range("--seq-len", "1", "x>=2")),
     "package: port 0": ("package", ["--port", "0"], _range("--port", "0", "1<=x<=65535")),

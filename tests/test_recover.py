@@ -248,6 +248,21 @@ def test_a_time_budget_shortens_the_schedule_to_the_steps_that_fit(tiny_tied, tm
     assert last["lr"] == pytest.approx(1e-4 * FinetuneOptions().min_lr_ratio)  # the schedule ran to its end
 
 
+def test_bf16_training_tracks_float32(tiny_tied, tmp_path):
+    """The same four steps under bf16 autocast and in float32: the held-out KLs differ (bf16 is in effect) but
+    by under 5%, and the manifest says which precision ran."""
+    shape = ModelShape.from_hf_dir(tiny_tied)
+    kls = {}
+    for precision in ("fp32", "bf16"):
+        r = recover(tiny_tied, _plan(tiny_tied, shape), tmp_path / precision,
+                    _opts(finetune="lora", ft={"eval_every": 1, "patience": 10, "lr": 1e-3, "precision": precision}))
+        ft = r.manifest["finetune"]
+        assert ft["precision"] == precision and ft["steps_done"] == 4
+        kls[precision] = [h["kl"] for h in ft["history"]]
+    diff = [abs(b - f) / f for f, b in zip(kls["fp32"], kls["bf16"])]
+    assert 0 < max(diff) < 0.05, kls
+
+
 def test_an_interrupted_finetune_resumes_where_it_stopped(tiny_tied, tmp_path, monkeypatch):
     shape = ModelShape.from_hf_dir(tiny_tied)
     plan = _plan(tiny_tied, shape)

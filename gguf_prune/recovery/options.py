@@ -14,6 +14,7 @@ from gguf_prune.values import is_real
 METHODS = ("lora", "full")
 LOSSES = ("distill", "nexttoken")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
 
 
 class FinetuneError(GgufPruneError, ValueError):
@@ -41,6 +42,7 @@ class FinetuneOptions:
     checkpoint_every: int = 25
     log_every: int = 10
     seed: int = 0
+    precision: str = "auto"  # the student's matmuls under autocast; losses and the optimizer stay float32
 
     @property
     def learning_rate(self) -> float:
@@ -51,6 +53,8 @@ def check_options(o: FinetuneOptions) -> None:
     p = []
     if o.method not in METHODS:
         p.append(f"method {o.method!r} is not one of {', '.join(METHODS)}")
+    if o.precision not in PRECISIONS:
+        p.append(f"precision {o.precision!r} is not one of {', '.join(PRECISIONS)}")
     if o.loss not in LOSSES:
         p.append(f"loss {o.loss!r} is not one of {', '.join(LOSSES)}")
     for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "lora_rank", "patience", "log_every"):
