@@ -279,6 +279,8 @@ def prune_cmd(hf_dir, plan_path, output, quant, outtype, imatrix_text, recovered
 @option(FinetuneOptions, "--patience", type=POSITIVE, help="Stop after this many evaluations without improvement.")
 @option(FinetuneOptions, "--checkpoint-every", type=POSITIVE,
         help="Steps between checkpoints (an interrupted run started again resumes).")
+@option(FinetuneOptions, "--teacher-samples", type=COUNT, help="Sequences sampled from the unpruned model, "
+        "added to the fine-tuning data (the held-out split stays real text).")
 @option(FinetuneOptions, "--precision", type=click.Choice(PRECISIONS), help="auto: bf16 where it is native.")
 @option(RecoverOptions, "--device", help="auto, cpu, cuda or cuda:N.")
 def recover_cmd(hf_dir, plan_path, output, finetune, **kw) -> None:
@@ -455,6 +457,8 @@ def package_cmd(model, output, name, host, port, ctx, threads, system_prompt) ->
         help="Peak learning rate for fine-tuning (default: 2e-4 LoRA, 2e-5 full).")
 @option(RunOptions, "--finetune-minutes", type=Finite(min=0, min_open=True),
         help="Time budget for fine-tuning (per round): fewer steps when --finetune-steps would not fit.")
+@option(RunOptions, "--teacher-samples", type=COUNT, help="Sequences sampled from the unpruned model, added to "
+        "the fine-tuning data (the held-out split stays real text).")
 @option(RunOptions, "--uniform", is_flag=True,
         help="One shape for every kept layer, written in the model's own architecture (always on for "
              "Qwen3 and Gemma 3).")

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from gguf_prune.cli import main
 from gguf_prune.errors import GgufPruneError
+from gguf_prune.recovery.options import FinetuneOptions
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.bad_input]
 
@@ -190,6 +191,14 @@ BAD_OPTIONS = {  # the option dataclasses refuse what the CLI refuses: an API us
     "RunOptions target_speedup with rounds": ("gguf_prune.pipeline.job", "RunOptions",
                                               dict(target_speedup=1.3, rounds=2),
                                               "run options are invalid: --target-speedup with --rounds > 1"),
+    "RunOptions teacher_samples without fine-tuning": (
+        "gguf_prune.pipeline.job", "RunOptions", dict(teacher_samples=8),
+        "run options are invalid: --teacher-samples feeds fine-tuning, which --recover none does not do: use "
+        "--recover patch+lora"),
+    "RecoverOptions teacher_samples without fine-tuning": (
+        "gguf_prune.recovery.options", "RecoverOptions",
+        dict(finetune_options=FinetuneOptions(teacher_samples=8)),
+        "invalid recover options: --teacher-samples feeds fine-tuning: add --finetune lora (or full)"),
     "PlanOptions speed_metric=ttft": ("gguf_prune.planning.options", "PlanOptions", dict(speed_metric="ttft"),
                                       "invalid plan options: --speed-metric 'ttft': must be one of tg, pp"),
     "CostOptions depths=(-1,)": ("gguf_prune.runtime.cost", "CostOptions", dict(depths=(-1,)),
@@ -267,6 +276,8 @@ USAGE = {  # (command, arguments, the error line)
     "recover: unknown precision": ("recover", ["--precision", "fp16"],
                                    "Error: Invalid value for '--precision': 'fp16' is not one of 'auto', 'fp32', "
                                    "'bf16'."),
+    "recover: negative teacher samples": ("recover", ["--teacher-samples", "-1"],
+                                          _range("--teacher-samples", "-1", "x>=0")),
     "recover: no LoRA rank": ("recover", ["--lora-rank", "0"], _range("--lora-rank", "0", "x>=1")),
     "recover: one-token sequences": ("recover", ["--seq-len", "1"], _range("--seq-len", "1", "x>=2")),
     "package: port 0": ("package", ["--port", "0"], _range("--port", "0", "1<=x<=65535")),
@@ -284,6 +295,7 @@ USAGE = {  # (command, arguments, the error line)
     "run: negative fine-tuning time": ("run", ["--finetune-minutes", "-5"],
                                        _range("--finetune-minutes", "-5.0", "x>0")),
     "run: zero fine-tuning rate": ("run", ["--finetune-lr", "0"], _range("--finetune-lr", "0.0", "x>0")),
+    "run: negative teacher samples": ("run", ["--teacher-samples", "-3"], _range("--teacher-samples", "-3", "x>=0")),
     "run: no threads": ("run", ["--threads", "0"], _range("--threads", "0", "x>=1")),
     "sweep: budget above one": ("sweep", ["--budgets", "0.1,2"],
                                 "Error: Invalid value for '--budgets': 2 is not in the range 0<x<1; give fractions "

@@ -72,6 +72,9 @@ def run_option_problems(o: RunOptions) -> list[str]:
         p.append(f"--strategy {o.strategy!r}: use one of {', '.join(RUN_STRATEGIES)}")
     if o.recover not in RECOVER_MODES:
         p.append(f"--recover {o.recover!r} is not one of {', '.join(RECOVER_MODES)}")
+    elif o.teacher_samples and not o.recover.endswith(("lora", "full")):
+        p.append(f"--teacher-samples feeds fine-tuning, which --recover {o.recover} does not do: "
+                 "use --recover patch+lora (or lora, full, patch+full)")
     if not is_real(o.heldout) or not 0 <= o.heldout < 1:
         p.append(f"heldout {o.heldout} must be in [0, 1)")
     for name, value in (("--finetune-minutes", o.finetune_minutes), ("--finetune-lr", o.finetune_lr)):
@@ -81,7 +84,8 @@ def run_option_problems(o: RunOptions) -> list[str]:
                              ("greedy_steps", "--greedy-steps", 1, True), ("greedy_pool", "--greedy-pool", 1, True),
                              ("eval_chunks", "--eval-chunks", 1, True), ("threads", "--threads", 1, True),
                              ("recover_samples", "--recover-samples", 2, False),
-                             ("finetune_steps", "--finetune-steps", 1, False)))
+                             ("finetune_steps", "--finetune-steps", 1, False),
+                             ("teacher_samples", "--teacher-samples", 0, False)))
     p += _quant_problems(o.quant)
     return p
 

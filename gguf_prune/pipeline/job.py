@@ -71,6 +71,7 @@ class RunOptions:
     finetune_steps: int = 200  # fine-tuning steps (per round when iterating)
     finetune_lr: float | None = None  # peak learning rate for fine-tuning; None: the method's default
     finetune_minutes: float | None = None  # a time budget for fine-tuning (per round); None: none
+    teacher_samples: int = 0  # sequences sampled from the unpruned model added to the fine-tuning data
     heldout: float = 0.1  # fraction of the recovery sequences held out (early stopping, round figures)
     uniform: bool = False  # one shape for every kept layer: the model's own architecture (forced: Qwen3, Gemma 3)
     # closed-form repair of every cut (width and head repairs, linear patches for removed parts), scored and
@@ -102,7 +103,8 @@ class RunOptions:
 
         patch, method = parse_recover(self.recover)
         fto = (FinetuneOptions(method=method, steps=self.finetune_steps, lr=self.finetune_lr,
-                               max_minutes=self.finetune_minutes) if method else None)
+                               max_minutes=self.finetune_minutes, teacher_samples=self.teacher_samples)
+               if method else None)
         return fto, RecoverOptions(calibration=self.calibration, seq_len=self.seq_len, samples=self.recover_samples,
                                    heldout=self.heldout, patch=patch or repair, repair=repair, finetune=method,
                                    finetune_options=fto, device=self.device)

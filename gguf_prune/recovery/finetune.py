@@ -6,7 +6,8 @@ neurons masked so that training cannot revive them, embeddings, final norm and o
 Loss ``distill`` (default): mean per-token KL(teacher ‖ student) over real tokens; the
 teacher's final normed hidden states are computed once and its logits rebuilt per
 batch (n_tokens × n_embd floats kept instead of n_tokens × n_vocab). ``nexttoken``:
-cross-entropy on the data's own next tokens.
+cross-entropy on the data's own next tokens. ``teacher_samples`` > 0 adds sequences sampled from the teacher
+(sampled.py) to the training set; the held-out split stays real text.
 
 AdamW, linear warm-up then cosine decay, gradient clipping; a held-out split is
 scored every ``eval_every`` steps (held-out KL to the teacher, or NLL for
@@ -36,6 +37,7 @@ from gguf_prune.calibration import Calibration
 from gguf_prune.models import cuts
 from gguf_prune.plan import Plan
 from gguf_prune.recovery.options import FinetuneError, FinetuneOptions, check_options
+from gguf_prune.recovery import sampled
 from gguf_prune.recovery.student import prepare_student
 
 log = logging.getLogger(__name__)
@@ -162,7 +164,18 @@ class Trainer:
         self.ho_idx = sorted(heldout)
         self.ids, self.mask = cal.input_ids, cal.attention_mask.long()  # (n_seq, T) each
 
+        self.precision = resolve_precision(o.precision, dev)
+        self.autocast = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if self.precision == "bf16"
+                         else contextlib.nullcontext)
         teacher.to(dev)
+        self.sampling_seconds = 0.0
+        if o.teacher_samples:  # the teacher's own samples join the training set (the held-out split stays real text)
+            t = time.time()
+            prompts = sampled.prompts_from(self.ids, self.mask, self.train_idx, o.teacher_samples, o.seed)
+            new = sampled.sample(teacher, prompts, cal.seq_len, o.seed, dev, o.batch_size * 8, self.autocast)
+            self.train_idx += range(cal.n_seq, cal.n_seq + len(new))
+            self.ids, self.mask = torch.cat([self.ids, new]), torch.cat([self.mask, torch.ones_like(new)])
+            self.sampling_seconds = time.time() - t
         self.t_states = None
         if o.loss == "distill" or self.ho_idx:  # held-out KL needs the teacher too
             self.t_states = teacher_states(teacher, self.ids, self.mask, dev, o.batch_size)  # (n_seq, T, d)
@@ -170,9 +183,6 @@ class Trainer:
 
         self.student = prepare_student(student, plan, o, dev)
         self.params = self.student.params
-        self.precision = resolve_precision(o.precision, dev)
-        self.autocast = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if self.precision == "bf16"
-                         else contextlib.nullcontext)
         self.n_trainable = sum(p.numel() for _, p in self.params)
         log.info("fine-tuning (%s, %s loss): %d trainable parameters, %d train / %d held-out sequences of %d tokens, "
                  "%d steps of %d, lr %.1e, on %s (%s)", o.method, o.loss, self.n_trainable, len(self.train_idx),
@@ -373,7 +383,8 @@ class Trainer:
         self.student.model.to("cpu")
         stats = {
             "method": o.method, "loss": o.loss, "options": asdict(o), "device": self.device,
-            "precision": self.precision,
+            "precision": self.precision, "teacher_samples": o.teacher_samples,
+            "sampling_seconds": round(self.sampling_seconds, 1),
             "trainable_params": self.n_trainable, "train_sequences": len(self.train_idx),
             "heldout_sequences": len(self.ho_idx), "steps_done": self.steps_done, "stopped": stopped,
             "planned_steps": self.total, "max_minutes": o.max_minutes,

@@ -42,6 +42,7 @@ class FinetuneOptions:
     checkpoint_every: int = 25
     log_every: int = 10
     seed: int = 0
+    teacher_samples: int = 0  # sequences sampled from the teacher (recovery/sampled.py) added to the training set
     precision: str = "auto"  # the student's matmuls under autocast; losses and the optimizer stay float32
 
     @property
@@ -60,6 +61,8 @@ def check_options(o: FinetuneOptions) -> None:
     for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "lora_rank", "patience", "log_every"):
         if getattr(o, name) < 1:
             p.append(f"{name} is {getattr(o, name)}; it must be at least 1")
+    if isinstance(o.teacher_samples, bool) or not isinstance(o.teacher_samples, int) or o.teacher_samples < 0:
+        p.append(f"teacher samples {o.teacher_samples!r}: must be a whole number of sequences, 0 or more")
     if o.learning_rate <= 0:
         p.append(f"learning rate {o.learning_rate} must be positive")
     if o.max_minutes is not None and not (is_real(o.max_minutes) and o.max_minutes > 0):
@@ -104,5 +107,7 @@ class RecoverOptions:
             p.append(f"--patch-fit {self.patch_fit!r} is not one of {', '.join(PATCH_FITS)}")
         if self.finetune not in (None, "lora", "full"):
             p.append(f"--finetune {self.finetune!r} is not one of lora, full")
+        elif self.finetune is None and self.finetune_options and self.finetune_options.teacher_samples:
+            p.append("--teacher-samples feeds fine-tuning: add --finetune lora (or full)")
         if p:
             raise RecoverError("invalid recover options: " + "; ".join(p))
