@@ -55,7 +55,7 @@ def resolve_device(device: str) -> str:
 
 def resolve_precision(precision: str, dev: torch.device) -> str:
     """"fp32" or "bf16". ``auto`` takes bf16 on CUDA and on CPUs where PyTorch's oneDNN reports bf16 support
-    (AVX-512 and newer): 1.7× the steps per minute of float32 on 2 Zen 4 cores (scripts/bench_recover.py)."""
+    (AVX-512 and newer): on 2 Zen 4 cores a LoRA step on the demo model takes 3.7 s instead of 4.8 s."""
     if precision != "auto":
         return precision
     native = dev.type == "cuda" or (dev.type == "cpu" and torch.backends.mkldnn.is_available()
