@@ -48,14 +48,14 @@ def sample(teacher, prompts: torch.Tensor, seq_len: int, seed: int, device, batc
         cur = prompts[s:s + batch_size].to(device)
         past = None
         step_in = cur
-        for t in range(k, seq_len):
-            with (autocast or contextlib.nullcontext)():
+        with (autocast or contextlib.nullcontext)():  # one region: the weights are cast once per batch, not per token
+            for t in range(k, seq_len):
                 o = teacher(input_ids=step_in, past_key_values=past, use_cache=True)
-            past = o.past_key_values
-            probs = torch.softmax(o.logits[:, -1].float(), -1)  # (b, V)
-            nxt = torch.multinomial(probs, 1, generator=g)  # (b, 1)
-            out[s:s + cur.shape[0], t] = nxt[:, 0].cpu()
-            step_in = nxt
+                past = o.past_key_values
+                probs = torch.softmax(o.logits[:, -1].float(), -1)  # (b, V)
+                nxt = torch.multinomial(probs, 1, generator=g)  # (b, 1)
+                out[s:s + cur.shape[0], t] = nxt[:, 0].cpu()
+                step_in = nxt
         log.info("sampled %d/%d sequences of %d tokens from the teacher (%.0f s)", min(s + batch_size, n), n,
                  seq_len, time.time() - t0)
     return out
