@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gguf_prune.errors import GgufPruneError
-from gguf_prune.pipeline.strategy import RUN_STRATEGIES, STRATEGIES, WIDTH_FRACTIONS
+from gguf_prune.pipeline.strategy import RUN_STRATEGIES, STRATEGIES, WIDTH_FRACTIONS, recover_parts
 from gguf_prune.ranges import protected_layers, ranges
 from gguf_prune.values import is_int, is_real
 
@@ -72,7 +72,7 @@ def run_option_problems(o: RunOptions) -> list[str]:
         p.append(f"--strategy {o.strategy!r}: use one of {', '.join(RUN_STRATEGIES)}")
     if o.recover not in RECOVER_MODES:
         p.append(f"--recover {o.recover!r} is not one of {', '.join(RECOVER_MODES)}")
-    elif o.teacher_samples and not o.recover.endswith(("lora", "full")):
+    elif o.teacher_samples and recover_parts(o.recover)[1] is None:
         p.append(f"--teacher-samples feeds fine-tuning, which --recover {o.recover} does not do: "
                  "use --recover patch+lora (or lora, full, patch+full)")
     if not is_real(o.heldout) or not 0 <= o.heldout < 1:

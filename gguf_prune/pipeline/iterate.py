@@ -66,7 +66,7 @@ from gguf_prune.calibration import Calibration, check_calibration_file, load_cal
 from gguf_prune.plan import Plan
 from gguf_prune.atomic import write_text_atomic
 from gguf_prune.errors import GgufPruneError
-from gguf_prune.pipeline.strategy import RECOVER_MODES
+from gguf_prune.pipeline.strategy import RECOVER_MODES, recover_parts
 from gguf_prune.writing.options import DEFAULT_QUANT
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ def parse_recover(mode: str) -> tuple[bool, str | None]:
     """``"patch+lora"`` → (patch, finetune method): (True, "lora"); ``"none"`` → (False, None)."""
     if mode not in RECOVER_MODES:
         raise IterateError(f"--recover {mode!r} is not one of {', '.join(RECOVER_MODES)}")
-    parts = mode.split("+")
-    method = next((p for p in parts if p in ("lora", "full")), None)
-    return "patch" in parts, method
+    return recover_parts(mode)
 
 
 @dataclass(frozen=True)

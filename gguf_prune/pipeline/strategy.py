@@ -25,6 +25,13 @@ RUN_STRATEGIES = ("width-mixed", "greedy-mixed")
 RECOVER_MODES = ("none", "patch", "lora", "full", "patch+lora", "patch+full")
 
 
+def recover_parts(mode: str) -> tuple[bool, str | None]:
+    """A valid ``--recover`` mode → (patch, finetune method): ``"patch+lora"`` → (True, "lora"); ``"none"`` →
+    (False, None)."""
+    parts = mode.split("+")
+    return "patch" in parts, next((p for p in parts if p in ("lora", "full")), None)
+
+
 def greedy_steps_for(budget: float, n_layer: int, units: tuple[str, ...]) -> int:
     """Greedy steps enough to reach ``budget`` (a fraction of block parameters).
 

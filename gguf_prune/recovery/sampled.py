@@ -1,4 +1,4 @@
-"""Distillation text sampled from the teacher (``FinetuneOptions.sampled``).
+"""Distillation text sampled from the teacher (``FinetuneOptions.teacher_samples``).
 
 The calibration file covers one kind of text; a distilled student learns the teacher there and transfers only
 partly elsewhere. Sequences sampled from the teacher itself (temperature 1, no top-k / top-p: its own
@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from gguf_prune.recovery.options import FinetuneError
+
 log = logging.getLogger(__name__)
 
 PROMPT_TOKENS = 4
@@ -25,7 +27,8 @@ def prompts_from(ids: torch.Tensor, mask: torch.Tensor, train_idx: list[int], n:
     when n exceeds them) among those whose opening tokens are all real."""
     usable = [i for i in train_idx if bool(mask[i, :PROMPT_TOKENS].all())]
     if not usable:
-        raise ValueError(f"no training sequence has {PROMPT_TOKENS} real tokens to start a sample from")
+        raise FinetuneError(f"no training sequence has {PROMPT_TOKENS} real tokens to start a teacher sample from: "
+                            "use longer sequences (--seq-len) or leave out --teacher-samples")
     g = torch.Generator().manual_seed(seed)
     pick = torch.tensor(usable)[torch.randint(len(usable), (n,), generator=g)]
     return ids[pick, :PROMPT_TOKENS].clone()
