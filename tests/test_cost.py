@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -226,19 +227,25 @@ def test_run_to_a_speed_target_measures_costs_and_reports_the_prediction(tiny_ti
     common = dict(model=tiny_tied, samples=4, seq_len=32, eval_chunks=2, threads=2, prompts=None, package=False,
                   quant="F16", recover_samples=8)
     # a target no plan reaches is refused once the costs are measured, before any scoring
-    with pytest.raises(GgufPruneError, match=r"--target-speedup 3 cannot be reached: .* predicts ×1\.\d\d"):
+    with pytest.raises(GgufPruneError, match=r"--target-speedup 3 cannot be reached: .* predicts ×1\.\d\d") as far:
         run(RunOptions(out_dir=tmp_path / "far", target_speedup=3, **common))
+    # the target below is set from the most this machine's timings allow: two of six layers of a tiny model
+    # are removable, and on a noisy machine their share of a token's time varies (×1.09 to ×1.2 seen)
+    most = float(re.search(r"predicts ×(\d\.\d\d)", str(far.value)).group(1))
+    if most < 1.01:  # the non-negative fit put every second into the constant: no target above 1 is reachable
+        pytest.skip(f"this machine's timings give the 2 removable layers of 6 no time (×{most:.2f}); nothing to aim at")
+    target = round(1 + (most - 1) / 2, 3)
     assert (tmp_path / "far" / "cost.json").exists() and not (tmp_path / "far" / "scores.json").exists()
     # a cost file measured for another thread count is refused before any work
     with pytest.raises(GgufPruneError, match="measured with 2 threads, not 1"):
-        run(RunOptions(out_dir=tmp_path / "t1", target_speedup=1.1, cost=tmp_path / "far" / "cost.json",
+        run(RunOptions(out_dir=tmp_path / "t1", target_speedup=target, cost=tmp_path / "far" / "cost.json",
                        **(common | {"threads": 1})))
-    s = run(RunOptions(out_dir=tmp_path / "run", target_speedup=1.1, cost=tmp_path / "far" / "cost.json", **common))
+    s = run(RunOptions(out_dir=tmp_path / "run", target_speedup=target, cost=tmp_path / "far" / "cost.json", **common))
     out = tmp_path / "run"
     doc = costs.load(tmp_path / "far" / "cost.json")
     plan = Plan.load(out / "recovered" / "plan.json")  # the repaired plan, patches in place
     pred = s["predicted_speedup"]
-    assert pred["value"] >= 1.1 and pred["patched"] is True and plan.patches()
+    assert pred["value"] >= target and pred["patched"] is True and plan.patches()
     assert costs.speedup(doc, plan) == pytest.approx(pred["value"], abs=2e-3)
     assert s["speed"]["tg_ratio_predicted"] == pytest.approx(pred["value"], abs=2e-3)
     assert s["speed"]["tg_ratio"] > 0 and "predicted" in format_summary(s)
