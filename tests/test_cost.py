@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 
 import numpy as np
 import pytest
@@ -230,8 +229,13 @@ def test_run_to_a_speed_target_measures_costs_and_reports_the_prediction(tiny_ti
     with pytest.raises(GgufPruneError, match=r"--target-speedup 3 cannot be reached: .* predicts ×1\.\d\d") as far:
         run(RunOptions(out_dir=tmp_path / "far", target_speedup=3, **common))
     # the target below is set from the most this machine's timings allow: two of six layers of a tiny model
-    # are removable, and on a noisy machine their share of a token's time varies (×1.09 to ×1.2 seen)
-    most = float(re.search(r"predicts ×(\d\.\d\d)", str(far.value)).group(1))
+    # are removable (two protected at each end), and their share of a token's time varies with the machine's
+    # noise (×1.09 on one CI run, where a fixed ×1.1 failed); the refusal names that most, patches included
+    doc = costs.load(tmp_path / "far" / "cost.json")
+    shape = ModelShape.from_hf_dir(tiny_tied)
+    gone = [LayerPlan(i, removed=2 <= i < shape.n_layer - 2) for i in range(shape.n_layer)]
+    most = costs.speedup(doc, Plan(shape, with_patches(gone)))
+    assert f"predicts ×{most:.2f} tg" in str(far.value)
     if most < 1.01:  # the non-negative fit put every second into the constant: no target above 1 is reachable
         pytest.skip(f"this machine's timings give the 2 removable layers of 6 no time (×{most:.2f}); nothing to aim at")
     target = round(1 + (most - 1) / 2, 3)
@@ -242,7 +246,6 @@ def test_run_to_a_speed_target_measures_costs_and_reports_the_prediction(tiny_ti
                        **(common | {"threads": 1})))
     s = run(RunOptions(out_dir=tmp_path / "run", target_speedup=target, cost=tmp_path / "far" / "cost.json", **common))
     out = tmp_path / "run"
-    doc = costs.load(tmp_path / "far" / "cost.json")
     plan = Plan.load(out / "recovered" / "plan.json")  # the repaired plan, patches in place
     pred = s["predicted_speedup"]
     assert pred["value"] >= target and pred["patched"] is True and plan.patches()
